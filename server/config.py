@@ -1,0 +1,39 @@
+"""Configuration: frozen dataclasses built once (from the CLI or a test) and passed down.
+
+Nothing here reads the environment at import; `default_cache_dir()` is called by the CLI.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """Where converted models live: $QUIVER_CACHE_DIR, else $XDG_CACHE_HOME/quiver, else ~/.cache/quiver."""
+    if "QUIVER_CACHE_DIR" in os.environ:
+        return Path(os.environ["QUIVER_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quiver"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # a local Hugging Face directory; None: the default SmolLM2-135M-Instruct
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA; or float32, bfloat16, float16
+    device: str = "auto"  # auto: cuda if available, else cpu
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "quiver")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # KV entries per block
+    kv_cache_bytes: int | None = None  # KV pool budget; None: 90% of free CUDA memory, or 1 GiB on CPU
+    num_kv_blocks: int | None = None  # exact pool size; overrides kv_cache_bytes (tests)
+    max_num_seqs: int = 128  # requests running at once
+    max_num_batched_tokens: int = 512  # tokens per step (decode tokens + prefill chunks)
+    max_model_len: int | None = None  # prompt + generation; None: the model's max_position_embeddings
+    max_queue_len: int = 4096  # waiting requests before new ones are refused
+    kernel_backend: str = "auto"  # auto: triton on CUDA, torch on CPU; or torch, triton
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")

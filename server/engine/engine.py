@@ -1,0 +1,171 @@
+"""The step loop: admit requests, schedule, run, sample, detect stops, free what finished.
+
+`Engine` is single-threaded: only the thread that calls `step()` may touch it. `server.engine.service`
+wraps it in a background thread with a thread-safe, async API.
+"""
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from kernels import select_ops
+from server.config import EngineConfig
+from server.engine.block_manager import BlockManager
+from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
+from server.engine.runner import ModelRunner, kv_cache_shape
+from server.engine.scheduler import Scheduler
+from server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from server.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
+        model = loaded.model
+        self.vocab_size = model.config.vocab_size
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.eos_token_ids = _eos_ids(model, loaded.tokenizer)
+        num_blocks = config.num_kv_blocks or _blocks_for_budget(model, config, loaded.device)
+        self.blocks = BlockManager(num_blocks=num_blocks, block_size=config.block_size)
+        self.scheduler = Scheduler(
+            self.blocks, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+        )
+        ops = select_ops(config.kernel_backend, loaded.device)
+        self.runner = ModelRunner(model, ops=ops, num_blocks=num_blocks, block_size=config.block_size)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        log.info("KV pool: %d blocks of %d tokens; kernels: %s", num_blocks, config.block_size, ops.name)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validate and queue a request. Raises InvalidArgument, AlreadyExists or ResourceExhausted."""
+        if request_id in self.requests:
+            raise AlreadyExists(f"request id {request_id!r} is already in use")
+        self._validate(prompt_token_ids, params)
+        if len(self.scheduler.waiting) >= self.config.max_queue_len:
+            raise ResourceExhausted(f"the waiting queue is full ({self.config.max_queue_len} requests); retry later")
+        request = Request(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals))
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise InvalidArgument("the prompt is empty")
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
+        if bad is not None:
+            raise InvalidArgument(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidArgument(
+                f"the prompt has {len(prompt)} tokens; the context holds {self.max_model_len} (prompt + output)"
+            )
+        pool_tokens = self.blocks.num_blocks * self.blocks.block_size
+        need = min(len(prompt) + params.max_new_tokens, self.max_model_len)
+        if need > pool_tokens:
+            raise InvalidArgument(
+                f"prompt + max_new_tokens = {need} tokens exceeds the KV cache ({pool_tokens} tokens); ask for fewer"
+            )
+        if params.stop_strings and self.tokenizer is None:
+            raise InvalidArgument("stop strings need a tokenizer, and this engine has none")
+
+    def abort(self, request_id: str) -> RequestOutput:
+        """Stop a request now and free its blocks. Raises NotFound for unknown or finished ids."""
+        request = self.requests.get(request_id)
+        if request is None:
+            raise NotFound(f"no running or waiting request with id {request_id!r}")
+        self._finish(request, FinishReason.ABORT)
+        return _output(request, ())
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """One forward over every scheduled token; returns what each sampled request produced."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        tokens = self.runner.execute(chunks)
+        outputs = []
+        sampled = [c.request for c in chunks if c.samples]
+        for chunk in chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+        for request, token in zip(sampled, tokens, strict=True):
+            request.output_token_ids.append(token)
+            reason = self._stop_reason(request, token)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(_output(request, (token,)))
+        return outputs
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        params = request.params
+        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+            return FinishReason.STOP
+        if params.stop_strings:
+            tail = self.tokenizer.decode(request.output_token_ids[-_STOP_WINDOW:])
+            if any(s in tail for s in params.stop_strings):
+                return FinishReason.STOP
+        if len(request.output_token_ids) >= params.max_new_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        self.scheduler.finish(request)
+        request.finish_reason = reason
+        self.runner.sampler.forget(request.request_id)
+        del self.requests[request.request_id]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.blocks.num_used,
+            kv_blocks_total=self.blocks.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+
+_STOP_WINDOW = 32  # output tokens decoded to look for a stop string; stop strings are shorter than this
+
+
+def _output(request: Request, new_tokens: tuple[int, ...]) -> RequestOutput:
+    return RequestOutput(
+        request_id=request.request_id,
+        new_token_ids=new_tokens,
+        finish_reason=request.finish_reason,
+        num_prompt_tokens=len(request.prompt_token_ids),
+        num_output_tokens=len(request.output_token_ids),
+    )
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _blocks_for_budget(model, config: EngineConfig, device: torch.device) -> int:
+    per_block = kv_cache_shape(model, num_blocks=1, block_size=config.block_size)
+    bytes_per_block = model.dtype.itemsize * int(torch.Size(per_block).numel())
+    budget = config.kv_cache_bytes
+    if budget is None:
+        budget = int(torch.cuda.mem_get_info(device)[0] * 0.9) if device.type == "cuda" else _CPU_KV_BYTES
+    return max(1, budget // bytes_per_block)
