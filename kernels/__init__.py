@@ -24,6 +24,8 @@ class KernelOps:
     paged_attention: Callable
     write_prefix: Callable
     copy_blocks: Callable
+    lora_shrink: Callable
+    lora_expand: Callable
 
 
 TORCH_OPS = KernelOps(
@@ -32,6 +34,8 @@ TORCH_OPS = KernelOps(
     paged_attention=reference.paged_attention,
     write_prefix=reference.write_prefix,
     copy_blocks=reference.copy_blocks,
+    lora_shrink=reference.lora_shrink,
+    lora_expand=reference.lora_expand,
 )
 
 

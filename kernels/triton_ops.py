@@ -1,0 +1,16 @@
+"""The Triton backend: every op of `KernelOps` from its Triton launcher (needs the `triton` package)."""
+
+from kernels import KernelOps
+from kernels.attention import paged_attention
+from kernels.kv_cache import copy_blocks, store_kv, write_prefix
+from kernels.lora import lora_expand, lora_shrink
+
+TRITON_OPS = KernelOps(
+    name="triton",
+    store_kv=store_kv,
+    paged_attention=paged_attention,
+    write_prefix=write_prefix,
+    copy_blocks=copy_blocks,
+    lora_shrink=lora_shrink,
+    lora_expand=lora_expand,
+)

@@ -1,0 +1,23 @@
+"""select_ops: Triton launchers when asked for, torch on CPU by default."""
+
+import dataclasses
+
+import torch
+
+from kernels import TORCH_OPS, attention, kv_cache, lora, select_ops
+
+
+def test_triton_backend_is_all_triton_launchers():
+    ops = select_ops("triton", torch.device("cpu"))
+    expected = {
+        "store_kv": kv_cache.store_kv, "paged_attention": attention.paged_attention,
+        "write_prefix": kv_cache.write_prefix, "copy_blocks": kv_cache.copy_blocks,
+        "lora_shrink": lora.lora_shrink, "lora_expand": lora.lora_expand,
+    }
+    fields = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops) if f.name != "name"}
+    assert ops.name == "triton" and fields == expected
+
+
+def test_auto_is_torch_on_cpu():
+    assert select_ops("auto", torch.device("cpu")) is TORCH_OPS
+    assert select_ops("torch", torch.device("cpu")) is TORCH_OPS

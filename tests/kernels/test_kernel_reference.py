@@ -1,0 +1,74 @@
+"""The torch reference ops (the CPU serving path) against naive float64 implementations."""
+
+import pytest
+import torch
+from kernel_cases import (
+    ATTENTION_CASES,
+    LORA_CASES,
+    TOLERANCE,
+    make_lora,
+    naive_attention,
+    naive_expand,
+    naive_shrink,
+    paged_batch,
+    rel_err,
+)
+
+from kernels import reference
+
+
+@pytest.mark.parametrize("mix,n_proj,dtype", LORA_CASES, ids=[f"{m}-P{p}-{str(d)[6:]}" for m, p, d in LORA_CASES])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_lora_reference(mix, n_proj, dtype, activation):
+    c = make_lora(mix, n_proj, dtype, seed=42, n_tokens=80 if mix == "huge" else 16, n_slots=16, h_in=48,
+                  out_dims=[32, 16, 16])
+    kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
+    r_max = c["a"].shape[2]
+    bias = torch.randn(16, r_max) if n_proj == 1 else None
+    out = torch.full((n_proj, 80 if mix == "huge" else 16, r_max), float("nan"))
+    reference.lora_shrink(c["x"], c["a"], out=out, bias=bias, activation=activation, **kw)
+    ref = naive_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist(), bias=bias, activation=activation)
+    defined = ~ref.isnan()
+    assert out[~defined].isnan().all()
+    assert rel_err(out[defined], ref[defined]) < TOLERANCE[dtype]
+
+    buf = ref.nan_to_num(0.0).float()
+    up_bias = torch.randn(16, c["offsets"][-1]).to(dtype) if n_proj == 1 else None
+    y = c["y"].clone()
+    reference.lora_expand(y, buf, c["b"], out_offsets=c["offsets"], scales=c["scales"], bias=up_bias, **kw)
+    ref_y = naive_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(),
+                         c["offsets"], bias=up_bias)
+    assert rel_err(y, ref_y) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("name", ATTENTION_CASES)
+def test_paged_attention_reference(name):
+    q_lens, ctx_lens, n_heads, kv_heads, block_size, head_dim, dtype = ATTENTION_CASES[name]
+    gen = torch.Generator().manual_seed(5)
+    batch = paged_batch(q_lens, ctx_lens, n_heads=n_heads, kv_heads=kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype, gen=gen)
+    query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
+    out = reference.paged_attention(query, k_cache, v_cache, **batch)
+    ref = naive_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"], batch["query_starts"],
+                          batch["scale"])
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+def test_kv_writes_reference():
+    gen = torch.Generator().manual_seed(6)
+    kv = torch.full((2, 2, 6, 4, 2, 8), float("nan"))
+    key, value = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)
+    reference.store_kv(key, value, kv[1, 0], kv[1, 1], torch.tensor([5, 6, 17]))
+    for t, slot in enumerate([5, 6, 17]):
+        assert torch.equal(kv[1, 0, slot // 4, slot % 4], key[t])
+        assert torch.equal(kv[1, 1, slot // 4, slot % 4], value[t])
+
+    prefix = torch.randn(2, 2, 6, 2, 8, generator=gen)
+    reference.write_prefix(kv, prefix, torch.tensor([3, 0]))
+    for i in range(6):
+        assert torch.equal(kv[:, :, [3, 0][i // 4], i % 4], prefix[:, :, i])
+
+    before = kv.clone()
+    reference.copy_blocks(kv, torch.tensor([3]), torch.tensor([5]))
+    assert torch.equal(kv[:, :, 5].nan_to_num(7), before[:, :, 3].nan_to_num(7))
+    assert torch.equal(kv[:, :, :5].nan_to_num(7), before[:, :, :5].nan_to_num(7))
