@@ -157,12 +157,13 @@ def lora_shrink(
     """
     act = _ACTIVATION_FNS[activation] if activation is not None else None
     for s, e, w, r in _segments(seg_starts, seg_slots, ranks):
-        h = torch.matmul(x[s:e], a[:, w, :r].transpose(-1, -2))  # [P, e-s, r]
-        if bias is not None:
-            h = h + bias[w, :r].to(h.dtype)
-        if act is not None:
-            h = act(h)
-        out[:, s:e, :r] = h.to(out.dtype)
+        for p in range(a.shape[0]):  # one 2-d matmul per projection: a broadcast 3-d one is ~10x slower in bf16
+            h = x[s:e] @ a[p, w, :r].t()  # [e-s, r]
+            if bias is not None:
+                h = h + bias[w, :r].to(h.dtype)
+            if act is not None:
+                h = act(h)
+            out[p, s:e, :r] = h.to(out.dtype)
 
 
 def lora_expand(
