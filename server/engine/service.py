@@ -1,0 +1,192 @@
+"""A thread-safe, async-friendly front of the engine: one background thread runs the step loop.
+
+Callers submit requests and iterate their outputs as they are produced, synchronously (`for out in
+stream`) or asynchronously (`async for out in stream`); they can abort a request at any time (its KV
+blocks are freed at the next loop turn), or run a whole batch with `generate`. Only the loop thread
+touches the `Engine`; callers talk to it through a command queue.
+"""
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from server.engine.engine import Engine, EngineStats
+from server.engine.request import FinishReason, RequestOutput, SamplingParams
+from server.errors import FailedPrecondition, NotFound
+
+log = logging.getLogger(__name__)
+
+
+class RequestStream:
+    """The outputs of one request, in order; the last one has `finished` set."""
+
+    def __init__(self, request_id: str, service: "EngineService", loop: asyncio.AbstractEventLoop | None) -> None:
+        self.request_id = request_id
+        self._service = service
+        self._loop = loop
+        self._sync: queue.SimpleQueue = queue.SimpleQueue()
+        self._async: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
+        self._done = False
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        """Called by the loop thread only."""
+        if self._async is not None:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+        else:
+            self._sync.put(item)
+
+    def abort(self) -> None:
+        """Stop generating; the stream then ends with an ABORT output. Safe to call more than once."""
+        if not self._done:
+            self._service.abort(self.request_id)
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> RequestOutput:
+        if self._done:
+            raise StopIteration
+        return self._unwrap(self._sync.get())
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        assert self._async is not None, "this stream was submitted with submit(); iterate it synchronously"
+        return self._unwrap(await self._async.get())
+
+    def _unwrap(self, item: RequestOutput | BaseException) -> RequestOutput:
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, as returned by `EngineService.generate`."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+
+class EngineService:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side ------------------------------------------------------------------------------
+
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None) -> RequestStream:
+        """Queue a request and return its stream. Raises the engine's typed errors for bad requests."""
+        return self._submit(prompt_token_ids, params, request_id, loop=None).result()
+
+    async def submit_async(
+        self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None
+    ) -> RequestStream:
+        """Like `submit`, for a caller in an event loop; iterate the stream with `async for`."""
+        future = self._submit(prompt_token_ids, params, request_id, loop=asyncio.get_running_loop())
+        return await asyncio.wrap_future(future)
+
+    def _submit(self, prompt, params, request_id, *, loop) -> Future:
+        if self._stopping:
+            raise FailedPrecondition("the engine is shutting down and takes no new requests")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        future: Future = Future()
+        self._commands.put(("add", (request_id, list(prompt), params, RequestStream(request_id, self, loop)), future))
+        return future
+
+    def abort(self, request_id: str) -> None:
+        """Abort a running or waiting request; a finished or unknown id is ignored."""
+        self._commands.put(("abort", request_id, None))
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Run a batch of prompts to completion, all at once; results in the order of `prompts`."""
+        streams = [self.submit(p, params) for p in prompts]
+        completions = []
+        for stream in streams:
+            tokens: list[int] = []
+            reason = None
+            for out in stream:
+                tokens += out.new_token_ids
+                reason = out.finish_reason
+            completions.append(Completion(stream.request_id, tokens, reason))
+        return completions
+
+    def stats(self) -> EngineStats:
+        """A snapshot taken by the loop thread after its last turn."""
+        return self._stats
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Take no new requests, let the running ones finish, stop the loop thread."""
+        self._stopping = True
+        self._commands.put(("stop", None, None))
+        self._thread.join(timeout)
+
+    # ---- loop thread ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        stop = False
+        while not (stop and not self.engine.has_work()):
+            block = not self.engine.has_work() and not stop
+            stop = self._run_commands(block=block) or stop
+            if self.engine.has_work():
+                self._step()
+            self._stats = self.engine.stats()
+
+    def _run_commands(self, *, block: bool) -> bool:
+        """Apply queued commands (waiting for one if `block`); return whether a stop was asked."""
+        stop = False
+        while True:
+            try:
+                kind, arg, future = self._commands.get(block=block)
+            except queue.Empty:
+                return stop
+            block = False
+            if kind == "add":
+                request_id, prompt, params, stream = arg
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except Exception as e:  # typed errors go back to the caller
+                    future.set_exception(e)
+                    continue
+                self._streams[request_id] = stream
+                future.set_result(stream)
+            elif kind == "abort":
+                self._abort(arg)
+            else:
+                stop = True
+
+    def _abort(self, request_id: str) -> None:
+        try:
+            out = self.engine.abort(request_id)
+        except NotFound:
+            return
+        self._streams.pop(request_id)._put(out)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; aborting the requests it held")
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+                self._streams.pop(request_id)._put(e)
+            return
+        for out in outputs:
+            stream = self._streams[out.request_id] if not out.finished else self._streams.pop(out.request_id)
+            stream._put(out)
