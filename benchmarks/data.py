@@ -16,7 +16,7 @@ def tweets() -> list[str]:
         return [row["text"].strip() for row in csv.DictReader(f) if row["text"].strip()]
 
 
-def chat_prompts(tokenizer, n: int, *, seed: int = 0, max_tweets: int = 12) -> list[list[int]]:
+def chat_prompts(tokenizer, n: int, *, seed: int = 0, max_tweets: int = 6) -> list[list[int]]:
     """n chat-templated prompts of mixed lengths: an instruction over 1..max_tweets tweets each."""
     rng = random.Random(seed)
     pool = tweets()

@@ -39,21 +39,26 @@ def paged_attention(
     where K = k_cache[block_tables[b]].flatten(0, 1) and likewise V; heads are grouped (GQA): query
     head h reads kv head h // (H // KVH).
 
-    Decode rows (q = 1) of all sequences go through one batched call; prefill chunks one call each.
+    Decode rows (q = 1) go through batched calls, sequences of similar length together; prefill chunks
+    one call each.
     """
     out = torch.empty_like(query)
     starts = query_starts.tolist()
     lens = seq_lens.tolist()
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
-    decode = [b for b, q in enumerate(q_lens) if q == 1]
-    if decode:
-        rows = torch.tensor([starts[b] for b in decode], device=query.device)
-        out[rows] = _decode(query[rows], k_cache, v_cache, block_tables[decode], seq_lens[decode], scale)
+    decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
+    for i in range(0, len(decode), _DECODE_GROUP):  # similar lengths together: less padding to gather
+        group = decode[i : i + _DECODE_GROUP]
+        rows = torch.tensor([starts[b] for b in group], device=query.device)
+        out[rows] = _decode(query[rows], k_cache, v_cache, block_tables[group], seq_lens[group], scale)
     for b, q in enumerate(q_lens):
         if q > 1:
             rows = slice(starts[b], starts[b + 1])
             out[rows] = _prefill(query[rows], k_cache, v_cache, block_tables[b], lens[b], scale)
     return out
+
+
+_DECODE_GROUP = 16  # decode sequences per batched call
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
