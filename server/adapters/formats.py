@@ -45,7 +45,7 @@ _PROMPT_KEYS |= {"num_attention_heads", "num_layers", "modules_to_save"}
 # LoRA options that change what the adapter computes; an adapter that sets one is refused, not approximated.
 _LORA_UNSERVABLE = {
     "use_dora": "DoRA (a learned magnitude per weight column)",
-    "modules_to_save": "modules_to_save (full copies of base modules)",
+    "modules_to_save": "trained full copies of base modules",
     "lora_bias": "a bias on lora_B",
     "target_parameters": "LoRA on raw parameters",
     "trainable_token_indices": "trainable token embeddings",
@@ -140,6 +140,8 @@ def load_adapter(path: Path, base: PretrainedConfig, *, module_names: set[str] |
 
 def save_bottleneck(path: Path, *, weights: BottleneckWeights, base_model_name_or_path: str | None = None) -> None:
     """Write `weights` as a BOTTLENECK adapter directory that `load_adapter` reads back unchanged."""
+    if not weights.sites:
+        raise ValueError("a bottleneck adapter needs at least one site")
     layers, sites, tensors = set(), set(), {}
     site_of = {module: site for site, module in BOTTLENECK_SITES.items()}
     for name, site in weights.sites.items():
@@ -184,8 +186,9 @@ def _inside(root: Path, name: str) -> Path:
     file = root / name
     if not file.is_file():
         raise InvalidArgument(f"{file}: missing")
-    if not file.resolve().is_relative_to(root):
-        raise InvalidArgument(f"{file}: a symlink to {file.resolve()}, outside the adapter directory")
+    target = file.resolve()
+    if not target.is_relative_to(root):
+        raise InvalidArgument(f"{file}: a symlink to {target}, outside the adapter directory")
     return file
 
 

@@ -253,10 +253,11 @@ def refused(adapter: Path, base: Path, *fragments: str, **kwargs) -> None:
         assert fragment in str(error.value), str(error.value)
 
 
-def test_refuses_pickled_weights_without_unpickling(bases, lora_dir, monkeypatch):
+@pytest.mark.parametrize("pickle", ["adapter_model.bin", "adapter.pt"])
+def test_refuses_pickled_weights_without_unpickling(bases, lora_dir, monkeypatch, pickle):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
-    (lora_dir / WEIGHTS_FILE).rename(lora_dir / "adapter_model.bin")
-    refused(lora_dir, bases["llama"], "adapter_model.bin", "pickled weights are refused")
+    (lora_dir / WEIGHTS_FILE).rename(lora_dir / pickle)
+    refused(lora_dir, bases["llama"], pickle, "pickled weights are refused")
 
 
 def test_refuses_missing_directory(bases, tmp_path):
@@ -424,3 +425,19 @@ def test_refuses_bottleneck_missing_a_layer(bases, tmp_path):
     save_bottleneck(tmp_path, weights=random_bottleneck(layers=(1,), modules=("self_attn.o_proj",)))
     edit_config(tmp_path, layers_to_transform=None)
     refused(tmp_path, bases["llama"], WEIGHTS_FILE, "missing tensors", "layers.0.attn_adapter.down.weight")
+
+
+def test_refuses_invalid_target_regex(bases, lora_dir):
+    edit_config(lora_dir, target_modules=r".*(q_proj")
+    refused(lora_dir, bases["llama"], CONFIG_FILE, "target_modules holds an invalid regular expression")
+
+
+def test_refuses_layers_to_transform_with_string_targets(bases, lora_dir):
+    edit_config(lora_dir, target_modules="all-linear", layers_to_transform=[0])
+    refused(lora_dir, bases["llama"], CONFIG_FILE, "layers_to_transform/layers_pattern cannot be used")
+
+
+def test_module_names_from_the_loaded_model(bases, lora_dir):
+    model = AutoModelForCausalLM.from_pretrained(bases["llama"])
+    weights = load_adapter(lora_dir, model.config, module_names={name for name, _ in model.named_modules()})
+    assert len(weights.modules) == 4
