@@ -136,10 +136,10 @@ _ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch
 
 
 def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor):
-    """(start, end, slot, rank) of every non-empty segment that has an adapter, as python ints."""
+    """(start, end, slot, rank) of every non-empty segment whose adapter has a rank here, as python ints."""
     starts, slots, rank_of = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
     segments = zip(starts, starts[1:], slots)
-    return [(s, e, w, rank_of[w]) for s, e, w in segments if w >= 0 and e > s]
+    return [(s, e, w, rank_of[w]) for s, e, w in segments if w >= 0 and e > s and rank_of[w] > 0]
 
 
 def lora_shrink(

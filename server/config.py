@@ -33,6 +33,10 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + generation; None: the model's max_position_embeddings
     max_queue_len: int = 4096  # waiting requests before new ones are refused
     kernel_backend: str = "auto"  # auto: triton on CUDA, torch on CPU; or torch, triton
+    adapter_slots: int = 8  # LoRA/bottleneck adapters on the device at once (prefix kinds use KV blocks)
+    max_lora_rank: int = 64
+    max_bottleneck_size: int = 64
+    host_cache_bytes: int = 2 << 30  # parsed adapter weights kept in host memory
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -38,6 +38,28 @@ class BlockManager:
             block_table.append(block)
         return True
 
+    def link_prefix(self, block_table: list[int], prefix_blocks: tuple[int, ...], prefix_len: int) -> tuple[int, int] | None | bool:
+        """Start an empty `block_table` with a shared prefix of `prefix_len` entries held in `prefix_blocks`.
+
+        Full prefix blocks are shared; a partial last block is given a private copy (new tokens will be
+        written after the prefix in it). Returns the (src, dst) block copy to perform, None if there is
+        none, or False (and leaves `block_table` empty) when no block is free for the copy.
+        """
+        assert not block_table
+        full = prefix_len // self.block_size
+        if prefix_len % self.block_size == 0:
+            self.share(list(prefix_blocks[:full]))
+            block_table.extend(prefix_blocks[:full])
+            return None
+        if not self._free:
+            return False
+        self.share(list(prefix_blocks[:full]))
+        block_table.extend(prefix_blocks[:full])
+        copy = self._free.popleft()
+        self._refs[copy] = 1
+        block_table.append(copy)
+        return (prefix_blocks[full], copy)
+
     def share(self, blocks: list[int]) -> None:
         """Add a holder to blocks that are already allocated (e.g. a shared prefix)."""
         for block in blocks:

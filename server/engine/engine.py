@@ -12,6 +12,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from kernels import select_ops
+from server.adapters.formats import load_adapter
+from server.adapters.registry import AdapterRegistry, AdapterVersion
+from server.adapters.weights import AdapterWeights
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
@@ -48,35 +51,83 @@ class Engine:
             self.blocks, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
         ops = select_ops(config.kernel_backend, loaded.device)
-        self.runner = ModelRunner(model, ops=ops, num_blocks=num_blocks, block_size=config.block_size)
+        self.runner = ModelRunner(
+            model, ops=ops, num_blocks=num_blocks, block_size=config.block_size, adapter_slots=config.adapter_slots,
+            max_lora_rank=config.max_lora_rank, max_bottleneck_size=config.max_bottleneck_size,
+        )
+        module_names = {name for name, _ in model.named_modules()}
+        self.read_adapter = lambda path: load_adapter(path, model.config, module_names=module_names)
+        self.adapters = AdapterRegistry(
+            device=self.runner, blocks=self.blocks, read=self.read_adapter, host_cache_bytes=config.host_cache_bytes
+        )
+        self.scheduler.place = self._place
+        self.scheduler.unplace = self._unplace
+        self._versions: dict[str, AdapterVersion] = {}  # request id -> the adapter version it pinned
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         log.info("KV pool: %d blocks of %d tokens; kernels: %s", num_blocks, config.block_size, ops.name)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """Validate and queue a request. Raises InvalidArgument, AlreadyExists or ResourceExhausted."""
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None
+    ) -> Request:
+        """Validate and queue a request. Raises InvalidArgument, NotFound (adapter), AlreadyExists or
+        ResourceExhausted."""
         if request_id in self.requests:
             raise AlreadyExists(f"request id {request_id!r} is already in use")
-        self._validate(prompt_token_ids, params)
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
             raise ResourceExhausted(f"the waiting queue is full ({self.config.max_queue_len} requests); retry later")
+        version = self.adapters.pin(adapter_id) if adapter_id else None
+        try:
+            virtual = version.weights_tokens if version is not None else 0
+            self._validate(prompt_token_ids, params, virtual_tokens=virtual)
+        except Exception:
+            if version is not None:
+                self.adapters.unpin(version)
+            raise
         request = Request(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals))
         self.requests[request_id] = request
+        if version is not None:
+            self._versions[request_id] = version
         self.scheduler.add(request)
         return request
 
-    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+    # ---- adapters (engine thread) --------------------------------------------------------------------
+
+    def register_adapter(self, adapter_id: str, weights: AdapterWeights, *, source=None, replace: bool = False) -> AdapterVersion:
+        """Serve `weights` under `adapter_id` (parse them with `read_adapter` first, off the engine thread)."""
+        return self.adapters.register(adapter_id, weights, source=source, replace=replace)
+
+    def unregister_adapter(self, adapter_id: str) -> None:
+        self.adapters.unregister(adapter_id)
+
+    def _place(self, request: Request) -> bool:
+        version = self._versions.get(request.request_id)
+        if version is None:
+            return True
+        ref = self.adapters.place(version)
+        if ref is None:
+            return False
+        request.adapter = ref
+        return True
+
+    def _unplace(self, request: Request) -> None:
+        version = self._versions.get(request.request_id)
+        if version is not None:
+            self.adapters.unplace(version)
+
+    def _validate(self, prompt: list[int], params: SamplingParams, *, virtual_tokens: int) -> None:
         if not prompt:
             raise InvalidArgument("the prompt is empty")
         bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)), None)
         if bad is not None:
             raise InvalidArgument(f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
-        if len(prompt) >= self.max_model_len:
+        if virtual_tokens + len(prompt) >= self.max_model_len:
             raise InvalidArgument(
-                f"the prompt has {len(prompt)} tokens; the context holds {self.max_model_len} (prompt + output)"
+                f"the prompt has {len(prompt)} tokens (+{virtual_tokens} virtual); the context holds "
+                f"{self.max_model_len} (prompt + output)"
             )
         pool_tokens = self.blocks.num_blocks * self.blocks.block_size
-        need = min(len(prompt) + params.max_new_tokens, self.max_model_len)
+        need = min(virtual_tokens + len(prompt) + params.max_new_tokens, self.max_model_len)
         if need > pool_tokens:
             raise InvalidArgument(
                 f"prompt + max_new_tokens = {need} tokens exceeds the KV cache ({pool_tokens} tokens); ask for fewer"
@@ -100,12 +151,11 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        tokens = self.runner.execute(chunks)
+        sampled = self.runner.execute(chunks, self.scheduler.take_copies())
         outputs = []
-        sampled = [c.request for c in chunks if c.samples]
         for chunk in chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
-        for request, token in zip(sampled, tokens, strict=True):
+        for request, token in sampled:
             request.output_token_ids.append(token)
             reason = self._stop_reason(request, token)
             if reason is not None:
@@ -121,12 +171,15 @@ class Engine:
             tail = self.tokenizer.decode(request.output_token_ids[-_STOP_WINDOW:])
             if any(s in tail for s in params.stop_strings):
                 return FinishReason.STOP
-        if len(request.output_token_ids) >= params.max_new_tokens or request.num_tokens >= self.max_model_len:
+        if len(request.output_token_ids) >= params.max_new_tokens or request.prefix_len + request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.scheduler.finish(request)
+        version = self._versions.pop(request.request_id, None)
+        if version is not None:
+            self.adapters.unpin(version)
         request.finish_reason = reason
         self.runner.sampler.forget(request.request_id)
         del self.requests[request.request_id]

@@ -56,6 +56,18 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidArgument(message)
 
 
+@dataclass(frozen=True)
+class AdapterRef:
+    """A request's adapter as placed on the device, pinned for the request's lifetime."""
+
+    adapter_id: str
+    kind: str  # an AdapterKind value, e.g. "lora"
+    slot: int = -1  # weight adapters (LoRA, bottleneck): their slot in the adapter layers
+    activation: str | None = None  # bottleneck non-linearity
+    prefix_blocks: tuple[int, ...] = ()  # prefix and prompt kinds: the blocks that hold the shared KV prefix
+    prefix_len: int = 0  # KV entries in that prefix (the virtual tokens); real tokens start at this position
+
+
 @dataclass(eq=False)
 class Request:
     """One generation. The engine owns it; only the engine thread mutates it."""
@@ -63,13 +75,19 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    adapter: AdapterRef | None = None
     arrival: int = 0  # order of arrival, for the scheduler's first-come-first-served policy
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
-    num_computed_tokens: int = 0  # tokens whose K/V are in this request's blocks
-    block_table: list[int] = field(default_factory=list)  # e.g. [4, 9, 2]: KV blocks in order
+    num_computed_tokens: int = 0  # real tokens whose K/V are in this request's blocks
+    block_table: list[int] = field(default_factory=list)  # e.g. [4, 9, 2]: KV blocks in order, prefix first
     num_preemptions: int = 0
+
+    @property
+    def prefix_len(self) -> int:
+        """KV entries before the first real token (an adapter's virtual tokens); its position too."""
+        return self.adapter.prefix_len if self.adapter is not None else 0
 
     @property
     def num_tokens(self) -> int:

@@ -8,10 +8,12 @@ import torch
 from transformers import PreTrainedModel
 
 from kernels import KernelOps
+from server.adapters.weights import BottleneckWeights, LoraWeights
 from server.engine.request import Request
 from server.engine.sampler import Sampler
 from server.engine.scheduler import ScheduledChunk
-from server.model.batch import StepBatch
+from server.model.batch import AdapterBatch, StepBatch, StepContext
+from server.model.layers import AdapterLinear, install_adapter_layers
 
 
 def kv_cache_shape(model: PreTrainedModel, *, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -23,7 +25,17 @@ def kv_cache_shape(model: PreTrainedModel, *, num_blocks: int, block_size: int) 
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, *, ops: KernelOps, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        ops: KernelOps,
+        num_blocks: int,
+        block_size: int,
+        adapter_slots: int = 0,  # weight-adapter (LoRA, bottleneck) slots; 0: no adapter layers
+        max_lora_rank: int = 0,
+        max_bottleneck_size: int = 0,
+    ) -> None:
         self.model = model
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
@@ -33,46 +45,145 @@ class ModelRunner:
         shape = kv_cache_shape(model, num_blocks=num_blocks, block_size=block_size)
         self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)  # [L, 2, NB, BS, KVH, D]
         self.sampler = Sampler()
+        self.context = StepContext()
+        self.adapter_slots = adapter_slots
+        self.max_lora_rank = max_lora_rank
+        self.max_bottleneck_size = max_bottleneck_size
+        self.adapter_layers: dict[str, AdapterLinear] = {}
+        if adapter_slots:
+            self.adapter_layers = install_adapter_layers(
+                model, context=self.context, ops=ops, num_slots=adapter_slots, max_rank=max_lora_rank,
+                bottleneck_size=max_bottleneck_size,
+            )
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
-        """Run the chunks; return the next token of each chunk whose `samples` is true, in order."""
+    def execute(self, chunks: list[ScheduledChunk], copies: list[tuple[int, int]]) -> list[tuple[Request, int]]:
+        """Copy blocks, run the chunks; return (request, next token) for each chunk whose `samples` is true.
+
+        Chunks are packed grouped by weight-adapter slot, so that requests sharing an adapter form one segment.
+        """
+        chunks = sorted(chunks, key=_slot_of)
+        dev = self.device
+        if copies:
+            src, dst = zip(*copies)
+            self.ops.copy_blocks(self.kv_cache, torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         starts = [0]
+        seq_lens: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Request] = []
         bs = self.block_size
         for chunk in chunks:
             request, begin = chunk.request, chunk.request.num_computed_tokens
             end = begin + chunk.num_tokens
+            offset = request.prefix_len  # real tokens follow the adapter's virtual ones
             input_ids += request.all_token_ids[begin:end]
-            positions += range(begin, end)
+            positions += range(offset + begin, offset + end)
             table = request.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(begin, end)]
+            slots += [table[p // bs] * bs + p % bs for p in range(offset + begin, offset + end)]
             starts.append(starts[-1] + chunk.num_tokens)
+            seq_lens.append(offset + end)
             if chunk.samples:
                 sample_rows.append(starts[-1] - 1)
                 sampled.append(request)
         max_blocks = max(len(c.request.block_table) for c in chunks)
         tables = [c.request.block_table + [0] * (max_blocks - len(c.request.block_table)) for c in chunks]
-        dev = self.device
         batch = StepBatch(
             kv_cache=self.kv_cache,
             ops=self.ops,
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([c.request.num_computed_tokens + c.num_tokens for c in chunks], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             query_starts=torch.tensor(starts, dtype=torch.int32, device=dev),
         )
-        hidden = self.decoder(
-            input_ids=torch.tensor([input_ids], device=dev),
-            position_ids=torch.tensor([positions], device=dev),
-            use_cache=False,
-            quiver_batch=batch,
-        ).last_hidden_state[0]  # [T, hidden]
+        self.context.adapters = self._adapter_batch(chunks, starts)
+        try:
+            hidden = self.decoder(
+                input_ids=torch.tensor([input_ids], device=dev),
+                position_ids=torch.tensor([positions], device=dev),
+                use_cache=False,
+                quiver_batch=batch,
+            ).last_hidden_state[0]  # [T, hidden]
+        finally:
+            self.context.adapters = None
         if not sampled:
             return []
         logits = self.lm_head(hidden[sample_rows]).float()  # [B_sampled, V]
-        return self.sampler.sample(logits, sampled)
+        return list(zip(sampled, self.sampler.sample(logits, sampled), strict=True))
+
+    def _adapter_batch(self, chunks: list[ScheduledChunk], starts: list[int]) -> AdapterBatch | None:
+        """One segment per run of consecutive chunks with the same weight-adapter slot; None if no chunk has one."""
+        if not self.adapter_layers or all(_slot_of(c) < 0 for c in chunks):
+            return None
+        seg_starts, seg_slots = [0], []
+        for chunk, end in zip(chunks, starts[1:]):
+            slot = _slot_of(chunk)
+            if seg_slots and seg_slots[-1] == slot:
+                seg_starts[-1] = end
+            else:
+                seg_slots.append(slot)
+                seg_starts.append(end)
+        activations = frozenset(c.request.adapter.activation for c in chunks if _slot_of(c) >= 0 and c.request.adapter.activation)
+        dev = self.device
+        return AdapterBatch(
+            seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
+            seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
+            activations=activations,
+        )
+
+    # ---- adapter placement (the registry's AdapterDevice) ---------------------------------------------
+
+    @property
+    def num_adapter_slots(self) -> int:
+        return self.adapter_slots
+
+    @torch.inference_mode()
+    def write_adapter(self, slot: int, weights: LoraWeights | BottleneckWeights) -> None:
+        """Put a LoRA or bottleneck adapter's weights in `slot` of every adapter layer (rank 0 where it has none)."""
+        self.clear_adapter(slot)
+        if isinstance(weights, LoraWeights):
+            for name, module in weights.modules.items():
+                self.adapter_layers[name].set_lora(slot, a=module.a, b=module.b, scale=module.scale)
+            return
+        for name, site in weights.sites.items():
+            self.adapter_layers[name].set_bottleneck(
+                slot, down=site.down, down_bias=site.down_bias, up=site.up, up_bias=site.up_bias,
+                scale=weights.scaling, activation=weights.non_linearity,
+            )
+
+    def clear_adapter(self, slot: int) -> None:
+        for layer in self.adapter_layers.values():
+            layer.clear(slot)
+
+    @torch.inference_mode()
+    def write_prefix(self, prefix: torch.Tensor, blocks: list[int]) -> None:
+        """prefix [L, 2, n, KVH, D]: an adapter's per-layer keys and values, into `blocks`."""
+        ids = torch.tensor(blocks, dtype=torch.int64, device=self.device)
+        self.ops.write_prefix(self.kv_cache, prefix.to(self.device, self.kv_cache.dtype), ids)
+
+    @torch.inference_mode()
+    def prefill_embeddings(self, embeddings: torch.Tensor, blocks: list[int]) -> None:
+        """embeddings [n, hidden]: run virtual tokens at positions 0..n-1 through the base model, keeping
+        only their K/V, which land in `blocks` (a prompt adapter's shared prefix)."""
+        n, bs, dev = embeddings.shape[0], self.block_size, self.device
+        batch = StepBatch(
+            kv_cache=self.kv_cache,
+            ops=self.ops,
+            slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)], dtype=torch.int64, device=dev),
+            block_tables=torch.tensor([blocks], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
+            query_starts=torch.tensor([0, n], dtype=torch.int32, device=dev),
+        )
+        self.decoder(
+            inputs_embeds=embeddings.to(dev, self.model.dtype)[None],
+            position_ids=torch.arange(n, device=dev)[None],
+            use_cache=False,
+            quiver_batch=batch,
+        )
+
+
+def _slot_of(chunk: ScheduledChunk) -> int:
+    adapter = chunk.request.adapter
+    return adapter.slot if adapter is not None else -1

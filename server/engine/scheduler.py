@@ -9,6 +9,7 @@ the queue, to be recomputed from its prompt and the tokens it already produced. 
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from server.engine.block_manager import BlockManager
 from server.engine.request import Request, Status
@@ -25,14 +26,36 @@ class ScheduledChunk:
         return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
 
 
+def _always(request: Request) -> bool:
+    return True
+
+
+def _nothing(request: Request) -> None:
+    return None
+
+
 class Scheduler:
-    def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    """`place(request)` is asked before a request starts (or restarts) running, to put its adapter on the
+    device; it may say no (no room now). `unplace(request)` is called when it stops running."""
+
+    def __init__(
+        self,
+        blocks: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        place: Callable[[Request], bool] = _always,
+        unplace: Callable[[Request], None] = _nothing,
+    ) -> None:
         self.blocks = blocks
+        self.place = place
+        self.unplace = unplace
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies to do before the next forward
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -47,7 +70,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.blocks.grow(request.block_table, request.num_computed_tokens + n):
+            while not self.blocks.grow(request.block_table, request.prefix_len + request.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is request:
@@ -61,7 +84,15 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             n = min(request.num_tokens, budget)
-            if not self.blocks.grow(request.block_table, n):
+            if not self.place(request):
+                break
+            if not self._link_prefix(request):
+                self.unplace(request)
+                break
+            if not self.blocks.grow(request.block_table, request.prefix_len + n):
+                self.pending_copies = [c for c in self.pending_copies if c[1] not in request.block_table]
+                self.blocks.release(request.block_table)
+                self.unplace(request)
                 break
             self.waiting.popleft()
             request.status = Status.RUNNING
@@ -70,9 +101,25 @@ class Scheduler:
             budget -= n
         return chunks
 
+    def _link_prefix(self, request: Request) -> bool:
+        """Put the request's adapter prefix (if any) at the head of its block table."""
+        if request.prefix_len == 0:
+            return True
+        copy = self.blocks.link_prefix(request.block_table, request.adapter.prefix_blocks, request.prefix_len)
+        if copy is False:
+            return False
+        if copy is not None:
+            self.pending_copies.append(copy)
+        return True
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.pending_copies = self.pending_copies, []
+        return copies
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.blocks.release(request.block_table)
+        self.unplace(request)
         request.num_computed_tokens = 0
         request.status = Status.WAITING
         request.num_preemptions += 1
@@ -83,6 +130,7 @@ class Scheduler:
         """Remove a request that finished or was aborted, wherever it is, and free its blocks."""
         if request.status is Status.RUNNING:
             self.running.remove(request)
+            self.unplace(request)
         elif request.status is Status.WAITING:
             self.waiting.remove(request)
         self.blocks.release(request.block_table)

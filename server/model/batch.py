@@ -24,3 +24,26 @@ class StepBatch:
     block_tables: torch.Tensor  # [B, MAXB] int32: each sequence's blocks (rows padded with 0)
     seq_lens: torch.Tensor  # [B] int32: KV entries per sequence after this step
     query_starts: torch.Tensor  # [B+1] int32: rows of sequence b are query_starts[b]:query_starts[b+1]
+
+
+@dataclass(frozen=True)
+class AdapterBatch:
+    """Which weight adapter (LoRA or bottleneck) each token uses this step, as segments of tokens.
+
+    Running example: rows [r0 | r1 r2 r3 | r4] of requests using slots 2, none, 0:
+        seg_starts [0, 1, 4, 5]    seg_slots [2, -1, 0]
+    """
+
+    seg_starts: torch.Tensor  # [N+1] int32
+    seg_slots: torch.Tensor  # [N] int32, -1 = no weight adapter
+    activations: frozenset[str]  # the bottleneck non-linearities of the slots in this batch
+
+
+class StepContext:
+    """The runner's per-step state that adapter layers read; set before each forward, cleared after.
+
+    One object per runner, handed to every adapter layer when it is built (not a module global).
+    """
+
+    def __init__(self) -> None:
+        self.adapters: AdapterBatch | None = None

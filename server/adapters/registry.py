@@ -1,0 +1,244 @@
+"""Adapter id → weights in host memory → a place on the device, with pins, LRU eviction and versions.
+
+Two levels of residency:
+- host: the parsed weights (bounded in bytes); an adapter loaded from a directory can be dropped from host
+  memory when unpinned and read again on demand;
+- device: a weight adapter (LoRA, bottleneck) takes one of a bounded number of slots in the adapter
+  layers; a prefix or prompt adapter takes KV blocks holding its shared prefix (computed once).
+
+Requests pin an adapter *version* from submission to finish (`pin`/`unpin`), and its device placement
+while they run (`place`/`unplace`). Unloading or replacing an id retires the old version: new requests
+see the new one (or NotFound), running ones finish on the version they pinned, and a retired version's
+memory is freed when its last pin goes. Only the engine thread calls this class.
+"""
+
+import itertools
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from server.adapters.weights import AdapterKind, AdapterWeights, BottleneckWeights, LoraWeights, PrefixWeights, PromptWeights
+from server.engine.block_manager import BlockManager
+from server.engine.request import AdapterRef
+from server.errors import AlreadyExists, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+PREFIX_KINDS = (AdapterKind.PREFIX_TUNING, AdapterKind.P_TUNING_V2, AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING)
+
+
+class AdapterDevice(Protocol):
+    """What the registry needs from the model side (implemented by `server.engine.runner.ModelRunner`)."""
+
+    num_adapter_slots: int
+    max_lora_rank: int
+    max_bottleneck_size: int
+
+    def write_adapter(self, slot: int, weights: LoraWeights | BottleneckWeights) -> None: ...
+    def clear_adapter(self, slot: int) -> None: ...
+    def write_prefix(self, prefix: torch.Tensor, blocks: list[int]) -> None: ...
+    def prefill_embeddings(self, embeddings: torch.Tensor, blocks: list[int]) -> None: ...
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    adapter_id: str
+    version: int
+    kind: AdapterKind
+    source: Path | None  # where to read the weights again after a host eviction; None: never evicted
+    weights: AdapterWeights | None
+    nbytes: int
+    num_params: int
+    summary: str
+    pins: int = 0  # requests submitted and not finished
+    placements: int = 0  # running requests using its device placement
+    retired: bool = False  # unloaded or replaced: no new requests
+    ref: AdapterRef | None = None  # its device placement, if any
+    blocks: list[int] = field(default_factory=list)  # prefix kinds: the KV blocks it owns
+    requests_served: int = 0
+    weights_tokens: int = 0  # prefix and prompt kinds: the virtual tokens ahead of every prompt
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        *,
+        device: AdapterDevice,
+        blocks: BlockManager,
+        read: Callable[[Path], AdapterWeights],
+        host_cache_bytes: int,
+    ) -> None:
+        self.device = device
+        self.blocks = blocks
+        self.read = read
+        self.host_cache_bytes = host_cache_bytes
+        self.current: dict[str, AdapterVersion] = {}  # id -> the version new requests get
+        self._versions = itertools.count(1)
+        self._free_slots = list(range(device.num_adapter_slots))
+        self._on_device: OrderedDict[AdapterVersion, None] = OrderedDict()  # LRU order, oldest first
+        self._on_host: OrderedDict[AdapterVersion, None] = OrderedDict()
+        self.num_evictions = 0
+
+    # ---- ids ----------------------------------------------------------------------------------------
+
+    def register(self, adapter_id: str, weights: AdapterWeights, *, source: Path | None, replace: bool = False) -> AdapterVersion:
+        """Make `adapter_id` serve `weights`. Raises AlreadyExists unless `replace`."""
+        old = self.current.get(adapter_id)
+        if old is not None and not replace:
+            raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; ask for replacement to load it again")
+        self._check_fits(weights)
+        version = AdapterVersion(
+            adapter_id=adapter_id, version=next(self._versions), kind=weights.kind, source=source, weights=weights,
+            nbytes=weights.nbytes, num_params=weights.num_params, summary=weights.describe(),
+            weights_tokens=weights.num_virtual_tokens if weights.kind in PREFIX_KINDS else 0,
+        )
+        self.current[adapter_id] = version
+        self._on_host[version] = None
+        if old is not None:
+            self._retire(old)
+        self._trim_host()
+        return version
+
+    def unregister(self, adapter_id: str) -> None:
+        """New requests for `adapter_id` fail with NotFound; running ones finish on what they pinned."""
+        version = self.current.pop(adapter_id, None)
+        if version is None:
+            raise NotFound(f"no adapter {adapter_id!r} is loaded")
+        self._retire(version)
+
+    def _check_fits(self, weights: AdapterWeights) -> None:
+        if weights.kind in PREFIX_KINDS:
+            need = self.blocks.blocks_for(weights.num_virtual_tokens)
+            if need >= self.blocks.num_blocks:
+                raise InvalidArgument(f"{weights.num_virtual_tokens} virtual tokens do not fit the KV cache")
+        elif self.device.num_adapter_slots == 0:
+            raise InvalidArgument("this server has no adapter slots (start it with --adapter-slots N)")
+        elif isinstance(weights, LoraWeights) and weights.max_rank > self.device.max_lora_rank:
+            raise InvalidArgument(f"LoRA rank {weights.max_rank} exceeds this server's --max-lora-rank {self.device.max_lora_rank}")
+        elif isinstance(weights, BottleneckWeights) and weights.bottleneck_size > self.device.max_bottleneck_size:
+            raise InvalidArgument(
+                f"bottleneck size {weights.bottleneck_size} exceeds this server's --max-bottleneck-size "
+                f"{self.device.max_bottleneck_size}"
+            )
+
+    def _retire(self, version: AdapterVersion) -> None:
+        version.retired = True
+        if version.pins == 0:
+            self._drop(version)
+
+    def _drop(self, version: AdapterVersion) -> None:
+        self._evict_from_device(version)
+        self._on_host.pop(version, None)
+        version.weights = None
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    def pin(self, adapter_id: str) -> AdapterVersion:
+        """At submission: the version this request will use, until `unpin`."""
+        version = self.current.get(adapter_id)
+        if version is None:
+            raise NotFound(f"no adapter {adapter_id!r} is loaded")
+        version.pins += 1
+        version.requests_served += 1
+        return version
+
+    def unpin(self, version: AdapterVersion) -> None:
+        assert version.pins > 0
+        version.pins -= 1
+        if version.pins == 0 and version.retired:
+            self._drop(version)
+
+    def place(self, version: AdapterVersion) -> AdapterRef | None:
+        """When a request starts running: put its adapter on the device (evicting unused ones) and hold it
+        there. None when there is no room now (every slot or block is held by running requests)."""
+        if version.ref is None and not self._put_on_device(version):
+            return None
+        version.placements += 1
+        self._on_device.move_to_end(version)
+        return version.ref
+
+    def unplace(self, version: AdapterVersion) -> None:
+        assert version.placements > 0
+        version.placements -= 1
+
+    # ---- residency ----------------------------------------------------------------------------------
+
+    def _put_on_device(self, version: AdapterVersion) -> bool:
+        weights = self._host_weights(version)
+        if version.kind in PREFIX_KINDS:
+            n = weights.num_virtual_tokens
+            blocks: list[int] = []
+            while not self.blocks.grow(blocks, n):
+                if not self._evict_one():
+                    return False
+            if isinstance(weights, PrefixWeights):
+                self.device.write_prefix(weights.prefix, blocks)
+            else:
+                assert isinstance(weights, PromptWeights)
+                self.device.prefill_embeddings(weights.embeddings, blocks)
+            version.blocks = blocks
+            version.ref = AdapterRef(version.adapter_id, version.kind.value, prefix_blocks=tuple(blocks), prefix_len=n)
+        else:
+            while not self._free_slots:
+                if not self._evict_one(slots_only=True):
+                    return False
+            slot = self._free_slots.pop()
+            self.device.write_adapter(slot, weights)
+            activation = weights.non_linearity if isinstance(weights, BottleneckWeights) else None
+            version.ref = AdapterRef(version.adapter_id, version.kind.value, slot=slot, activation=activation)
+        self._on_device[version] = None
+        return True
+
+    def _evict_one(self, *, slots_only: bool = False) -> bool:
+        """Take the least recently used adapter that no running request holds off the device."""
+        for version in self._on_device:
+            if version.placements == 0 and (not slots_only or version.ref.slot >= 0):
+                self._evict_from_device(version)
+                self.num_evictions += 1
+                return True
+        return False
+
+    def _evict_from_device(self, version: AdapterVersion) -> None:
+        if version.ref is None:
+            return
+        assert version.placements == 0, "evicting an adapter that running requests use"
+        if version.ref.slot >= 0:
+            self.device.clear_adapter(version.ref.slot)
+            self._free_slots.append(version.ref.slot)
+        else:
+            self.blocks.release(version.blocks)
+        version.ref = None
+        del self._on_device[version]
+
+    def _host_weights(self, version: AdapterVersion) -> AdapterWeights:
+        if version.weights is None:
+            assert version.source is not None, "a version without a source is never dropped from host memory"
+            version.weights = self.read(version.source)
+            self._on_host[version] = None
+            self._trim_host(keep=version)
+        self._on_host.move_to_end(version)
+        return version.weights
+
+    def _trim_host(self, keep: AdapterVersion | None = None) -> None:
+        """Drop host copies (oldest first) of adapters that can be read again, until within budget."""
+        total = sum(v.nbytes for v in self._on_host)
+        for version in list(self._on_host):
+            if total <= self.host_cache_bytes:
+                return
+            if version is not keep and version.source is not None and version.pins == 0:
+                version.weights = None
+                del self._on_host[version]
+                total -= version.nbytes
+
+    # ---- reporting ----------------------------------------------------------------------------------
+
+    def where(self, version: AdapterVersion) -> str:
+        return "device" if version.ref is not None else "host" if version.weights is not None else "disk"
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(v.nbytes for v in self._on_host)

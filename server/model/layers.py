@@ -1,0 +1,140 @@
+"""The multi-adapter wrapper around a target `nn.Linear`: the frozen base GEMM plus each token's own delta.
+
+    y = base(x)
+    y[seg] += scale[w] · (x[seg] · A[w]ᵀ) · B[w]ᵀ                      LoRA, on the layer's input
+    y[seg] += scale[w] · (U[w] · act(D[w] · y[seg] + b_d[w]) + b_u[w])   bottleneck, on its output
+
+for each segment `seg` of tokens whose adapter sits in slot w (see `AdapterBatch`). Adapter weights live
+in per-slot stacks padded to the maximum rank; each adapter is computed at its own rank by the kernels,
+and a slot whose adapter does not touch this layer has rank 0 here, which costs nothing.
+"""
+
+import torch
+from torch import nn
+
+from kernels import KernelOps
+from server.model.batch import StepContext
+
+
+class AdapterLinear(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        *,
+        context: StepContext,
+        ops: KernelOps,
+        num_slots: int,
+        max_rank: int,
+        bottleneck_size: int,  # 0: this layer takes no bottleneck adapter
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.context = context
+        self.ops = ops
+        w = base_layer.weight
+        din, dout, dt, dev = base_layer.in_features, base_layer.out_features, w.dtype, w.device
+        self.register_buffer("lora_a", torch.zeros(1, num_slots, max_rank, din, dtype=dt, device=dev), persistent=False)  # [1, S, R, in]
+        self.register_buffer("lora_b", torch.zeros(num_slots, dout, max_rank, dtype=dt, device=dev), persistent=False)  # [S, out, R]
+        self.register_buffer("lora_ranks", torch.zeros(num_slots, dtype=torch.int32, device=dev), persistent=False)  # [S]
+        self.register_buffer("lora_scales", torch.zeros(num_slots, dtype=torch.float32, device=dev), persistent=False)  # [S]
+        self.out_offsets = torch.tensor([0, dout], dtype=torch.int32, device=dev)  # [2]
+        self.bottleneck_size = bottleneck_size
+        if bottleneck_size:
+            bn = bottleneck_size
+            self.register_buffer("bn_down", torch.zeros(1, num_slots, bn, dout, dtype=dt, device=dev), persistent=False)  # [1, S, bn, out]
+            self.register_buffer("bn_down_bias", torch.zeros(num_slots, bn, dtype=dt, device=dev), persistent=False)  # [S, bn]
+            self.register_buffer("bn_up", torch.zeros(num_slots, dout, bn, dtype=dt, device=dev), persistent=False)  # [S, out, bn]
+            self.register_buffer("bn_up_bias", torch.zeros(num_slots, dout, dtype=dt, device=dev), persistent=False)  # [S, out]
+            self.register_buffer("bn_sizes", torch.zeros(num_slots, dtype=torch.int32, device=dev), persistent=False)  # [S]
+            self.register_buffer("bn_scales", torch.zeros(num_slots, dtype=torch.float32, device=dev), persistent=False)  # [S]
+            self.bn_activation: list[str | None] = [None] * num_slots
+
+    # ---- slot management (engine thread, between steps) ---------------------------------------------
+
+    def set_lora(self, slot: int, *, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """a [r, in], b [out, r]: this layer's LoRA factors for the adapter in `slot`."""
+        r = a.shape[0]
+        if r > self.lora_a.shape[2]:
+            raise ValueError(f"rank {r} exceeds the configured maximum LoRA rank {self.lora_a.shape[2]}")
+        self.lora_a[0, slot, :r] = a
+        self.lora_b[slot, :, :r] = b
+        self.lora_ranks[slot] = r
+        self.lora_scales[slot] = scale
+
+    def set_bottleneck(
+        self, slot: int, *, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
+        scale: float, activation: str,
+    ) -> None:
+        """down [bn, out], down_bias [bn], up [out, bn], up_bias [out]: a bottleneck on this layer's output."""
+        bn = down.shape[0]
+        if bn > self.bottleneck_size:
+            raise ValueError(f"bottleneck size {bn} exceeds the configured maximum {self.bottleneck_size}")
+        self.bn_down[0, slot, :bn] = down
+        self.bn_down_bias[slot, :bn] = down_bias
+        self.bn_up[slot, :, :bn] = up
+        self.bn_up_bias[slot] = up_bias * scale  # the expand op adds its bias unscaled
+        self.bn_sizes[slot] = bn
+        self.bn_scales[slot] = scale
+        self.bn_activation[slot] = activation
+
+    def clear(self, slot: int) -> None:
+        """Forget whatever adapter `slot` held here (rank 0: the kernels skip it)."""
+        self.lora_ranks[slot] = 0
+        if self.bottleneck_size:
+            self.bn_sizes[slot] = 0
+            self.bn_activation[slot] = None
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        batch = self.context.adapters
+        if batch is None:
+            return y
+        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+        y2 = y.view(-1, y.shape[-1])  # [T, out]
+        seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots)
+        buf = x2.new_empty(1, x2.shape[0], self.lora_a.shape[2])  # [1, T, R]
+        self.ops.lora_shrink(x2, self.lora_a, ranks=self.lora_ranks, out=buf, **seg)
+        self.ops.lora_expand(y2, buf, self.lora_b, out_offsets=self.out_offsets, ranks=self.lora_ranks, scales=self.lora_scales, **seg)
+        if self.bottleneck_size and batch.activations:
+            self._bottleneck(y2, batch)
+        return y
+
+    def _bottleneck(self, y2: torch.Tensor, batch) -> None:
+        h = y2.clone()  # the delta reads the layer's output before any of it is added
+        buf = y2.new_empty(1, y2.shape[0], self.bottleneck_size)  # [1, T, bn]
+        for act in batch.activations:  # one launch per non-linearity present; other slots count as rank 0
+            sizes = torch.where(self._activation_mask(act), self.bn_sizes, 0)
+            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots, ranks=sizes)
+            self.ops.lora_shrink(h, self.bn_down, out=buf, bias=self.bn_down_bias, activation=act, **seg)
+            self.ops.lora_expand(y2, buf, self.bn_up, out_offsets=self.out_offsets, scales=self.bn_scales, bias=self.bn_up_bias, **seg)
+
+    def _activation_mask(self, act: str) -> torch.Tensor:
+        return torch.tensor([a == act for a in self.bn_activation], device=self.bn_sizes.device)
+
+
+BOTTLENECK_SITES = ("self_attn.o_proj", "mlp.down_proj")  # Houlsby: after attention and after the MLP
+
+
+def install_adapter_layers(
+    model: nn.Module, *, context: StepContext, ops: KernelOps, num_slots: int, max_rank: int, bottleneck_size: int
+) -> dict[str, AdapterLinear]:
+    """Wrap every `nn.Linear` of the decoder layers in place; returns the wrappers by full module name,
+    e.g. "model.layers.3.self_attn.q_proj"."""
+    decoder_layers = model.get_decoder().layers
+    prefix = next(name for name, module in model.named_modules() if module is decoder_layers)
+    wrapped: dict[str, AdapterLinear] = {}
+    for i, block in enumerate(decoder_layers):
+        for name, module in list(block.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            layer = AdapterLinear(
+                module, context=context, ops=ops, num_slots=num_slots, max_rank=max_rank,
+                bottleneck_size=bottleneck_size if name in BOTTLENECK_SITES else 0,
+            )
+            setattr(parent, attr, layer)
+            wrapped[f"{prefix}.{i}.{name}"] = layer
+    return wrapped

@@ -1,0 +1,62 @@
+"""All six adapter kinds served in one mixed batch, each request checked against its reference run alone."""
+
+import pytest
+import torch
+
+from server.engine.request import SamplingParams
+from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
+from tests.models import engine_for, run_staggered, save_tiny
+from tests.test_engine_tiny import RecordingSampler
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_path = save_tiny(request.param, root)
+    return model_path, save_zoo(model_path, root / "adapters")
+
+
+def _engine(model_path, dirs, **config):
+    engine = engine_for(model_path, num_kv_blocks=128, block_size=4, max_num_batched_tokens=24,
+                        adapter_slots=4, max_lora_rank=8, max_bottleneck_size=8, **config)
+    for name, path in dirs.items():
+        engine.register_adapter(name, engine.read_adapter(path), source=path)
+    return engine
+
+
+def test_mixed_batch_of_all_kinds_matches_each_reference_alone(setup):
+    model_path, dirs = setup
+    engine = _engine(model_path, dirs)
+    recorder = RecordingSampler()
+    engine.runner.sampler = recorder
+    g = torch.Generator().manual_seed(3)
+    names = [*ALL, None, "lora", "prompt"]  # base rows, and two adapters used twice
+    prompts = [torch.randint(3, 160, (int(n),), generator=g).tolist() for n in torch.randint(1, 14, (len(names),), generator=g)]
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    tokens = {str(i): [] for i in range(len(names))}
+    arrive = [0, 0, 1, 1, 2, 3, 3, 4, 5, 6]
+    step = 0
+    while step <= max(arrive) or engine.has_work():
+        for i, at in enumerate(arrive):
+            if at == step:
+                engine.add_request(str(i), prompts[i], params, adapter_id=names[i])
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        step += 1
+    base = reference_model_base(model_path)
+    for i, name in enumerate(names):
+        ref = reference_model(model_path, name, dirs[name]) if name else base
+        want_tokens, want_logits = greedy_reference(ref, prompts[i], NEW_TOKENS)
+        if name:  # the adapter really changes the model, so the comparison can fail
+            assert (want_logits[0] - greedy_reference(base, prompts[i], 1)[1][0]).abs().max() > 0.1, name
+        assert tokens[str(i)] == want_tokens, name
+        torch.testing.assert_close(torch.stack(recorder.logits[str(i)]), want_logits, rtol=0, atol=1e-4, msg=name)
+    assert engine.blocks.num_used == sum(len(v.blocks) for v in engine.adapters.current.values())
+
+
+def reference_model_base(model_path):
+    from tests.models import eager
+
+    return eager(model_path)
