@@ -61,6 +61,7 @@ class AdapterVersion:
     blocks: list[int] = field(default_factory=list)  # prefix kinds: the KV blocks it owns
     requests_served: int = 0
     weights_tokens: int = 0  # prefix and prompt kinds: the virtual tokens ahead of every prompt
+    rank: int = 0  # LoRA: the largest rank; bottleneck: its size; 0 for prefix and prompt kinds
 
 
 class AdapterRegistry:
@@ -95,6 +96,7 @@ class AdapterRegistry:
             adapter_id=adapter_id, version=next(self._versions), kind=weights.kind, source=source, weights=weights,
             nbytes=weights.nbytes, num_params=weights.num_params, summary=weights.describe(),
             weights_tokens=weights.num_virtual_tokens if weights.kind in PREFIX_KINDS else 0,
+            rank=_rank(weights),
         )
         self.current[adapter_id] = version
         self._on_host[version] = None
@@ -242,3 +244,11 @@ class AdapterRegistry:
     @property
     def host_bytes(self) -> int:
         return sum(v.nbytes for v in self._on_host)
+
+
+def _rank(weights: AdapterWeights) -> int:
+    if isinstance(weights, LoraWeights):
+        return weights.max_rank
+    if isinstance(weights, BottleneckWeights):
+        return weights.bottleneck_size
+    return 0

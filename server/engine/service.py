@@ -13,6 +13,8 @@ import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 from server.engine.engine import Engine, EngineStats
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
@@ -78,10 +80,25 @@ class Completion:
     finish_reason: FinishReason
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """One loaded adapter, as `EngineService.list_adapters` reports it."""
+
+    adapter_id: str
+    kind: str  # an AdapterKind value
+    summary: str  # e.g. "LORA: 28 modules, ranks 8..16, 1,234 params"
+    rank: int  # LoRA max rank or bottleneck size; 0 for prefix/prompt kinds
+    num_virtual_tokens: int  # prefix/prompt kinds; 0 otherwise
+    num_params: int
+    nbytes: int
+    location: str  # device, host or disk
+    requests_served: int
+
+
 class EngineService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # (function of the engine, Future) or _STOP
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
         self._stopping = False
@@ -91,32 +108,44 @@ class EngineService:
 
     # ---- caller side ------------------------------------------------------------------------------
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None) -> RequestStream:
+    def submit(
+        self, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
         """Queue a request and return its stream. Raises the engine's typed errors for bad requests."""
-        return self._submit(prompt_token_ids, params, request_id, loop=None).result()
+        return self._submit(prompt_token_ids, params, adapter_id, request_id, loop=None).result()
 
     async def submit_async(
-        self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None,
+        request_id: str | None = None,
     ) -> RequestStream:
         """Like `submit`, for a caller in an event loop; iterate the stream with `async for`."""
-        future = self._submit(prompt_token_ids, params, request_id, loop=asyncio.get_running_loop())
+        future = self._submit(prompt_token_ids, params, adapter_id, request_id, loop=asyncio.get_running_loop())
         return await asyncio.wrap_future(future)
 
-    def _submit(self, prompt, params, request_id, *, loop) -> Future:
-        if self._stopping:
-            raise FailedPrecondition("the engine is shutting down and takes no new requests")
+    def _submit(self, prompt, params, adapter_id, request_id, *, loop) -> Future:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        future: Future = Future()
-        self._commands.put(("add", (request_id, list(prompt), params, RequestStream(request_id, self, loop)), future))
-        return future
+        stream = RequestStream(request_id, self, loop)
+
+        def add(engine: Engine) -> RequestStream:
+            engine.add_request(request_id, list(prompt), params, adapter_id=adapter_id)
+            self._streams[request_id] = stream
+            return stream
+
+        return self._call(add)
 
     def abort(self, request_id: str) -> None:
         """Abort a running or waiting request; a finished or unknown id is ignored."""
-        self._commands.put(("abort", request_id, None))
+        if not self._thread.is_alive():
+            return
+        self._commands.put((lambda engine: self._abort(request_id), Future()))
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, *, adapter_ids: list[str | None] | None = None
+    ) -> list[Completion]:
         """Run a batch of prompts to completion, all at once; results in the order of `prompts`."""
-        streams = [self.submit(p, params) for p in prompts]
+        adapter_ids = adapter_ids or [None] * len(prompts)
+        streams = [self.submit(p, params, adapter_id=a) for p, a in zip(prompts, adapter_ids, strict=True)]
         completions = []
         for stream in streams:
             tokens: list[int] = []
@@ -127,6 +156,19 @@ class EngineService:
             completions.append(Completion(stream.request_id, tokens, reason))
         return completions
 
+    def load_adapter(self, adapter_id: str, path: Path, *, replace: bool = False) -> AdapterInfo:
+        """Read and validate the adapter directory here (off the engine thread), then serve it as `adapter_id`.
+        Raises InvalidArgument for a bad directory, AlreadyExists unless `replace`."""
+        weights = self.engine.read_adapter(path)
+        return self._call(lambda engine: self._info(engine.register_adapter(adapter_id, weights, source=path, replace=replace))).result()
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """New requests for it fail with NotFound; running ones finish. Raises NotFound for an unknown id."""
+        self._call(lambda engine: engine.unregister_adapter(adapter_id)).result()
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._call(lambda engine: [self._info(v) for v in engine.adapters.current.values()]).result()
+
     def stats(self) -> EngineStats:
         """A snapshot taken by the loop thread after its last turn."""
         return self._stats
@@ -134,8 +176,24 @@ class EngineService:
     def shutdown(self, timeout: float | None = None) -> None:
         """Take no new requests, let the running ones finish, stop the loop thread."""
         self._stopping = True
-        self._commands.put(("stop", None, None))
+        self._commands.put(_STOP)
         self._thread.join(timeout)
+
+    def _call(self, fn: Callable[[Engine], object]) -> Future:
+        """Run `fn(engine)` on the loop thread; its result or exception comes back through the future."""
+        if self._stopping:
+            raise FailedPrecondition("the engine is shutting down and takes no new work")
+        future: Future = Future()
+        self._commands.put((fn, future))
+        return future
+
+    def _info(self, version) -> AdapterInfo:
+        adapters = self.engine.adapters
+        return AdapterInfo(
+            adapter_id=version.adapter_id, kind=version.kind.value, summary=version.summary, rank=version.rank,
+            num_virtual_tokens=version.weights_tokens, num_params=version.num_params, nbytes=version.nbytes,
+            location=adapters.where(version), requests_served=version.requests_served,
+        )
 
     # ---- loop thread ------------------------------------------------------------------------------
 
@@ -147,29 +205,35 @@ class EngineService:
             if self.engine.has_work():
                 self._step()
             self._stats = self.engine.stats()
+        self._fail_pending()
 
     def _run_commands(self, *, block: bool) -> bool:
         """Apply queued commands (waiting for one if `block`); return whether a stop was asked."""
         stop = False
         while True:
             try:
-                kind, arg, future = self._commands.get(block=block)
+                command = self._commands.get(block=block)
             except queue.Empty:
                 return stop
             block = False
-            if kind == "add":
-                request_id, prompt, params, stream = arg
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except Exception as e:  # typed errors go back to the caller
-                    future.set_exception(e)
-                    continue
-                self._streams[request_id] = stream
-                future.set_result(stream)
-            elif kind == "abort":
-                self._abort(arg)
-            else:
+            if command is _STOP:
                 stop = True
+                continue
+            fn, future = command
+            try:
+                future.set_result(fn(self.engine))
+            except Exception as e:  # typed errors go back to the caller
+                future.set_exception(e)
+
+    def _fail_pending(self) -> None:
+        """After the loop stops: commands that raced with shutdown get a clear error, not silence."""
+        while True:
+            try:
+                command = self._commands.get(block=False)
+            except queue.Empty:
+                return
+            if command is not _STOP:
+                command[1].set_exception(FailedPrecondition("the engine has shut down"))
 
     def _abort(self, request_id: str) -> None:
         try:
@@ -190,3 +254,6 @@ class EngineService:
         for out in outputs:
             stream = self._streams[out.request_id] if not out.finished else self._streams.pop(out.request_id)
             stream._put(out)
+
+
+_STOP = object()
