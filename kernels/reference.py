@@ -6,6 +6,8 @@ KV cache layout, shared by every op and backend:
 A token's *slot* is `block * BS + offset`; slot 37 with BS=16 is block 2, offset 5.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -142,6 +144,39 @@ def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Te
     return [(s, e, w, rank_of[w]) for s, e, w in segments if w >= 0 and e > s and rank_of[w] > 0]
 
 
+# Segments of at most this many tokens (decode: one token each) are computed together, row by row, with a
+# gather of their adapters' weights and one bmm: on CPU a python loop of tiny matmuls costs ~7x more when
+# every decode token has its own adapter. Longer segments (prefill) get one 2-d matmul each.
+_SHORT_SEGMENT = 4
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The tokens of all short segments: rows [n], their slots [n] and ranks [n]; r = the largest rank."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    ranks: torch.Tensor
+    r: int
+    uniform: bool  # every row has rank r
+
+    def valid(self) -> torch.Tensor:  # [n, r] bool: column j < this row's rank
+        return torch.arange(self.r, device=self.rows.device) < self.ranks[:, None]
+
+
+def _split(segments, device) -> tuple[list, _Rows | None]:
+    """Long segments to compute one by one, and the short ones' rows to compute together."""
+    long = [seg for seg in segments if seg[1] - seg[0] > _SHORT_SEGMENT]
+    short = [seg for seg in segments if seg[1] - seg[0] <= _SHORT_SEGMENT]
+    if not short:
+        return long, None
+    rows = [t for s, e, _, _ in short for t in range(s, e)]
+    slots = [w for s, e, w, _ in short for _ in range(s, e)]
+    ranks = [r for s, e, _, r in short for _ in range(s, e)]
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), min(ranks) == max(ranks))
+
+
 def lora_shrink(
     x: torch.Tensor,  # [T, H_in]
     a: torch.Tensor,  # [P, S, R_max, H_in]
@@ -161,7 +196,8 @@ def lora_shrink(
     Accumulates in x's dtype on CPU (fp32 inside the matmul); `out` may be any float dtype.
     """
     act = _ACTIVATION_FNS[activation] if activation is not None else None
-    for s, e, w, r in _segments(seg_starts, seg_slots, ranks):
+    long, short = _split(_segments(seg_starts, seg_slots, ranks), x.device)
+    for s, e, w, r in long:
         for p in range(a.shape[0]):  # one 2-d matmul per projection: a broadcast 3-d one is ~10x slower in bf16
             h = x[s:e] @ a[p, w, :r].t()  # [e-s, r]
             if bias is not None:
@@ -169,6 +205,19 @@ def lora_shrink(
             if act is not None:
                 h = act(h)
             out[p, s:e, :r] = h.to(out.dtype)
+    if short is None:
+        return
+    xs = x.index_select(0, short.rows).unsqueeze(2)  # [n, H_in, 1]
+    for p in range(a.shape[0]):
+        h = torch.bmm(a[p, :, : short.r].index_select(0, short.slots), xs).squeeze(2)  # [n, r]
+        if bias is not None:
+            h = h + bias[:, : short.r].index_select(0, short.slots).to(h.dtype)
+        if act is not None:
+            h = act(h)
+        target = out[p, :, : short.r]  # [T, r] view
+        if not short.uniform:  # keep what lies beyond each row's own rank
+            h = torch.where(short.valid(), h, target.index_select(0, short.rows))
+        target.index_copy_(0, short.rows, h.to(out.dtype))
 
 
 def lora_expand(
@@ -191,10 +240,29 @@ def lora_expand(
     """
     offs = [int(o) for o in out_offsets]
     scale_of = scales.tolist()
-    for s, e, w, r in _segments(seg_starts, seg_slots, ranks):
+    long, short = _split(_segments(seg_starts, seg_slots, ranks), y.device)
+    for s, e, w, r in long:
         for p in range(len(offs) - 1):
             lo, hi = offs[p], offs[p + 1]
-            delta = torch.matmul(buf[p, s:e, :r].to(b.dtype), b[w, lo:hi, :r].t()).mul_(scale_of[w])  # [e-s, hi-lo]
+            h = buf[p, s:e, :r].to(b.dtype)  # [e-s, r]
+            if y.dtype == b.dtype:  # in place: no [e-s, hi-lo] temporary (large ones cost page faults on CPU)
+                y[s:e, lo:hi].addmm_(h, b[w, lo:hi, :r].t(), alpha=scale_of[w])
+            else:
+                y[s:e, lo:hi] += torch.matmul(h, b[w, lo:hi, :r].t()).mul_(scale_of[w]).to(y.dtype)
             if bias is not None:
-                delta += bias[w, lo:hi].to(delta.dtype)
-            y[s:e, lo:hi] += delta.to(y.dtype)
+                y[s:e, lo:hi] += bias[w, lo:hi].to(y.dtype)
+    if short is None:
+        return
+    row_scales = scales.index_select(0, short.slots).to(b.dtype)[:, None]  # [n, 1]
+    for p in range(len(offs) - 1):
+        lo, hi = offs[p], offs[p + 1]
+        h = buf[p, :, : short.r].index_select(0, short.rows).to(b.dtype)  # [n, r]
+        bg = b[:, lo:hi, : short.r].index_select(0, short.slots)  # [n, hi-lo, r]
+        if not short.uniform:  # columns beyond a row's own rank hold anything, in buf and in b: mask both
+            valid = short.valid()
+            h = torch.where(valid, h, 0)
+            bg = torch.where(valid[:, None, :], bg, 0)
+        delta = torch.bmm(bg, h.unsqueeze(2)).squeeze(2).mul_(row_scales)  # [n, hi-lo]
+        if bias is not None:
+            delta += bias[:, lo:hi].index_select(0, short.slots).to(delta.dtype)
+        y[:, lo:hi].index_add_(0, short.rows, delta.to(y.dtype))

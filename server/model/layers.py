@@ -56,6 +56,8 @@ class AdapterLinear(nn.Module):
         r = a.shape[0]
         if r > self.lora_a.shape[2]:
             raise ValueError(f"rank {r} exceeds the configured maximum LoRA rank {self.lora_a.shape[2]}")
+        self.lora_a[0, slot].zero_()
+        self.lora_b[slot].zero_()
         self.lora_a[0, slot, :r] = a
         self.lora_b[slot, :, :r] = b
         self.lora_ranks[slot] = r
