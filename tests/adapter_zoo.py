@@ -34,8 +34,9 @@ PEFT_CONFIGS = {
 ALL = (*PEFT_CONFIGS, "bottleneck")
 
 
-def save_zoo(model_path: Path, root: Path, seed: int = 0) -> dict[str, Path]:
-    """One adapter directory per name in ALL, for the model at `model_path`."""
+def save_zoo(model_path: Path, root: Path, seed: int = 0, scale: float = 1.0) -> dict[str, Path]:
+    """One adapter directory per name in ALL, for the model at `model_path`; `scale` shrinks the random
+    weights (1.0 makes every adapter change a tiny random model a lot)."""
     dirs = {}
     for i, (name, make) in enumerate(PEFT_CONFIGS.items()):
         torch.manual_seed(seed + i)
@@ -44,16 +45,16 @@ def save_zoo(model_path: Path, root: Path, seed: int = 0) -> dict[str, Path]:
         with torch.no_grad():  # LoRA B starts at zero, prompt tables small: make every adapter matter
             for pname, p in peft_model.named_parameters():
                 if p.requires_grad:
-                    p.normal_(0, 0.5 if "lora" in pname else 1.0)
+                    p.normal_(0, (0.5 if "lora" in pname else 1.0) * scale)
         dirs[name] = root / name
         peft_model.save_pretrained(dirs[name])
     torch.manual_seed(seed + 100)
     dirs["bottleneck"] = root / "bottleneck"
-    save_bottleneck(dirs["bottleneck"], weights=random_bottleneck(model_path))
+    save_bottleneck(dirs["bottleneck"], weights=random_bottleneck(model_path, scale=scale))
     return dirs
 
 
-def random_bottleneck(model_path: Path, size: int = 6) -> BottleneckWeights:
+def random_bottleneck(model_path: Path, size: int = 6, scale: float = 1.0) -> BottleneckWeights:
     base = AutoModelForCausalLM.from_pretrained(model_path)
     cfg = base.config
     sites = {}
@@ -61,8 +62,8 @@ def random_bottleneck(model_path: Path, size: int = 6) -> BottleneckWeights:
         for leaf in ("self_attn.o_proj", "mlp.down_proj"):
             h = cfg.hidden_size
             sites[f"model.layers.{layer}.{leaf}"] = BottleneckSite(
-                down=torch.randn(size, h) * 0.3, down_bias=torch.randn(size) * 0.1,
-                up=torch.randn(h, size) * 0.3, up_bias=torch.randn(h) * 0.1,
+                down=torch.randn(size, h) * 0.3 * scale, down_bias=torch.randn(size) * 0.1 * scale,
+                up=torch.randn(h, size) * 0.3 * scale, up_bias=torch.randn(h) * 0.1 * scale,
             )
     return BottleneckWeights(sites=sites, non_linearity="gelu", scaling=0.7)
 

@@ -153,6 +153,8 @@ class AdapterRegistry:
         version.pins -= 1
         if version.pins == 0 and version.retired:
             self._drop(version)
+        elif version.pins == 0:
+            self._trim_host()
 
     def place(self, version: AdapterVersion) -> AdapterRef | None:
         """When a request starts running: put its adapter on the device (evicting unused ones) and hold it

@@ -1,0 +1,118 @@
+"""Loading, replacing and unloading adapters while requests run; slots, host memory and KV blocks return to idle."""
+
+import pytest
+import torch
+
+from server.engine.request import SamplingParams
+from server.errors import AlreadyExists, InvalidArgument, NotFound
+from tests.adapter_zoo import greedy_reference, reference_model, save_zoo
+from tests.models import engine_for, save_tiny
+
+NEW = 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    model_path = save_tiny("llama", root)
+    return model_path, save_zoo(model_path, root / "adapters")
+
+
+def _engine(model_path, **config):
+    return engine_for(model_path, num_kv_blocks=160, block_size=4, max_num_batched_tokens=32, adapter_slots=2,
+                      max_lora_rank=8, max_bottleneck_size=8, **config)
+
+
+def _load(engine, adapter_id, path, replace=False):
+    return engine.register_adapter(adapter_id, engine.read_adapter(path), source=path, replace=replace)
+
+
+def test_replace_unload_and_load_while_32_requests_run(setup):
+    model_path, dirs = setup
+    engine = _engine(model_path)
+    _load(engine, "a", dirs["lora"])
+    _load(engine, "p", dirs["prefix"])
+    _load(engine, "b", dirs["bottleneck"])
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 160, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (40,), generator=g)]
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    expected_dir: dict[str, str] = {}  # request -> the adapter directory it must have been served with
+    for i in range(32):
+        adapter = ["a", "p", "b", None][i % 4]
+        engine.add_request(str(i), prompts[i], params, adapter_id=adapter)
+        expected_dir[str(i)] = {"a": "lora", "p": "prefix", "b": "bottleneck", None: None}[adapter]
+    tokens: dict[str, list[int]] = {}
+
+    def step():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+    for _ in range(3):
+        step()
+    _load(engine, "a", dirs["lora-all-r4"], replace=True)  # running "a" requests keep the old weights
+    engine.unregister_adapter("p")  # running "p" requests finish; new ones are refused
+    _load(engine, "q", dirs["prompt"])
+    with pytest.raises(NotFound):
+        engine.add_request("late-p", prompts[32], params, adapter_id="p")
+    for i in range(32, 40):
+        adapter = ["a", "q"][i % 2]
+        engine.add_request(str(i), prompts[i], params, adapter_id=adapter)
+        expected_dir[str(i)] = {"a": "lora-all-r4", "q": "prompt"}[adapter]
+    while engine.has_work():
+        step()
+
+    references = {}
+    for rid, name in expected_dir.items():
+        if name not in references:
+            references[name] = reference_model(model_path, name, dirs[name]) if name else engine_base(model_path)
+        want, _ = greedy_reference(references[name], prompts[int(rid)], NEW)
+        assert tokens[rid] == want, (rid, name)
+
+    for adapter_id in ("a", "b", "q"):
+        engine.unregister_adapter(adapter_id)
+    registry = engine.adapters
+    assert engine.blocks.num_used == 0
+    assert sorted(registry._free_slots) == [0, 1] and not registry._on_device
+    assert registry.host_bytes == 0 and not registry.current
+
+
+def engine_base(model_path):
+    from tests.models import eager
+
+    return eager(model_path)
+
+
+def test_refusals_leave_nothing_behind(setup):
+    model_path, dirs = setup
+    engine = _engine(model_path, )
+    _load(engine, "a", dirs["lora"])
+    before = (dict(engine.adapters.current), engine.adapters.host_bytes, engine.blocks.num_used)
+    with pytest.raises(AlreadyExists, match="already loaded"):
+        _load(engine, "a", dirs["lora"])
+    small = engine_for(model_path, num_kv_blocks=160, block_size=4, adapter_slots=2, max_lora_rank=2)
+    with pytest.raises(InvalidArgument, match="exceeds this server's --max-lora-rank 2"):
+        _load(small, "a", dirs["lora"])
+    assert not small.adapters.current and small.adapters.host_bytes == 0
+    with pytest.raises(NotFound):
+        engine.unregister_adapter("nope")
+    assert (dict(engine.adapters.current), engine.adapters.host_bytes, engine.blocks.num_used) == before
+
+
+def test_more_adapters_than_slots_are_evicted_and_reloaded_from_disk(setup):
+    model_path, dirs = setup
+    engine = _engine(model_path, host_cache_bytes=1)  # nothing stays in host memory unless pinned
+    names = ["lora", "lora-all-r4", "bottleneck"]
+    for name in names:
+        _load(engine, name, dirs[name])
+    prompt = [5, 6, 7, 8]
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    for round_ in range(2):
+        for name in names:  # one at a time: 3 adapters through 2 slots
+            engine.add_request(f"{name}{round_}", prompt, params, adapter_id=name)
+            out = []
+            while engine.has_work():
+                for o in engine.step():
+                    out += o.new_token_ids
+            assert out == greedy_reference(reference_model(model_path, name, dirs[name]), prompt, NEW)[0]
+    assert engine.adapters.num_evictions >= 4
+    assert engine.adapters.host_bytes == 0
