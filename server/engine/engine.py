@@ -45,23 +45,24 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.eos_token_ids = _eos_ids(model, loaded.tokenizer)
-        num_blocks = config.num_kv_blocks or _blocks_for_budget(model, config, loaded.device)
-        self.blocks = BlockManager(num_blocks=num_blocks, block_size=config.block_size)
-        self.scheduler = Scheduler(
-            self.blocks, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
-        )
         ops = select_ops(config.kernel_backend, loaded.device)
         self.runner = ModelRunner(
-            model, ops=ops, num_blocks=num_blocks, block_size=config.block_size, adapter_slots=config.adapter_slots,
+            model, ops=ops, block_size=config.block_size, adapter_slots=config.adapter_slots,
             max_lora_rank=config.max_lora_rank, max_bottleneck_size=config.max_bottleneck_size,
         )
+        # sized after the adapter layers took their memory
+        num_blocks = config.num_kv_blocks or _blocks_for_budget(model, config, loaded.device)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.blocks = BlockManager(num_blocks=num_blocks, block_size=config.block_size)
         module_names = {name for name, _ in model.named_modules()}
         self.read_adapter = lambda path: load_adapter(path, model.config, module_names=module_names)
         self.adapters = AdapterRegistry(
             device=self.runner, blocks=self.blocks, read=self.read_adapter, host_cache_bytes=config.host_cache_bytes
         )
-        self.scheduler.place = self._place
-        self.scheduler.unplace = self._unplace
+        self.scheduler = Scheduler(
+            self.blocks, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            place=self._place, unplace=self._unplace,
+        )
         self._versions: dict[str, AdapterVersion] = {}  # request id -> the adapter version it pinned
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()

@@ -30,7 +30,6 @@ class ModelRunner:
         model: PreTrainedModel,
         *,
         ops: KernelOps,
-        num_blocks: int,
         block_size: int,
         adapter_slots: int = 0,  # weight-adapter (LoRA, bottleneck) slots; 0: no adapter layers
         max_lora_rank: int = 0,
@@ -42,8 +41,7 @@ class ModelRunner:
         self.ops = ops
         self.device = model.device
         self.block_size = block_size
-        shape = kv_cache_shape(model, num_blocks=num_blocks, block_size=block_size)
-        self.kv_cache = torch.zeros(shape, dtype=model.dtype, device=self.device)  # [L, 2, NB, BS, KVH, D]
+        self.kv_cache: torch.Tensor | None = None  # [L, 2, NB, BS, KVH, D], by allocate_kv_cache
         self.sampler = Sampler()
         self.context = StepContext()
         self.adapter_slots = adapter_slots
@@ -132,6 +130,10 @@ class ModelRunner:
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
             activations=activations,
         )
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = kv_cache_shape(self.model, num_blocks=num_blocks, block_size=self.block_size)
+        self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
 
     # ---- adapter placement (the registry's AdapterDevice) ---------------------------------------------
 
