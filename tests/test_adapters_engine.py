@@ -78,3 +78,30 @@ def test_triton_backend_serves_every_kind(setup):
     for i, name in enumerate(names):
         ref = reference_model(model_path, name, dirs[name]) if name else reference_model_base(model_path)
         assert tokens[str(i)] == greedy_reference(ref, prompts[i], 2)[0], name
+
+
+def test_lora_rows_match_peft_mixed_adapter_batch(setup):
+    """PEFT's own mixed-LoRA batch (`adapter_names=`), one forward per step over all rows, as the reference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_path, dirs = setup
+    base = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
+    peft_model = PeftModel.from_pretrained(base, dirs["lora"], adapter_name="lora").eval()
+    peft_model.load_adapter(dirs["lora-all-r4"], adapter_name="lora-all-r4")
+    names = ["lora", "lora-all-r4", "__base__", "lora"]
+    prompts = [[7, 8, 9, 10, 11], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34], [40, 41, 42, 43, 44]]
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            logits = peft_model(input_ids=ids, adapter_names=names).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    engine = _engine(model_path, dirs)
+    for i, (name, prompt) in enumerate(zip(names, prompts)):
+        engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+                           adapter_id=None if name == "__base__" else name)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert [tokens[str(i)] for i in range(4)] == ids[:, 5:].tolist()
