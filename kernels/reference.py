@@ -144,21 +144,31 @@ def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Te
     return [(s, e, w, rank_of[w]) for s, e, w in segments if w >= 0 and e > s and rank_of[w] > 0]
 
 
-# Segments of at most this many tokens (decode: one token each) are computed together, row by row, with a
-# gather of their adapters' weights and one bmm: on CPU a python loop of tiny matmuls costs ~7x more when
-# every decode token has its own adapter. Longer segments (prefill) get one 2-d matmul each.
+# Segments of at most this many tokens (decode: one token each) are computed together in one bmm: on CPU a
+# python loop of tiny matmuls costs ~7x more when every decode token has its own adapter. Longer segments
+# (prefill) get one 2-d matmul each. The bmm reads the adapters' weights in place when the short segments'
+# slots are dense (a slot range at most twice their number) and share one rank: the tokens are scattered
+# into a [slots, depth, H] grid and the stacks' slot range is a view. Otherwise the weights are gathered.
+# In place, the range's unused slots are read too; their rows of the grid are zero, and stacks only ever
+# hold finite values (zero-initialised, written with validated weights), so they add nothing.
 _SHORT_SEGMENT = 4
 
 
 @dataclass(frozen=True)
 class _Rows:
-    """The tokens of all short segments: rows [n], their slots [n] and ranks [n]; r = the largest rank."""
+    """The tokens of all short segments: rows [n], their slots [n] and ranks [n]; r = the largest rank.
+
+    In place (`grid` set): slots lo .. lo+span-1 hold every row's adapter, row i goes to grid cell
+    cell[i] of a [span * depth] grid (its slot's offset times depth, plus its index within its segment).
+    """
 
     rows: torch.Tensor
     slots: torch.Tensor
     ranks: torch.Tensor
     r: int
     uniform: bool  # every row has rank r
+    grid: tuple[int, int, int] | None  # (lo, span, depth) when the weights are read in place
+    cell: torch.Tensor | None  # [n] int64
 
     def valid(self) -> torch.Tensor:  # [n, r] bool: column j < this row's rank
         return torch.arange(self.r, device=self.rows.device) < self.ranks[:, None]
@@ -173,8 +183,33 @@ def _split(segments, device) -> tuple[list, _Rows | None]:
     rows = [t for s, e, _, _ in short for t in range(s, e)]
     slots = [w for s, e, w, _ in short for _ in range(s, e)]
     ranks = [r for s, e, _, r in short for _ in range(s, e)]
+    uniform = min(ranks) == max(ranks)
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-    return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), min(ranks) == max(ranks))
+    grid = cell = None
+    distinct = sorted({w for _, _, w, _ in short})
+    lo, span = distinct[0], distinct[-1] - distinct[0] + 1
+    if uniform and span <= 2 * len(distinct):
+        fill: dict[int, int] = {}
+        cells = []
+        for s, e, w, _ in short:
+            for _ in range(s, e):
+                cells.append((w - lo, fill.get(w, 0)))
+                fill[w] = fill.get(w, 0) + 1
+        depth = max(fill.values())
+        grid, cell = (lo, span, depth), as_tensor([k * depth + j for k, j in cells])
+    return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), uniform, grid, cell)
+
+
+def _in_grid(short: _Rows, values: torch.Tensor) -> torch.Tensor:
+    """values [n, C] -> [span, depth, C], zero where no row lands."""
+    _, span, depth = short.grid
+    grid = values.new_zeros(span * depth, values.shape[1])
+    return grid.index_copy_(0, short.cell, values).view(span, depth, -1)
+
+
+def _from_grid(short: _Rows, grid: torch.Tensor) -> torch.Tensor:
+    """grid [span, depth, C] -> the rows' values [n, C]."""
+    return grid.reshape(-1, grid.shape[-1]).index_select(0, short.cell)
 
 
 def lora_shrink(
@@ -209,7 +244,11 @@ def lora_shrink(
         return
     xs = x.index_select(0, short.rows).unsqueeze(2)  # [n, H_in, 1]
     for p in range(a.shape[0]):
-        h = torch.bmm(a[p, :, : short.r].index_select(0, short.slots), xs).squeeze(2)  # [n, r]
+        if short.grid is not None:  # the slot range of the stack, as a view: each adapter's A read once
+            lo, span, _ = short.grid
+            h = _from_grid(short, torch.bmm(_in_grid(short, xs.squeeze(2)), a[p, lo : lo + span, : short.r].transpose(1, 2)))
+        else:
+            h = torch.bmm(a[p, :, : short.r].index_select(0, short.slots), xs).squeeze(2)  # [n, r]
         if bias is not None:
             h = h + bias[:, : short.r].index_select(0, short.slots).to(h.dtype)
         if act is not None:
@@ -257,12 +296,17 @@ def lora_expand(
     for p in range(len(offs) - 1):
         lo, hi = offs[p], offs[p + 1]
         h = buf[p, :, : short.r].index_select(0, short.rows).to(b.dtype)  # [n, r]
-        bg = b[:, lo:hi, : short.r].index_select(0, short.slots)  # [n, hi-lo, r]
-        if not short.uniform:  # columns beyond a row's own rank hold anything, in buf and in b: mask both
-            valid = short.valid()
-            h = torch.where(valid, h, 0)
-            bg = torch.where(valid[:, None, :], bg, 0)
-        delta = torch.bmm(bg, h.unsqueeze(2)).squeeze(2).mul_(row_scales)  # [n, hi-lo]
+        if short.grid is not None:  # the slot range of the stack, as a view: each adapter's B read once
+            w0, span, _ = short.grid
+            bv = b[w0 : w0 + span, lo:hi, : short.r].transpose(1, 2)  # [span, r, hi-lo]
+            delta = _from_grid(short, torch.bmm(_in_grid(short, h * row_scales), bv))  # [n, hi-lo]
+        else:
+            bg = b[:, lo:hi, : short.r].index_select(0, short.slots)  # [n, hi-lo, r]
+            if not short.uniform:  # columns beyond a row's own rank hold anything, in buf and in b: mask both
+                valid = short.valid()
+                h = torch.where(valid, h, 0)
+                bg = torch.where(valid[:, None, :], bg, 0)
+            delta = torch.bmm(bg, h.unsqueeze(2)).squeeze(2).mul_(row_scales)  # [n, hi-lo]
         if bias is not None:
             delta += bias[:, lo:hi].index_select(0, short.slots).to(delta.dtype)
         y[:, lo:hi].index_add_(0, short.rows, delta.to(y.dtype))

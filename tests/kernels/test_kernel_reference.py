@@ -19,9 +19,13 @@ from kernels import reference
 
 @pytest.mark.parametrize("mix,n_proj,dtype", LORA_CASES, ids=[f"{m}-P{p}-{str(d)[6:]}" for m, p, d in LORA_CASES])
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_lora_reference(mix, n_proj, dtype, activation):
+@pytest.mark.parametrize("one_rank", [False, True], ids=["mixed-ranks", "one-rank"])
+def test_lora_reference(mix, n_proj, dtype, activation, one_rank):
+    """With one rank for every adapter, short segments take the in-place slot-range path."""
     c = make_lora(mix, n_proj, dtype, seed=42, n_tokens=80 if mix == "huge" else 16, n_slots=16, h_in=48,
                   out_dims=[32, 16, 16])
+    if one_rank:
+        c["ranks"].fill_(16)
     kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
     r_max = c["a"].shape[2]
     bias = torch.randn(16, r_max) if n_proj == 1 else None
