@@ -96,8 +96,10 @@ class AdapterInfo:
 
 
 class EngineService:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, on_step: Callable[[list[RequestOutput]], None] | None = None) -> None:
+        """`on_step(outputs)`, if given, is called on the loop thread after each engine step (for metrics)."""
         self.engine = engine
+        self._on_step = on_step
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # (function of the engine, Future) or _STOP
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
@@ -251,6 +253,8 @@ class EngineService:
                 self.engine.abort(request_id)
                 self._streams.pop(request_id)._put(e)
             return
+        if self._on_step is not None:
+            self._on_step(outputs)
         for out in outputs:
             stream = self._streams[out.request_id] if not out.finished else self._streams.pop(out.request_id)
             stream._put(out)

@@ -1,0 +1,144 @@
+"""The durable on-disk store of uploaded adapters: one directory per adapter id under a root.
+
+An upload is written into a staging directory, every file and the directory fsynced, then renamed into
+place, so a crash or an interrupted upload never leaves a half adapter where the server looks for
+adapters; leftovers in the staging area are removed when the store is opened. Ids are plain names
+(`validate_adapter_id`), so an id can never name a path outside the root.
+
+    root/
+      my-lora/adapter_config.json, adapter_model.safetensors
+      .staging/<random>/...         an upload in progress
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+
+MAX_ID_LENGTH = 128
+_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_STAGING = ".staging"
+
+
+def validate_adapter_id(adapter_id: str) -> str:
+    """Return `adapter_id` if it is a plain name (no path separators, no `..`, no NUL); else InvalidArgument."""
+    if not adapter_id or len(adapter_id) > MAX_ID_LENGTH or not _ID.fullmatch(adapter_id):
+        raise InvalidArgument(
+            f"adapter id {adapter_id[:MAX_ID_LENGTH + 8]!r} is not valid: use 1 to {MAX_ID_LENGTH} characters "
+            "of A-Z a-z 0-9 . _ -, not starting with a dot"
+        )
+    return adapter_id
+
+
+def validate_file_name(name: str) -> str:
+    """An adapter file's name: a plain name, no directories."""
+    if not name or len(name) > 255 or not _ID.fullmatch(name):
+        raise InvalidArgument(f"file name {name[:263]!r} is not valid: a plain name of A-Z a-z 0-9 . _ - is expected")
+    return name
+
+
+class StagedAdapter:
+    """An upload being written. Write files with `write`, then `commit` them to the store or `discard` them."""
+
+    def __init__(self, store: "AdapterStore", adapter_id: str) -> None:
+        self.adapter_id = adapter_id
+        self.path = Path(tempfile.mkdtemp(dir=store.root / _STAGING, prefix=f"{adapter_id}."))
+        self.num_bytes = 0
+        self._store = store
+        self._open: tuple[str, object] | None = None  # (file name, open file) being appended to
+        self._done: set[str] = set()
+
+    def write(self, *, file_name: str, data: bytes) -> None:
+        """Append `data` to `file_name`; a file's chunks come in order and files one after another."""
+        validate_file_name(file_name)
+        self.num_bytes += len(data)
+        if self.num_bytes > self._store.max_adapter_bytes:
+            raise ResourceExhausted(f"the upload exceeds the server's limit of {self._store.max_adapter_bytes} bytes")
+        if self._open is None or self._open[0] != file_name:
+            self._close()
+            if file_name in self._done:
+                raise InvalidArgument(f"file {file_name!r} was sent in two separate runs of chunks")
+            if len(self._done) >= self._store.max_files:
+                raise InvalidArgument(f"an adapter has at most {self._store.max_files} files")
+            self._open = (file_name, open(self.path / file_name, "xb"))
+        self._open[1].write(data)
+
+    def finish(self) -> Path:
+        """Flush and fsync every file; the staged directory is then complete (still staged)."""
+        self._close()
+        if not self._done:
+            raise InvalidArgument("the upload has no files")
+        _fsync_dir(self.path)
+        return self.path
+
+    def commit(self, *, replace: bool) -> Path:
+        """Move the finished upload into the store atomically and return its final directory."""
+        return self._store._commit(self, replace=replace)
+
+    def discard(self) -> None:
+        self._close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _close(self) -> None:
+        if self._open is not None:
+            name, f = self._open
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            self._done.add(name)
+            self._open = None
+
+
+class AdapterStore:
+    def __init__(self, root: Path, *, max_adapter_bytes: int, max_files: int = 16) -> None:
+        self.root = Path(root)
+        self.max_adapter_bytes = max_adapter_bytes
+        self.max_files = max_files
+        (self.root / _STAGING).mkdir(parents=True, exist_ok=True)
+        for leftover in (self.root / _STAGING).iterdir():  # uploads cut short by a crash
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def ids(self) -> list[str]:
+        """The stored adapters, sorted."""
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def path(self, adapter_id: str) -> Path:
+        return self.root / validate_adapter_id(adapter_id)
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return self.path(adapter_id).is_dir()
+
+    def stage(self, adapter_id: str) -> StagedAdapter:
+        return StagedAdapter(self, validate_adapter_id(adapter_id))
+
+    def delete(self, adapter_id: str) -> None:
+        """Remove a stored adapter (renamed away first, so it is gone at once even if removal is cut short)."""
+        target = self.path(adapter_id)
+        if not target.is_dir():
+            raise NotFound(f"adapter {adapter_id!r} is not in the store")
+        doomed = Path(tempfile.mkdtemp(dir=self.root / _STAGING, prefix=f"{adapter_id}.deleted."))
+        target.rename(doomed / adapter_id)
+        _fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _commit(self, staged: StagedAdapter, *, replace: bool) -> Path:
+        target = self.path(staged.adapter_id)
+        if target.exists():
+            if not replace:
+                staged.discard()
+                raise AlreadyExists(f"adapter {staged.adapter_id!r} is already stored; ask for replacement to upload it again")
+            self.delete(staged.adapter_id)
+        staged.path.rename(target)
+        _fsync_dir(self.root)
+        return target
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""The gRPC front end: servicers (proto <-> engine objects), the error mapping, auth, health, reflection."""

@@ -1,0 +1,116 @@
+"""AdapterService: load (from the server's adapter roots), upload (to the durable store), unload, list."""
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+
+from server.adapters.store import AdapterStore, validate_adapter_id
+from server.api.convert import adapter_message
+from server.api.gen import adapters_pb2 as pb
+from server.api.gen import adapters_pb2_grpc
+from server.api.state import ServingState
+from server.engine.service import AdapterInfo, EngineService
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
+    def __init__(self, *, state: ServingState, store: AdapterStore, roots: tuple[Path, ...], metrics: Metrics) -> None:
+        self._state = state
+        self._store = store
+        self._roots = roots
+        self._metrics = metrics
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
+        async with self._state.admit() as service:
+            adapter_id = validate_adapter_id(request.adapter_id)
+            path = confine(request.path, roots=self._roots)
+            info = await self._load(service, adapter_id, path, replace=request.replace, source="path")
+            if adapter_id in self._store:  # the stored copy must not come back after a restart
+                self._store.delete(adapter_id)
+            return pb.LoadAdapterResponse(adapter=adapter_message(info, stored=False))
+
+    async def UploadAdapter(
+        self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context: grpc.aio.ServicerContext
+    ) -> pb.UploadAdapterResponse:
+        async with self._state.admit() as service:
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("an upload starts with its header (adapter_id, replace), then file chunks")
+            adapter_id = validate_adapter_id(first.header.adapter_id)
+            replace = first.header.replace
+            if adapter_id in self._state.adapter_kinds and not replace:
+                raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; ask for replacement to upload it again")
+            staged = self._store.stage(adapter_id)
+            try:
+                async for message in request_iterator:
+                    if message.WhichOneof("part") != "chunk":
+                        raise InvalidArgument("only file chunks may follow an upload's header")
+                    staged.write(file_name=message.chunk.file_name, data=message.chunk.data)
+                staged_dir = await asyncio.to_thread(staged.finish)
+                await asyncio.to_thread(service.engine.read_adapter, staged_dir)  # refuse a bad adapter before it replaces anything
+                path = staged.commit(replace=replace)
+            except BaseException:
+                staged.discard()
+                raise
+            try:
+                info = await self._load(service, adapter_id, path, replace=replace, source="upload")
+            except BaseException:
+                self._store.delete(adapter_id)
+                raise
+            return pb.UploadAdapterResponse(adapter=adapter_message(info, stored=True), bytes_received=staged.num_bytes)
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
+        async with self._state.admit() as service:
+            adapter_id = validate_adapter_id(request.adapter_id)
+            stored = adapter_id in self._store
+            try:
+                await asyncio.to_thread(service.unload_adapter, adapter_id)
+            except NotFound:
+                if not stored:  # a stored adapter that failed to load at start-up can still be deleted
+                    raise
+            self._state.adapter_kinds.pop(adapter_id, None)
+            if stored:
+                self._store.delete(adapter_id)
+            return pb.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
+        service = self._state.engine()
+        infos = await asyncio.to_thread(service.list_adapters)
+        return pb.ListAdaptersResponse(
+            adapters=[adapter_message(i, stored=i.adapter_id in self._store) for i in sorted(infos, key=lambda i: i.adapter_id)]
+        )
+
+    async def _load(self, service: EngineService, adapter_id: str, path: Path, *, replace: bool, source: str) -> AdapterInfo:
+        with self._metrics.adapter_load_seconds.labels(source).time():
+            info = await asyncio.to_thread(service.load_adapter, adapter_id, path, replace=replace)
+        self._state.adapter_kinds[adapter_id] = info.kind
+        log.info("adapter %r loaded from %s: %s", adapter_id, path, info.summary)
+        return info
+
+
+def confine(path: str, *, roots: tuple[Path, ...]) -> Path:
+    """The adapter directory `path` names, resolved; it and every file in it must lie inside one of `roots`
+    (symlinks resolved), and `path` may not contain "..". Relative paths are taken from the first root."""
+    if not roots:
+        raise FailedPrecondition("this server has no adapter roots; start it with --adapter-root DIR to load from its disk")
+    if not path or "\0" in path:
+        raise InvalidArgument("the adapter path is empty or contains a NUL character")
+    raw = Path(path)
+    if ".." in raw.parts:
+        raise InvalidArgument(f"adapter path {path!r} may not contain '..'")
+    resolved = (raw if raw.is_absolute() else roots[0] / raw).resolve()
+    root = next((r for r in (r.resolve() for r in roots) if resolved.is_relative_to(r)), None)
+    if root is None:
+        raise PermissionDenied(f"adapter path {path!r} is outside the server's adapter roots")
+    if not resolved.is_dir():
+        raise NotFound(f"no adapter directory at {path!r}")
+    for item in resolved.iterdir():
+        if not item.resolve().is_relative_to(root):
+            raise PermissionDenied(f"{item.name!r} in adapter path {path!r} links outside the server's adapter roots")
+    return resolved

@@ -1,0 +1,83 @@
+"""Bearer-token auth: `authorization: Bearer <token>` metadata, compared in constant time.
+
+Each method needs a role. ADMIN methods (loading, uploading, unloading adapters) need the admin token
+when one is configured; CLIENT methods (generation, listing, server info) need the client token or the
+admin token when a client token is configured; OPEN methods (health, reflection) need nothing. With only a
+client token, it is needed for every method; with no token, every method is open.
+"""
+
+import contextlib
+import enum
+import hmac
+
+import grpc
+
+from server.api.intercept import wrap_handler
+from server.errors import PermissionDenied, Unauthenticated
+
+
+class Role(enum.Enum):
+    OPEN = "open"
+    CLIENT = "client"
+    ADMIN = "admin"
+
+
+ADMIN_METHODS = frozenset({
+    "/quiver.v1.AdapterService/LoadAdapter",
+    "/quiver.v1.AdapterService/UploadAdapter",
+    "/quiver.v1.AdapterService/UnloadAdapter",
+})
+_QUIVER_PREFIX = "/quiver.v1."
+
+
+def role_for(method: str) -> Role:
+    if method in ADMIN_METHODS:
+        return Role.ADMIN
+    return Role.CLIENT if method.startswith(_QUIVER_PREFIX) else Role.OPEN
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, *, admin_token: str | None, client_token: str | None) -> None:
+        self._admin = admin_token.encode() if admin_token else None
+        self._client = client_token.encode() if client_token else None
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        role = role_for(handler_call_details.method)
+        metadata = handler_call_details.invocation_metadata or ()
+
+        @contextlib.asynccontextmanager
+        async def checked(_context: grpc.aio.ServicerContext):
+            self._check(role, metadata)
+            yield
+
+        return wrap_handler(handler, around=checked)
+
+    def _check(self, role: Role, metadata) -> None:
+        if role is Role.OPEN:
+            return
+        needed = self._admin if role is Role.ADMIN and self._admin is not None else self._client
+        if needed is None:
+            return
+        token = _bearer(metadata)
+        if token is None:
+            raise Unauthenticated("this method needs a bearer token: send 'authorization: Bearer <token>' metadata")
+        if _equal(token, needed) or (role is Role.CLIENT and self._admin is not None and _equal(token, self._admin)):
+            return
+        if role is Role.ADMIN and self._client is not None and _equal(token, self._client):
+            raise PermissionDenied("the client token does not allow managing adapters; use the admin token")
+        raise Unauthenticated("the bearer token is not valid for this server")
+
+
+def _bearer(metadata) -> bytes | None:
+    for key, value in metadata:
+        if key == "authorization":
+            scheme, _, token = (value.decode() if isinstance(value, bytes) else value).partition(" ")
+            return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def _equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)

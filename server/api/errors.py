@@ -1,0 +1,65 @@
+"""The one place where typed errors become gRPC status codes.
+
+`ErrorInterceptor` wraps every method: a `QuiverError` raised anywhere below ends the call with the code
+of its class and its message; any other exception is a bug, logged with its traceback and reported as
+INTERNAL. Cancellation and deadlines are left to gRPC, which reports CANCELLED / DEADLINE_EXCEEDED.
+"""
+
+import contextlib
+import logging
+
+import grpc
+
+from server.api.intercept import wrap_handler
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuiverError,
+    ResourceExhausted,
+    Unauthenticated,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[QuiverError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def status_code(error: BaseException) -> grpc.StatusCode:
+    """The status a call that raised `error` ends with (also used to label metrics)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+
+        @contextlib.asynccontextmanager
+        async def mapped(context: grpc.aio.ServicerContext):
+            try:
+                yield
+            except grpc.aio.AbortError:
+                raise
+            except QuiverError as e:
+                await context.abort(status_code(e), str(e))
+            except Exception:
+                log.exception("bug in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+        return wrap_handler(handler, around=mapped)

@@ -1,0 +1,172 @@
+"""The gRPC server's lifecycle: listen, load the model, serve, drain.
+
+    start()   listen; health says NOT_SERVING; calls that need the model get FAILED_PRECONDITION
+    attach()  the model is loaded: restore adapters (start-up directory, upload store); health says SERVING
+    stop()    health says NOT_SERVING; new calls are refused; calls in flight get `grace_seconds` to
+              finish, then are cancelled; the engine stops
+"""
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from server.adapters.store import AdapterStore
+from server.api.adapters import AdapterServicer
+from server.api.auth import AuthInterceptor
+from server.api.errors import ErrorInterceptor
+from server.api.gen import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from server.api.inference import InferenceServicer
+from server.api.state import ServingState
+from server.engine.request import RequestOutput
+from server.engine.service import EngineService
+from server.errors import QuiverError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    store_dir: Path  # uploaded adapters, kept across restarts
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (see QuiverServer.port)
+    metrics_port: int | None = 9464  # the Prometheus endpoint; 0: any free port; None: none
+    adapters_dir: Path | None = None  # every adapter directory in it is loaded at start, under its name
+    adapter_roots: tuple[Path, ...] = ()  # where LoadAdapter may read from
+    max_upload_bytes: int = 1 << 30
+    admin_token: str | None = None  # needed for LoadAdapter, UploadAdapter, UnloadAdapter
+    client_token: str | None = None  # needed for the other quiver.v1 calls
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
+    tls_key: Path | None = None
+    grace_seconds: float = 30.0  # how long calls in flight may run on after a shutdown starts
+
+
+class QuiverServer:
+    def __init__(self, config: ServerConfig) -> None:
+        if (config.tls_cert is None) != (config.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        self.config = config
+        self.metrics = Metrics()
+        self.state = ServingState()
+        self.store = AdapterStore(config.store_dir, max_adapter_bytes=config.max_upload_bytes)
+        self.health = health_aio.HealthServicer()
+        self.port: int | None = None  # the gRPC port, once started
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None  # made in start(), on the event loop that serves it
+        self._http = None
+
+    def on_step(self, outputs: list[RequestOutput]) -> None:
+        """Give this to the EngineService (its per-step hook) so that batch sizes are measured."""
+        self.metrics.on_step(outputs)
+
+    async def start(self) -> None:
+        state, config = self.state, self.config
+        self._grpc = grpc.aio.server(
+            interceptors=[
+                ErrorInterceptor(),
+                AuthInterceptor(admin_token=config.admin_token, client_token=config.client_token),
+            ],
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(state=state, metrics=self.metrics, max_upload_bytes=config.max_upload_bytes), self._grpc
+        )
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+            AdapterServicer(state=state, store=self.store, roots=config.adapter_roots, metrics=self.metrics), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self._grpc
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert is not None:
+            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            self.port = self._grpc.add_secure_port(address, credentials)
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+        await self._grpc.start()
+        if config.metrics_port is not None:
+            self._http, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            self.metrics_port = self._http.server_port
+        log.info("listening on %s:%d (%s); metrics on %s", config.host, self.port,
+                 "TLS" if config.tls_cert else "plaintext", self.metrics_port or "none")
+
+    async def attach(self, service: EngineService) -> None:
+        """The model is loaded: restore adapters, then report SERVING."""
+        self.state.service = service
+        self.metrics.watch(service)
+        found = sorted(p for p in self.config.adapters_dir.iterdir() if p.is_dir()) if self.config.adapters_dir else []
+        for path in found:
+            await self._restore(service, path.name, path, source="path")
+        for adapter_id in self.store.ids():
+            await self._restore(service, adapter_id, self.store.path(adapter_id), source="upload")
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving: %d adapters", len(self.state.adapter_kinds))
+
+    async def stop(self) -> None:
+        """Drain and stop; returns when the engine has stopped."""
+        deadline = time.monotonic() + self.config.grace_seconds
+        await self.health.enter_graceful_shutdown()
+        self.state.drain()
+        if not await self.state.wait_idle(self.config.grace_seconds):
+            log.warning("calls still running after the %.0f s grace period are cancelled", self.config.grace_seconds)
+        await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+        if self.state.service is not None:
+            await asyncio.to_thread(self.state.service.shutdown, max(1.0, deadline - time.monotonic()))
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        log.info("stopped")
+
+    async def _restore(self, service: EngineService, adapter_id: str, path: Path, *, source: str) -> None:
+        try:
+            with self.metrics.adapter_load_seconds.labels(source).time():
+                info = await asyncio.to_thread(service.load_adapter, adapter_id, path, replace=True)
+        except QuiverError as e:
+            log.error("adapter %r at %s is not served: %s", adapter_id, path, e)
+            return
+        self.state.adapter_kinds[adapter_id] = info.kind
+        log.info("adapter %r loaded from %s: %s", adapter_id, path, info.summary)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+
+async def serve(config: ServerConfig, *, load: Callable[[Callable[[list[RequestOutput]], None]], EngineService]) -> None:
+    """Run a server until SIGTERM or SIGINT, then drain and return. `load(on_step)` builds the engine
+    service (in a worker thread, while health says NOT_SERVING)."""
+    server = QuiverServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    loading = asyncio.ensure_future(asyncio.to_thread(load, server.on_step))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loading, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if loading.done():
+        if loading.exception() is not None:  # the model did not load: stop listening, report why
+            await server.stop()
+            raise loading.exception()
+        await server.attach(loading.result())
+        await stopping
+    log.info("shutting down: finishing the calls in flight (up to %.0f s)", config.grace_seconds)
+    await server.stop()
+    if not loading.done():  # a signal during model loading: let the load end, then stop its engine
+        (await loading).shutdown()
