@@ -1,0 +1,68 @@
+"""The `quiver` CLI against a real server, and `quiver serve` as a process: SIGTERM drains and exits 0."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+from grpc_health.v1 import health_pb2
+
+from server.api.gen import inference_pb2 as pb
+from server.cli import main
+from server.client import QuiverClient
+from tests.api.harness import health, start_server
+
+
+def test_client_commands(model_path, tmp_path, zoo, capsys):
+    running = start_server(model_path, tmp_path, adapter_roots=(zoo["lora"].parent,))
+    server = ["--server", running.target]
+    try:
+        assert main(["info", *server]) == 0
+        assert 'kernel_backend: "torch"' in capsys.readouterr().out
+        assert main(["adapters", "load", "l", "lora", *server]) == 0
+        assert main(["adapters", "upload", "b", str(zoo["bottleneck"]), *server]) == 0
+        assert main(["adapters", "list", *server]) == 0
+        listed = capsys.readouterr().out.splitlines()
+        assert [line.split("\t")[:2] for line in listed[-2:]] == [["b", "BOTTLENECK"], ["l", "LORA"]]
+        assert "(stored)" in listed[-2]
+        with QuiverClient(running.target) as c:
+            want = c.generate(c.request(chat="hi", adapter_id="b", max_new_tokens=5)).text
+        assert main(["generate", "hi", "--adapter", "b", "--max-new-tokens", "5", *server]) == 0
+        assert capsys.readouterr().out == want + "\n"
+        assert main(["adapters", "unload", "b", *server]) == 0
+        assert main(["adapters", "unload", "b", *server]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().err
+    finally:
+        running.stop()
+
+
+def test_serve_drains_on_sigterm_and_exits_0(model_path, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_path), "--device", "cpu", "--port", "0",
+         "--metrics-port", "0", "--store-dir", str(tmp_path / "store"),
+         "--kv-cache-bytes", str(1 << 20)],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        port = None
+        for line in process.stderr:
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                port = match.group(1)
+            if "serving:" in line:
+                break
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe from filling
+        target = f"127.0.0.1:{port}"
+        assert health(target) == health_pb2.HealthCheckResponse.SERVING
+        with QuiverClient(target) as c:
+            stream = c.generate_stream(c.request(token_ids=[3, 4], max_new_tokens=300, ignore_eos=True))
+            next(stream)
+            process.send_signal(signal.SIGTERM)
+            rest = list(stream)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].usage.completion_tokens == 300
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
