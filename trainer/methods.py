@@ -1,0 +1,119 @@
+"""The tuning methods, each set up on a frozen base model: PEFT for the five it implements, our bottleneck
+adapter (trainer/bottleneck.py) for adapter tuning, and full fine-tuning as the reference they are compared to."""
+
+from dataclasses import dataclass
+
+from peft import (
+    LoraConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    get_peft_model,
+)
+from torch import nn
+from transformers import PreTrainedModel
+
+from server.adapters.weights import ACTIVATIONS
+from server.errors import InvalidArgument
+from trainer.bottleneck import Bottlenecks
+
+ADAPTER_METHODS = ("lora", "adapter", "prefix", "ptuning-v2", "prompt", "ptuning")  # exported as adapters
+METHODS = (*ADAPTER_METHODS, "full")  # "full" is exported as a whole model
+ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # P-tuning prompt encoders, as PEFT names them
+# Learning rates that work for each method with AdamW at a few hundred steps (prompt kinds need large ones).
+DEFAULT_LR = {
+    "lora": 1e-3, "adapter": 1e-3, "prefix": 1e-3, "ptuning-v2": 1e-2, "prompt": 3e-2, "ptuning": 1e-3, "full": 3e-5,
+}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method and its own hyper-parameters (the others' are ignored)."""
+
+    method: str  # one of METHODS
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # module name suffixes, or ("all-linear",)
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    bottleneck_size: int = 16
+    non_linearity: str = "gelu"  # a key of server.adapters.weights.ACTIVATIONS
+    num_virtual_tokens: int = 16  # prefix, ptuning-v2, prompt, ptuning
+    prefix_hidden: int = 256  # k: hidden size of prefix tuning's re-parametrisation MLP
+    encoder: str = "mlp"  # P-tuning prompt encoder: a key of ENCODERS
+    encoder_hidden: int = 256  # hidden size of P-tuning's prompt encoder
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidArgument(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        sizes = {
+            "lora_rank": self.lora_rank, "bottleneck_size": self.bottleneck_size, "num_virtual_tokens": self.num_virtual_tokens,
+            "prefix_hidden": self.prefix_hidden, "encoder_hidden": self.encoder_hidden,
+        }
+        for name, value in sizes.items():
+            if value < 1:
+                raise InvalidArgument(f"{name} must be >= 1, got {value}")
+        if self.non_linearity not in ACTIVATIONS:
+            raise InvalidArgument(f"unknown non_linearity {self.non_linearity!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if self.encoder not in ENCODERS:
+            raise InvalidArgument(f"unknown P-tuning encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if not self.lora_targets:
+            raise InvalidArgument("lora_targets is empty")
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """A base model set up for one method; `model(**batch)` is the training forward."""
+
+    method: str
+    model: nn.Module  # a PeftModel, or the base model itself (with bottleneck hooks, or fully trainable)
+    bottlenecks: Bottlenecks | None  # the adapter modules, for method "adapter"
+    base_params: int  # parameters of the base model alone
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser updates (for prompt-learning methods, including the
+        re-parametrisation that is dropped on export)."""
+        owners = [self.model] + ([self.bottlenecks] if self.bottlenecks is not None else [])
+        return [p for owner in owners for p in owner.parameters() if p.requires_grad]
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def prepare(base: PreTrainedModel, config: MethodConfig) -> Trainable:
+    """Set up `base` (modified in place) for training with `config.method`."""
+    base_params = sum(p.numel() for p in base.parameters())
+    if config.method == "full":
+        base.requires_grad_(True)
+        return Trainable("full", base, None, base_params)
+    base.requires_grad_(False)
+    if config.method == "adapter":
+        bottlenecks = Bottlenecks(base, size=config.bottleneck_size, non_linearity=config.non_linearity)
+        return Trainable("adapter", base, bottlenecks, base_params)
+    model: PeftModel = get_peft_model(base, _peft_config(config))
+    return Trainable(config.method, model, None, base_params)
+
+
+def _peft_config(config: MethodConfig):
+    n = config.num_virtual_tokens
+    if config.method == "lora":
+        targets = "all-linear" if config.lora_targets == ("all-linear",) else list(config.lora_targets)
+        return LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, use_rslora=config.rslora, target_modules=targets,
+            lora_dropout=0.0, task_type="CAUSAL_LM",
+        )
+    if config.method == "prefix":  # trained through the MLP; save_pretrained keeps only its output
+        return PrefixTuningConfig(
+            num_virtual_tokens=n, prefix_projection=True, encoder_hidden_size=config.prefix_hidden, task_type="CAUSAL_LM"
+        )
+    if config.method == "ptuning-v2":  # the same deep prefix, trained directly
+        return PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=False, task_type="CAUSAL_LM")
+    if config.method == "prompt":  # starts from the embeddings of random vocabulary tokens
+        return PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, task_type="CAUSAL_LM")
+    assert config.method == "ptuning", config.method
+    return PromptEncoderConfig(
+        num_virtual_tokens=n, encoder_reparameterization_type=ENCODERS[config.encoder],
+        encoder_hidden_size=config.encoder_hidden, task_type="CAUSAL_LM",
+    )

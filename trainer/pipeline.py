@@ -1,0 +1,39 @@
+"""One method from base model to exported directory: load, set up, encode, train, export."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.adapters.formats import load_adapter
+from trainer.base import load_base
+from trainer.data import Example
+from trainer.encode import encode
+from trainer.export import export
+from trainer.methods import MethodConfig, Trainable, prepare
+from trainer.train import TrainConfig, TrainResult, train
+
+
+@dataclass(frozen=True)
+class Trained:
+    trainable: Trainable  # the trained model, in eval mode
+    result: TrainResult
+    out: Path  # the adapter directory, or for "full" the model folder
+    exported_params: int  # what the server holds: adapter tensors (no re-parametrisation), or the whole model
+
+    @property
+    def serve_model(self) -> Path | None:
+        """The model folder to serve instead of the base (full fine-tuning), or None to serve `out` as an adapter."""
+        return self.out if self.trainable.method == "full" else None
+
+
+def train_and_export(
+    *, model_path: Path, method: MethodConfig, config: TrainConfig, examples: list[Example], max_length: int,
+    out: Path, progress: bool,
+) -> Trained:
+    base, tokenizer = load_base(model_path)
+    data = [encode(tokenizer, e, max_length=max_length) for e in examples]
+    trainable = prepare(base, method)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result = train(trainable, data, config, pad_id=pad_id, progress=progress)
+    export(trainable, out, tokenizer=tokenizer, base_path=model_path)
+    exported = trainable.base_params if method.method == "full" else load_adapter(out, base.config).num_params
+    return Trained(trainable=trainable, result=result, out=Path(out), exported_params=exported)
