@@ -16,14 +16,8 @@ from pathlib import Path
 import grpc
 
 from server.api.gen import adapters_pb2
-from server.api.server import ServerConfig, serve
 from server.client import QuiverClient
-from server.config import EngineConfig, ModelConfig, default_cache_dir
-from server.engine.engine import Engine
-from server.engine.service import EngineService
 from server.errors import QuiverError
-from server.model import attention
-from server.model.loader import load_model
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -115,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args) -> None:
+    # The server side (torch, transformers) is imported here only: client commands start in a blink.
+    from server.api.server import ServerConfig, serve
+    from server.config import EngineConfig, ModelConfig, default_cache_dir
+    from server.engine.engine import Engine
+    from server.engine.service import EngineService
+    from server.model import attention
+    from server.model.loader import load_model
+
     cache_dir = args.cache_dir or default_cache_dir()
     model_config = ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
     engine_config = EngineConfig(
@@ -133,7 +135,7 @@ def _serve(args) -> None:
         tls_cert=args.tls_cert, tls_key=args.tls_key, grace_seconds=args.grace_period,
     )
 
-    def load(on_step) -> EngineService:
+    def load(on_step) -> "EngineService":
         loaded = load_model(model_config, attn_implementation=attention.register())
         return EngineService(Engine(loaded, engine_config), on_step=on_step)
 

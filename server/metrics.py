@@ -1,6 +1,7 @@
 """Every Prometheus metric of the server, defined once, in its own registry (one per server).
 
-Labels are bounded: `adapter_kind` is "base" or one of the six kinds, `status` a gRPC status name,
+Labels are bounded: `adapter_kind` is "base", one of the six kinds (lower case, e.g. "lora") or "unknown"
+(an adapter id that is not loaded), `status` a gRPC status name,
 `location` device/host/disk, `source` path/upload. No metric is labelled by adapter id, whose count is
 unbounded. Engine-side values (queue lengths, KV blocks, adapters by location, evictions, preemptions)
 are read from the engine service when Prometheus scrapes.

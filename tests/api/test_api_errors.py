@@ -45,8 +45,12 @@ def test_a_full_queue_is_resource_exhausted(model_path, tmp_path):
     try:
         with QuiverClient(running.target) as c:
             long = c.request(token_ids=[3, 4], max_new_tokens=400, ignore_eos=True)
-            first, second = c.generate_stream(long), c.generate_stream(long)
-            next(first), time.sleep(0.1)
+            first = c.generate_stream(long)
+            next(first)  # running
+            second = c.generate_stream(long)
+            deadline = time.monotonic() + 10
+            while running.service.stats().num_waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
             code, details = _code(lambda: c.generate(long))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in details
             first.cancel(), second.cancel()
