@@ -9,7 +9,7 @@ export PYTHONPATH=.
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$OUT/machine.txt" 2>&1
-timeout 300 python3 -m pytest -m gpu tests/ -q -rs -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+timeout 300 python3 -m pytest -m gpu tests/kernels tests/test_engine_gpu.py -q -rs -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 tests_rc=$?
 timeout 240 python3 benchmarks/kernels.py --no-quick --out "$OUT/kernels.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
