@@ -7,6 +7,7 @@ from typing import AsyncIterator
 import grpc
 
 import server
+from server.adapters.store import validate_adapter_id
 from server.api.convert import FINISH_REASONS, sampling_params
 from server.api.detokenize import TextStream
 from server.api.errors import status_code
@@ -66,9 +67,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             status = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the client went away
             try:
                 tokenizer = service.engine.tokenizer
+                adapter_id = validate_adapter_id(request.adapter_id) if request.adapter_id else None
                 ids = prompt_token_ids(request.prompt, tokenizer)
                 params = sampling_params(request.sampling, request.stopping)
-                stream = await service.submit_async(ids, params, adapter_id=request.adapter_id or None)
+                stream = await service.submit_async(ids, params, adapter_id=adapter_id)
                 timer.admitted(num_prompt_tokens=len(ids))
                 text = TextStream(tokenizer, stop_strings=params.stop_strings)
                 try:

@@ -10,7 +10,7 @@ import grpc
 
 Around = Callable[[grpc.aio.ServicerContext], AsyncContextManager[None]]
 
-_FACTORIES = {
+FACTORIES = {
     "unary_unary": grpc.unary_unary_rpc_method_handler,
     "unary_stream": grpc.unary_stream_rpc_method_handler,
     "stream_unary": grpc.stream_unary_rpc_method_handler,
@@ -19,7 +19,7 @@ _FACTORIES = {
 
 
 def wrap_handler(handler: grpc.RpcMethodHandler, *, around: Around) -> grpc.RpcMethodHandler:
-    for kind, factory in _FACTORIES.items():
+    for kind, factory in FACTORIES.items():
         behavior = getattr(handler, kind)
         if behavior is None:
             continue
