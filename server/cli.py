@@ -52,6 +52,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="a directory LoadAdapter may read from; repeatable (default: --adapters-dir)")
     g.add_argument("--store-dir", type=Path, default=None, help="where uploaded adapters are kept (default: CACHE_DIR/store)")
     g.add_argument("--max-upload-bytes", type=int, default=1 << 30, help="largest adapter upload")
+    g.add_argument("--max-stored-adapters", type=int, default=1024, help="uploaded adapters kept in the store; more uploads of new ids are refused")
     g.add_argument("--admin-token-file", type=Path, default=None, help="file holding the bearer token needed to load, upload and unload adapters")
     g.add_argument("--client-token-file", type=Path, default=None, help="file holding the bearer token needed to generate")
     g.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS only)")
@@ -131,6 +132,7 @@ def _serve(args) -> None:
         host=args.host, port=args.port, metrics_port=args.metrics_port, adapters_dir=adapters_dir,
         adapter_roots=tuple(args.adapter_root or ([adapters_dir] if adapters_dir else [])),
         store_dir=args.store_dir or cache_dir / "store", max_upload_bytes=args.max_upload_bytes,
+        max_stored_adapters=args.max_stored_adapters,
         admin_token=_read_token(args.admin_token_file), client_token=_read_token(args.client_token_file),
         tls_cert=args.tls_cert, tls_key=args.tls_key, grace_seconds=args.grace_period,
     )

@@ -2,12 +2,16 @@
 
 An upload is written into a staging directory, every file and the directory fsynced, then renamed into
 place, so a crash or an interrupted upload never leaves a half adapter where the server looks for
-adapters; leftovers in the staging area are removed when the store is opened. Ids are plain names
-(`validate_adapter_id`), so an id can never name a path outside the root.
+adapters; leftovers in the staging area are removed when the store is opened. A replace first renames
+the old adapter to `.previous.<id>` and keeps it there until the new one is served (`settle`) or refused
+(`revert`); opening the store after a crash keeps the new adapter if it was moved in, else puts the old one
+back, so an id always holds the old or the new adapter, whole. Ids are plain names (`validate_adapter_id`),
+so an id can never name a path outside the root.
 
     root/
       my-lora/adapter_config.json, adapter_model.safetensors
-      .staging/<random>/...         an upload in progress
+      .previous.my-lora/...         the adapter a replace in progress displaced
+      .staging/<random>/...         an upload in progress, or a directory being removed
 """
 
 import os
@@ -21,6 +25,7 @@ from server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExha
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _STAGING = ".staging"
+_PREVIOUS = ".previous."
 
 
 def validate_adapter_id(adapter_id: str) -> str:
@@ -93,13 +98,14 @@ class StagedAdapter:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, *, max_adapter_bytes: int, max_files: int = 16) -> None:
+    def __init__(self, root: Path, *, max_adapter_bytes: int, max_files: int = 16, max_adapters: int | None = None) -> None:
+        """`max_adapters`: the most adapters the store holds (None: no limit); uploads of new ids beyond it are refused."""
         self.root = Path(root)
         self.max_adapter_bytes = max_adapter_bytes
         self.max_files = max_files
+        self.max_adapters = max_adapters
         (self.root / _STAGING).mkdir(parents=True, exist_ok=True)
-        for leftover in (self.root / _STAGING).iterdir():  # uploads cut short by a crash
-            shutil.rmtree(leftover, ignore_errors=True)
+        self._recover()
 
     def ids(self) -> list[str]:
         """The stored adapters, sorted."""
@@ -111,6 +117,14 @@ class AdapterStore:
     def __contains__(self, adapter_id: str) -> bool:
         return self.path(adapter_id).is_dir()
 
+    def check_room(self, adapter_id: str) -> None:
+        """ResourceExhausted if storing `adapter_id` would take the store past `max_adapters` (a replace takes no room)."""
+        if self.max_adapters is not None and adapter_id not in self and len(self.ids()) >= self.max_adapters:
+            raise ResourceExhausted(
+                f"the adapter store is full ({self.max_adapters} adapters, the server's --max-stored-adapters); "
+                "unload an uploaded adapter first"
+            )
+
     def stage(self, adapter_id: str) -> StagedAdapter:
         return StagedAdapter(self, validate_adapter_id(adapter_id))
 
@@ -119,21 +133,60 @@ class AdapterStore:
         target = self.path(adapter_id)
         if not target.is_dir():
             raise NotFound(f"adapter {adapter_id!r} is not in the store")
-        doomed = Path(tempfile.mkdtemp(dir=self.root / _STAGING, prefix=f"{adapter_id}.deleted."))
-        target.rename(doomed / adapter_id)
-        _fsync_dir(self.root)
-        shutil.rmtree(doomed, ignore_errors=True)
+        self._remove(target)
+
+    def settle(self, adapter_id: str) -> None:
+        """The adapter just committed is served: drop the one its replace displaced, if any."""
+        previous = self._previous(adapter_id)
+        if previous.is_dir():
+            self._remove(previous)
+
+    def revert(self, adapter_id: str) -> None:
+        """The adapter just committed was refused: remove it and put back the one its replace displaced, if any."""
+        self.delete(adapter_id)
+        previous = self._previous(adapter_id)
+        if previous.is_dir():
+            previous.rename(self.path(adapter_id))
+            _fsync_dir(self.root)
 
     def _commit(self, staged: StagedAdapter, *, replace: bool) -> Path:
         target = self.path(staged.adapter_id)
-        if target.exists():
-            if not replace:
-                staged.discard()
+        try:
+            if target.exists() and not replace:
                 raise AlreadyExists(f"adapter {staged.adapter_id!r} is already stored; ask for replacement to upload it again")
-            self.delete(staged.adapter_id)
-        staged.path.rename(target)
+            self.check_room(staged.adapter_id)
+            if target.exists():
+                previous = self._previous(staged.adapter_id)
+                assert not previous.exists(), "a replace of this id was neither settled nor reverted"
+                target.rename(previous)
+            staged.path.rename(target)
+        except BaseException:
+            staged.discard()
+            raise
         _fsync_dir(self.root)
         return target
+
+    def _previous(self, adapter_id: str) -> Path:
+        return self.root / f"{_PREVIOUS}{adapter_id}"
+
+    def _remove(self, path: Path) -> None:
+        doomed = Path(tempfile.mkdtemp(dir=self.root / _STAGING, prefix=f"{path.name}.deleted."))
+        path.rename(doomed / path.name)
+        _fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _recover(self) -> None:
+        """Finish what a crash cut short: drop staged uploads and half-removed directories; end an interrupted
+        replace with the new adapter if it was moved in, else with the old one."""
+        for leftover in (self.root / _STAGING).iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        for previous in self.root.glob(f"{_PREVIOUS}*"):
+            adapter_id = previous.name.removeprefix(_PREVIOUS)
+            if (self.root / adapter_id).is_dir():
+                self._remove(previous)
+            else:
+                previous.rename(self.root / adapter_id)
+        _fsync_dir(self.root)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,4 +1,9 @@
-"""AdapterService: load (from the server's adapter roots), upload (to the durable store), unload, list."""
+"""AdapterService: load (from the server's adapter roots), upload (to the durable store), unload, list.
+
+Changes to what an id serves and stores (the end of a load, upload or unload) run one at a time under one
+lock, and an upload's commit-and-load runs to its end even if the call is cancelled meanwhile, so the store
+and the engine always agree on what each id holds.
+"""
 
 import asyncio
 import logging
@@ -7,7 +12,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from server.adapters.store import AdapterStore, validate_adapter_id
+from server.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
 from server.api.convert import adapter_message
 from server.api.gen import adapters_pb2 as pb
 from server.api.gen import adapters_pb2_grpc
@@ -25,14 +30,16 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         self._store = store
         self._roots = roots
         self._metrics = metrics
+        self._changing = asyncio.Lock()  # held while an id's served and stored adapter change
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
         async with self._state.admit() as service:
             adapter_id = validate_adapter_id(request.adapter_id)
             path = confine(request.path, roots=self._roots)
-            info = await self._load(service, adapter_id, path, replace=request.replace, source="path")
-            if adapter_id in self._store:  # the stored copy must not come back after a restart
-                self._store.delete(adapter_id)
+            async with self._changing:
+                info = await self._load(service, adapter_id, path, replace=request.replace, source="path")
+                if adapter_id in self._store:  # the stored copy must not come back after a restart
+                    self._store.delete(adapter_id)
             return pb.LoadAdapterResponse(adapter=adapter_message(info, stored=False))
 
     async def UploadAdapter(
@@ -46,6 +53,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
             replace = first.header.replace
             if adapter_id in self._state.adapter_kinds and not replace:
                 raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; ask for replacement to upload it again")
+            self._store.check_room(adapter_id)
             staged = self._store.stage(adapter_id)
             try:
                 async for message in request_iterator:
@@ -54,29 +62,41 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
                     staged.write(file_name=message.chunk.file_name, data=message.chunk.data)
                 staged_dir = await asyncio.to_thread(staged.finish)
                 await asyncio.to_thread(service.engine.read_adapter, staged_dir)  # refuse a bad adapter before it replaces anything
-                path = staged.commit(replace=replace)
             except BaseException:
                 staged.discard()
                 raise
+            install = asyncio.ensure_future(self._install(service, staged, replace=replace))
+            install.add_done_callback(_seen)  # if this call is cancelled, nobody awaits the install's outcome
+            info = await asyncio.shield(install)
+            return pb.UploadAdapterResponse(adapter=adapter_message(info, stored=True), bytes_received=staged.num_bytes)
+
+    async def _install(self, service: EngineService, staged: StagedAdapter, *, replace: bool) -> AdapterInfo:
+        """Commit a validated upload to the store and serve it; if the engine refuses it, the store goes back
+        to what it held."""
+        adapter_id = staged.adapter_id
+        async with self._changing:
+            path = staged.commit(replace=replace)
             try:
                 info = await self._load(service, adapter_id, path, replace=replace, source="upload")
             except BaseException:
-                self._store.delete(adapter_id)
+                self._store.revert(adapter_id)
                 raise
-            return pb.UploadAdapterResponse(adapter=adapter_message(info, stored=True), bytes_received=staged.num_bytes)
+            self._store.settle(adapter_id)
+            return info
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         async with self._state.admit() as service:
             adapter_id = validate_adapter_id(request.adapter_id)
-            stored = adapter_id in self._store
-            try:
-                await asyncio.to_thread(service.unload_adapter, adapter_id)
-            except NotFound:
-                if not stored:  # a stored adapter that failed to load at start-up can still be deleted
-                    raise
-            self._state.adapter_kinds.pop(adapter_id, None)
-            if stored:
-                self._store.delete(adapter_id)
+            async with self._changing:
+                stored = adapter_id in self._store
+                try:
+                    await asyncio.to_thread(service.unload_adapter, adapter_id)
+                except NotFound:
+                    if not stored:  # a stored adapter that failed to load at start-up can still be deleted
+                        raise
+                self._state.adapter_kinds.pop(adapter_id, None)
+                if stored:
+                    self._store.delete(adapter_id)
             return pb.UnloadAdapterResponse()
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
@@ -92,6 +112,12 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         self._state.adapter_kinds[adapter_id] = info.kind
         log.info("adapter %r loaded from %s: %s", adapter_id, path, info.summary)
         return info
+
+
+def _seen(task: asyncio.Future) -> None:
+    """Mark a task's exception as retrieved (its caller reported it, or went away)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def confine(path: str, *, roots: tuple[Path, ...]) -> Path:

@@ -23,6 +23,7 @@ from prometheus_client import start_http_server
 from server.adapters.store import AdapterStore
 from server.api.adapters import AdapterServicer
 from server.api.auth import AuthInterceptor
+from server.api.decode import DecodeInterceptor
 from server.api.errors import ErrorInterceptor
 from server.api.gen import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 from server.api.inference import InferenceServicer
@@ -49,6 +50,7 @@ class ServerConfig:
     adapters_dir: Path | None = None  # every adapter directory in it is loaded at start, under its name
     adapter_roots: tuple[Path, ...] = ()  # where LoadAdapter may read from
     max_upload_bytes: int = 1 << 30
+    max_stored_adapters: int | None = 1024  # uploaded adapters kept in the store; None: no limit
     admin_token: str | None = None  # needed for LoadAdapter, UploadAdapter, UnloadAdapter
     client_token: str | None = None  # needed for the other quiver.v1 calls
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
@@ -63,7 +65,9 @@ class QuiverServer:
         self.config = config
         self.metrics = Metrics()
         self.state = ServingState()
-        self.store = AdapterStore(config.store_dir, max_adapter_bytes=config.max_upload_bytes)
+        self.store = AdapterStore(
+            config.store_dir, max_adapter_bytes=config.max_upload_bytes, max_adapters=config.max_stored_adapters
+        )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None  # the gRPC port, once started
         self.metrics_port: int | None = None
@@ -80,6 +84,7 @@ class QuiverServer:
             interceptors=[
                 ErrorInterceptor(),
                 AuthInterceptor(admin_token=config.admin_token, client_token=config.client_token),
+                DecodeInterceptor(),
             ],
         )
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
