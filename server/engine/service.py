@@ -123,7 +123,11 @@ class EngineService:
     ) -> RequestStream:
         """Like `submit`, for a caller in an event loop; iterate the stream with `async for`."""
         future = self._submit(prompt_token_ids, params, adapter_id, request_id, loop=asyncio.get_running_loop())
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the caller went away (a cancel, a deadline) while the submit was queued
+            future.add_done_callback(_abort_if_added)
+            raise
 
     def _submit(self, prompt, params, adapter_id, request_id, *, loop) -> Future:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -222,6 +226,8 @@ class EngineService:
                 stop = True
                 continue
             fn, future = command
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller went away before it ran
             try:
                 future.set_result(fn(self.engine))
             except Exception as e:  # typed errors go back to the caller
@@ -234,7 +240,7 @@ class EngineService:
                 command = self._commands.get(block=False)
             except queue.Empty:
                 return
-            if command is not _STOP:
+            if command is not _STOP and command[1].set_running_or_notify_cancel():
                 command[1].set_exception(FailedPrecondition("the engine has shut down"))
 
     def _abort(self, request_id: str) -> None:
@@ -258,6 +264,12 @@ class EngineService:
         for out in outputs:
             stream = self._streams[out.request_id] if not out.finished else self._streams.pop(out.request_id)
             stream._put(out)
+
+
+def _abort_if_added(future: Future) -> None:
+    """For a submit whose caller went away once it had started: abort the request it added, if it did."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().abort()
 
 
 _STOP = object()
