@@ -1,0 +1,306 @@
+"""Bounded soak: many clients streaming with adapters of all six kinds while adapters churn.
+
+A real gRPC server on 127.0.0.1 over the tiny test model (in this process, so its engine can be inspected).
+`clients` concurrent clients stream generations, each with a random adapter id (or the base model); 20% of
+them cancel mid-stream and 10% carry a short deadline. Every second one adapter is uploaded, replaced by
+another kind, or unloaded. The run ends after `seconds` or `max_requests`, whichever comes first. Then:
+
+- every request is accounted for: completed, cancelled by its client, past its deadline, or NOT_FOUND (its
+  adapter was unloaded); anything else is counted as unexpected; the server's request counter agrees, but
+  for calls whose short deadline passed before they reached the servicer;
+- no error was logged (a servicer bug, an engine step failure, an unretrieved task exception), apart from
+  gRPC core's note of a message sent as its call hit the deadline (counted apart, see _SEND_AFTER_DEADLINE);
+- the engine is idle: no request, pin or placement left, KV blocks only in adapter prefixes (tests/idle.py);
+- resident memory grew less than 10% from the end of the warm-up (the first quarter) to the end.
+
+    python benchmarks/soak.py                       # 64 clients, 60 s
+    python benchmarks/soak.py --seconds 20 --out /tmp/soak.json
+"""
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.api.gen import adapters_pb2 as apb  # noqa: E402
+from server.api.gen import adapters_pb2_grpc, inference_pb2_grpc  # noqa: E402
+from server.api.gen import inference_pb2 as pb  # noqa: E402
+from tests.adapter_zoo import ALL, save_zoo  # noqa: E402
+from tests.api.harness import RunningServer, start_server  # noqa: E402
+from tests.api.tiny_tokenizer import save_tokenizer  # noqa: E402
+from tests.idle import wait_idle  # noqa: E402
+from tests.models import save_tiny  # noqa: E402
+
+EXPECTED = {  # client-side outcome -> the server's status label for it
+    "completed": "OK", "cancelled": "CANCELLED", "deadline_exceeded": "DEADLINE_EXCEEDED", "not_found": "NOT_FOUND",
+}
+ENGINE = dict(num_kv_blocks=512, block_size=8, adapter_slots=4, max_num_seqs=64)
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    seconds: float = 60.0
+    clients: int = 64
+    max_requests: int = 20_000
+    cancel_fraction: float = 0.2
+    deadline_fraction: float = 0.1
+    churn_every: float = 1.0  # seconds between adapter uploads / replaces / unloads
+    seed: int = 0
+
+
+@dataclass
+class SoakReport:
+    config: dict
+    wall_seconds: float = 0.0
+    requests: int = 0
+    outcomes: dict = field(default_factory=dict)  # completed, cancelled, ... and unexpected:<CODE>
+    server_statuses: dict = field(default_factory=dict)  # the server's quiver_requests_total by status
+    tokens: int = 0
+    churn: dict = field(default_factory=dict)  # upload, replace, unload -> count; failed:<CODE> -> count
+    errors_logged: list = field(default_factory=list)
+    grpc_sends_after_deadline: int = 0  # see _SEND_AFTER_DEADLINE
+    leaks: list = field(default_factory=list)
+    rss_warm_mb: float = 0.0
+    rss_end_mb: float = 0.0
+    problems: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# gRPC core's own log when a stream's next message is sent just as the call ends by its deadline: the call
+# has already ended (the client sees DEADLINE_EXCEEDED); no server code raised. Counted, not failed.
+_SEND_AFTER_DEADLINE = "ExecuteBatchError raised in core by servicer method"
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[str] = []
+        self.sends_after_deadline = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.name == "grpc._cython.cygrpc" and message.startswith(_SEND_AFTER_DEADLINE):
+            self.sends_after_deadline += 1
+        else:
+            self.records.append(f"{record.name}: {message[:300]}")
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _upload_messages(adapter_id: str, directory: Path, *, replace: bool) -> list[apb.UploadAdapterRequest]:
+    messages = [apb.UploadAdapterRequest(header=apb.UploadHeader(adapter_id=adapter_id, replace=replace))]
+    for f in sorted(directory.iterdir()):
+        messages.append(apb.UploadAdapterRequest(chunk=apb.FileChunk(file_name=f.name, data=f.read_bytes())))
+    return messages
+
+
+class _Soak:
+    def __init__(self, config: SoakConfig, running: RunningServer, zoo: dict[str, Path]) -> None:
+        self.config = config
+        self.running = running
+        self.zoo = zoo
+        self.rng = random.Random(config.seed)
+        self.served: dict[str, str] = {}  # adapter id -> zoo kind, as the churn left it
+        self.ever: list[str] = []  # every id ever served: clients also ask for unloaded ones
+        self.outcomes: Counter = Counter()
+        self.churn: Counter = Counter()
+        self.tokens = 0
+        self.started = 0
+        self.next_id = 0
+        self.rss_warm = 0.0
+
+    async def run(self) -> None:
+        async with grpc.aio.insecure_channel(self.running.target) as channel:
+            self.inference = inference_pb2_grpc.InferenceServiceStub(channel)
+            self.adapters = adapters_pb2_grpc.AdapterServiceStub(channel)
+            for kind in ALL:  # two ids of every kind to start with
+                for _ in range(2):
+                    await self._upload(kind, replace_id=None)
+            self.deadline = time.monotonic() + self.config.seconds
+            warm = asyncio.ensure_future(self._warm_rss())
+            churn = asyncio.ensure_future(self._churn())
+            await asyncio.gather(*(self._client(i) for i in range(self.config.clients)))
+            churn.cancel()
+            await asyncio.gather(churn, return_exceptions=True)
+            await warm
+
+    def _more(self) -> bool:
+        return time.monotonic() < self.deadline and self.started < self.config.max_requests
+
+    async def _warm_rss(self) -> None:
+        await asyncio.sleep(self.config.seconds / 4)
+        gc.collect()
+        self.rss_warm = _rss_mb()
+
+    async def _client(self, index: int) -> None:
+        rng = random.Random(self.config.seed * 1000 + index)
+        while self._more():
+            self.started += 1
+            adapter_id = rng.choice(["", *self.ever])
+            request = pb.GenerateRequest(
+                adapter_id=adapter_id,
+                prompt=pb.Prompt(token_ids=pb.TokenIds(ids=[rng.randrange(3, 160) for _ in range(rng.randint(1, 24))])),
+                sampling=pb.SamplingParams(temperature=rng.choice([0.0, 0.8]), seed=rng.randrange(2**32)),
+                stopping=pb.StoppingCriteria(max_new_tokens=rng.randint(1, 32), ignore_eos=rng.random() < 0.5),
+            )
+            cancel_after = rng.randint(1, 4) if rng.random() < self.config.cancel_fraction else None
+            timeout = rng.uniform(0.02, 0.3) if rng.random() < self.config.deadline_fraction else 60.0
+            self.outcomes[await self._stream(request, cancel_after, timeout)] += 1
+
+    async def _stream(self, request: pb.GenerateRequest, cancel_after: int | None, timeout: float) -> str:
+        call = self.inference.GenerateStream(request, timeout=timeout)
+        received = 0
+        try:
+            async for message in call:
+                received += 1
+                self.tokens += len(message.token_ids)
+                if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                    return "completed"
+                if cancel_after is not None and received >= cancel_after:
+                    call.cancel()
+                    return "cancelled"
+        except grpc.aio.AioRpcError as e:
+            outcome = e.code().name.lower()
+            return outcome if outcome in EXPECTED else f"unexpected:{e.code().name}"
+        return "unexpected:stream ended without a finish reason"
+
+    async def _churn(self) -> None:
+        actions = ("replace", "unload", "upload")
+        turn = 0
+        while self._more():
+            await asyncio.sleep(self.config.churn_every)
+            action = actions[turn % len(actions)]
+            turn += 1
+            try:
+                if action == "unload" and len(self.served) > 3:
+                    adapter_id = self.rng.choice(sorted(self.served))
+                    await self.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=60)
+                    del self.served[adapter_id]
+                elif action == "replace" and self.served:
+                    adapter_id = self.rng.choice(sorted(self.served))
+                    await self._upload(self.rng.choice([k for k in ALL if k != self.served[adapter_id]]), replace_id=adapter_id)
+                else:
+                    action = "upload"
+                    await self._upload(self.rng.choice(ALL), replace_id=None)
+                self.churn[action] += 1
+            except grpc.aio.AioRpcError as e:
+                self.churn[f"failed:{action}:{e.code().name}"] += 1
+
+    async def _upload(self, kind: str, *, replace_id: str | None) -> None:
+        adapter_id = replace_id or f"soak-{self.next_id}"
+        if replace_id is None:
+            self.next_id += 1
+        messages = _upload_messages(adapter_id, self.zoo[kind], replace=replace_id is not None)
+        await self.adapters.UploadAdapter(iter(messages), timeout=60)
+        self.served[adapter_id] = kind
+        if adapter_id not in self.ever:
+            self.ever.append(adapter_id)
+
+
+def _server_statuses(running: RunningServer) -> Counter:
+    statuses: Counter = Counter()
+    for metric in running.server.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "quiver_requests_total":
+                statuses[sample.labels["status"]] += int(sample.value)
+    return statuses
+
+
+def run(config: SoakConfig, *, model_path: Path, zoo: dict[str, Path], work: Path) -> SoakReport:
+    """One soak over the tiny model at `model_path` (with its tokenizer) and zoo adapters; `work` holds the store."""
+    errors = _Errors()
+    logging.getLogger().addHandler(errors)
+    running = start_server(model_path, work, metrics_port=None, engine=ENGINE)
+    report = SoakReport(config=asdict(config))
+    try:
+        soak = _Soak(config, running, zoo)
+        start = time.monotonic()
+        asyncio.run(soak.run())
+        report.wall_seconds = round(time.monotonic() - start, 1)
+        report.leaks = wait_idle(running.service, timeout=30)
+        gc.collect()
+        report.rss_warm_mb, report.rss_end_mb = round(soak.rss_warm, 1), round(_rss_mb(), 1)
+        report.requests, report.tokens = soak.started, soak.tokens
+        report.outcomes, report.churn = dict(soak.outcomes), dict(soak.churn)
+        report.server_statuses = dict(_server_statuses(running))
+    finally:
+        running.stop()
+        logging.getLogger().removeHandler(errors)
+    report.errors_logged = errors.records
+    report.grpc_sends_after_deadline = errors.sends_after_deadline
+    report.problems = _problems(report)
+    return report
+
+
+def _problems(report: SoakReport) -> list[str]:
+    problems = []
+    if sum(report.outcomes.values()) != report.requests:
+        problems.append(f"{report.requests} requests started, {sum(report.outcomes.values())} accounted for")
+    unexpected = {k: v for k, v in report.outcomes.items() if k not in EXPECTED}
+    if unexpected:
+        problems.append(f"unexpected outcomes: {unexpected}")
+    unseen = report.requests - sum(report.server_statuses.values())  # a deadline can pass before the call reaches it
+    if not 0 <= unseen <= report.outcomes.get("deadline_exceeded", 0):
+        problems.append(f"the server counted {sum(report.server_statuses.values())} requests, clients {report.requests}")
+    failed = {k: v for k, v in report.churn.items() if k.startswith("failed:")}
+    if failed or not all(report.churn.get(a) for a in ("upload", "replace", "unload")):
+        problems.append(f"adapter churn: {report.churn}")
+    if report.errors_logged:
+        problems.append(f"{len(report.errors_logged)} errors logged, first: {report.errors_logged[0]}")
+    if report.leaks:
+        problems.append(f"not idle at the end: {report.leaks}")
+    if report.rss_end_mb > 1.10 * report.rss_warm_mb:
+        problems.append(f"resident memory grew from {report.rss_warm_mb} MB to {report.rss_end_mb} MB (> 10%)")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--max-requests", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "soak.json")
+    args = parser.parse_args()
+    config = SoakConfig(seconds=args.seconds, clients=args.clients, max_requests=args.max_requests, seed=args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_path = save_tiny("llama", work)
+        save_tokenizer(model_path)
+        zoo = save_zoo(model_path, work / "zoo")
+        report = run(config, model_path=model_path, zoo=zoo, work=work)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2) + "\n")
+    print(f"soak: {report.requests} requests by {config.clients} clients in {report.wall_seconds} s, {report.tokens} tokens")
+    print(f"  outcomes: {report.outcomes}")
+    print(f"  server statuses: {report.server_statuses}")
+    print(f"  adapter churn: {report.churn}")
+    print(f"  errors logged: {len(report.errors_logged)} (gRPC sends racing a deadline: "
+          f"{report.grpc_sends_after_deadline}); leaks: {report.leaks or 'none'}")
+    print(f"  RSS: {report.rss_warm_mb} MB after warm-up, {report.rss_end_mb} MB at the end")
+    print(f"  {'OK' if report.ok else 'FAILED: ' + '; '.join(report.problems)}  ({args.out})")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
