@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-import grpc
 
 from server.adapters.store import AdapterStore
 from server.api.gen import adapters_pb2 as apb
