@@ -90,7 +90,10 @@ def load_model(config: ModelConfig, *, attn_implementation: str) -> LoadedModel:
         )
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    # safetensors only: a folder with pickled `.bin` weights is refused rather than unpickled
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
+    )
     model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, device=device, dtype=dtype)
