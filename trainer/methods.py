@@ -12,9 +12,11 @@ from peft import (
     PromptTuningInit,
     get_peft_model,
 )
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from server.adapters.formats import DECODER_LAYERS
 from server.adapters.weights import ACTIVATIONS
 from server.errors import InvalidArgument
 from trainer.bottleneck import Bottlenecks
@@ -24,7 +26,7 @@ METHODS = (*ADAPTER_METHODS, "full")  # "full" is exported as a whole model
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # P-tuning prompt encoders, as PEFT names them
 # Learning rates that work for each method with AdamW at a few hundred steps (prompt kinds need large ones).
 DEFAULT_LR = {
-    "lora": 1e-3, "adapter": 1e-3, "prefix": 1e-3, "ptuning-v2": 1e-2, "prompt": 3e-2, "ptuning": 1e-3, "full": 3e-5,
+    "lora": 1e-3, "adapter": 1e-3, "prefix": 1e-3, "ptuning-v2": 3e-3, "prompt": 3e-2, "ptuning": 1e-3, "full": 3e-5,
 }
 
 
@@ -92,8 +94,31 @@ def prepare(base: PreTrainedModel, config: MethodConfig) -> Trainable:
     if config.method == "adapter":
         bottlenecks = Bottlenecks(base, size=config.bottleneck_size, non_linearity=config.non_linearity)
         return Trainable("adapter", base, bottlenecks, base_params)
+    prefix = _vocab_prefix(base, config.num_virtual_tokens) if config.method == "ptuning-v2" else None
     model: PeftModel = get_peft_model(base, _peft_config(config))
+    if prefix is not None:
+        model.prompt_encoder["default"].embedding.weight.data.copy_(prefix)
     return Trainable(config.method, model, None, base_params)
+
+
+@torch.no_grad()
+def _vocab_prefix(base: PreTrainedModel, n: int) -> torch.Tensor:
+    """A deep prefix [n, L·2·kv_dim] (PEFT's layout: layer l's keys, then its values) holding the keys and values
+    (before RoPE) that `base` computes for n random vocabulary tokens. P-tuning v2 starts from it: PEFT's default
+    N(0, 1) prefix swamps a small model's attention and the loss diverges."""
+    layers = base.config.get_text_config().num_hidden_layers
+    names = [f"{DECODER_LAYERS}.{layer}.self_attn.{proj}" for layer in range(layers) for proj in ("k_proj", "v_proj")]
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        base.get_submodule(name).register_forward_hook(lambda _m, _i, y, name=name: outputs.__setitem__(name, y[0]))
+        for name in names
+    ]
+    try:
+        base(input_ids=torch.randint(0, base.config.get_text_config().vocab_size, (1, n)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([outputs[name] for name in names], dim=-1)
 
 
 def _peft_config(config: MethodConfig):

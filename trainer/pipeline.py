@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from server.adapters.formats import load_adapter
 from trainer.base import load_base
 from trainer.data import Example
@@ -31,6 +33,7 @@ def train_and_export(
 ) -> Trained:
     base, tokenizer = load_base(model_path)
     data = [encode(tokenizer, e, max_length=max_length) for e in examples]
+    torch.manual_seed(config.seed)  # the methods' initialisations
     trainable = prepare(base, method)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result = train(trainable, data, config, pad_id=pad_id, progress=progress)
