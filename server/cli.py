@@ -82,7 +82,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="quiver", description="Serve many task adapters over one frozen base model.", formatter_class=fmt)
+    parser = argparse.ArgumentParser(prog="quiver", description="Serve many task adapters over one frozen base model.",
+                                     epilog="quiver train / quiver eval: train adapters and score them (see quiver train --help).", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the gRPC server", formatter_class=fmt)
     _add_model_flags(serve_p)
@@ -192,6 +193,11 @@ def _client_command(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["train"], ["eval"]):  # the trainer's commands; the server itself never imports it
+        from trainer.cli import main as trainer_main
+
+        return trainer_main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
