@@ -5,7 +5,7 @@ import torch
 
 from server.engine.request import SamplingParams
 from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
-from tests.models import engine_for, save_tiny
+from tests.models import eager, engine_for, save_tiny
 from tests.test_engine_tiny import RecordingSampler
 
 NEW_TOKENS = 6
@@ -45,7 +45,7 @@ def test_mixed_batch_of_all_kinds_matches_each_reference_alone(setup):
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids
         step += 1
-    base = reference_model_base(model_path)
+    base = eager(model_path)
     for i, name in enumerate(names):
         ref = reference_model(model_path, name, dirs[name]) if name else base
         want_tokens, want_logits = greedy_reference(ref, prompts[i], NEW_TOKENS)
@@ -54,12 +54,6 @@ def test_mixed_batch_of_all_kinds_matches_each_reference_alone(setup):
         assert tokens[str(i)] == want_tokens, name
         torch.testing.assert_close(torch.stack(recorder.logits[str(i)]), want_logits, rtol=0, atol=1e-4, msg=name)
     assert engine.blocks.num_used == sum(len(v.blocks) for v in engine.adapters.current.values())
-
-
-def reference_model_base(model_path):
-    from tests.models import eager
-
-    return eager(model_path)
 
 
 def test_triton_backend_serves_every_kind(setup):
@@ -76,7 +70,7 @@ def test_triton_backend_serves_every_kind(setup):
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
     for i, name in enumerate(names):
-        ref = reference_model(model_path, name, dirs[name]) if name else reference_model_base(model_path)
+        ref = reference_model(model_path, name, dirs[name]) if name else eager(model_path)
         assert tokens[str(i)] == greedy_reference(ref, prompts[i], 2)[0], name
 
 

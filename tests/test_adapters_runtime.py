@@ -6,7 +6,7 @@ import torch
 from server.engine.request import SamplingParams
 from server.errors import AlreadyExists, InvalidArgument, NotFound
 from tests.adapter_zoo import greedy_reference, reference_model, save_zoo
-from tests.models import engine_for, save_tiny
+from tests.models import eager, engine_for, save_tiny
 
 NEW = 5
 
@@ -64,7 +64,7 @@ def test_replace_unload_and_load_while_32_requests_run(setup):
     references = {}
     for rid, name in expected_dir.items():
         if name not in references:
-            references[name] = reference_model(model_path, name, dirs[name]) if name else engine_base(model_path)
+            references[name] = reference_model(model_path, name, dirs[name]) if name else eager(model_path)
         want, _ = greedy_reference(references[name], prompts[int(rid)], NEW)
         assert tokens[rid] == want, (rid, name)
 
@@ -76,15 +76,9 @@ def test_replace_unload_and_load_while_32_requests_run(setup):
     assert registry.host_bytes == 0 and not registry.current
 
 
-def engine_base(model_path):
-    from tests.models import eager
-
-    return eager(model_path)
-
-
 def test_refusals_leave_nothing_behind(setup):
     model_path, dirs = setup
-    engine = _engine(model_path, )
+    engine = _engine(model_path)
     _load(engine, "a", dirs["lora"])
     before = (dict(engine.adapters.current), engine.adapters.host_bytes, engine.blocks.num_used)
     with pytest.raises(AlreadyExists, match="already loaded"):
