@@ -110,3 +110,26 @@ def test_more_adapters_than_slots_are_evicted_and_reloaded_from_disk(setup):
             assert out == greedy_reference(reference_model(model_path, name, dirs[name]), prompt, NEW)[0]
     assert engine.adapters.num_evictions >= 4
     assert engine.adapters.host_bytes == 0
+
+
+def test_idle_prefix_adapters_give_their_blocks_back_when_requests_need_them(setup):
+    model_path, dirs = setup
+    engine = engine_for(model_path, num_kv_blocks=16, block_size=4, max_num_batched_tokens=64, adapter_slots=0)
+    prefix_kinds = ["prefix", "ptuning-v2", "prompt", "ptuning"]
+    for name in prefix_kinds:
+        _load(engine, name, dirs[name])
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    for name in prefix_kinds:  # each leaves its shared prefix on the device when its request is done
+        engine.add_request(name, [5, 6], params, adapter_id=name)
+        while engine.has_work():
+            engine.step()
+    assert engine.blocks.num_used == 10  # 2 + 3 + 2 + 3 blocks of idle prefixes
+    engine.add_request("big", list(range(3, 33)), SamplingParams(max_new_tokens=10, ignore_eos=True))
+    out = []
+    for _ in range(50):  # bounded: without reclaiming, the request would wait forever
+        for o in engine.step():
+            out += o.new_token_ids
+        if not engine.has_work():
+            break
+    assert len(out) == 10 and engine.adapters.num_evictions >= 1
+    assert out == greedy_reference(eager(model_path), list(range(3, 33)), 10)[0]

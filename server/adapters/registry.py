@@ -197,10 +197,15 @@ class AdapterRegistry:
         self._on_device[version] = None
         return True
 
-    def _evict_one(self, *, slots_only: bool = False) -> bool:
+    def reclaim_blocks(self) -> bool:
+        """Free the KV blocks of the least recently used prefix or prompt adapter no running request holds."""
+        return self._evict_one(blocks_only=True)
+
+    def _evict_one(self, *, slots_only: bool = False, blocks_only: bool = False) -> bool:
         """Take the least recently used adapter that no running request holds off the device."""
         for version in self._on_device:
-            if version.placements == 0 and (not slots_only or version.ref.slot >= 0):
+            uses_slot = version.ref.slot >= 0
+            if version.placements == 0 and not (slots_only and not uses_slot) and not (blocks_only and uses_slot):
                 self._evict_from_device(version)
                 self.num_evictions += 1
                 return True

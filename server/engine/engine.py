@@ -61,7 +61,7 @@ class Engine:
         )
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            place=self._place, unplace=self._unplace,
+            place=self._place, unplace=self._unplace, reclaim=self.adapters.reclaim_blocks,
         )
         self._versions: dict[str, AdapterVersion] = {}  # request id -> the adapter version it pinned
         self.requests: dict[str, Request] = {}

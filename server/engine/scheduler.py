@@ -34,9 +34,15 @@ def _nothing(request: Request) -> None:
     return None
 
 
+def _never() -> bool:
+    return False
+
+
 class Scheduler:
     """`place(request)` is asked before a request starts (or restarts) running, to put its adapter on the
-    device; it may say no (no room now). `unplace(request)` is called when it stops running."""
+    device; it may say no (no room now). `unplace(request)` is called when it stops running. `reclaim()` is
+    asked to free KV blocks held by idle adapters (their shared prefixes) before anything is preempted or
+    left waiting for lack of blocks; it says whether it freed any."""
 
     def __init__(
         self,
@@ -46,10 +52,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         place: Callable[[Request], bool] = _always,
         unplace: Callable[[Request], None] = _nothing,
+        reclaim: Callable[[], bool] = _never,
     ) -> None:
         self.blocks = blocks
         self.place = place
         self.unplace = unplace
+        self.reclaim = reclaim
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -71,6 +79,8 @@ class Scheduler:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.blocks.grow(request.block_table, request.prefix_len + request.num_computed_tokens + n):
+                if self.reclaim():
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is request:
@@ -86,12 +96,7 @@ class Scheduler:
             n = min(request.num_tokens, budget)
             if not self.place(request):
                 break
-            if not self._link_prefix(request):
-                self.unplace(request)
-                break
-            if not self.blocks.grow(request.block_table, request.prefix_len + n):
-                self.pending_copies = [c for c in self.pending_copies if c[1] not in request.block_table]
-                self.blocks.release(request.block_table)
+            if not self._take_blocks(request, n):
                 self.unplace(request)
                 break
             self.waiting.popleft()
@@ -100,6 +105,17 @@ class Scheduler:
             chunks.append(ScheduledChunk(request, n))
             budget -= n
         return chunks
+
+    def _take_blocks(self, request: Request, n: int) -> bool:
+        """Give a request about to start its prefix and room for its first n tokens; all or nothing."""
+        while True:
+            if self._link_prefix(request):
+                if self.blocks.grow(request.block_table, request.prefix_len + n):
+                    return True
+                self.pending_copies = [c for c in self.pending_copies if c[1] not in request.block_table]
+                self.blocks.release(request.block_table)
+            if not self.reclaim():
+                return False
 
     def _link_prefix(self, request: Request) -> bool:
         """Put the request's adapter prefix (if any) at the head of its block table."""
