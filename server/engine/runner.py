@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kernels import KernelOps
+from server.adapters.formats import BOTTLENECK_SITES
 from server.adapters.weights import BottleneckWeights, LoraWeights
 from server.engine.request import Request
 from server.engine.sampler import Sampler
@@ -52,6 +53,7 @@ class ModelRunner:
             self.adapter_layers = install_adapter_layers(
                 model, context=self.context, ops=ops, num_slots=adapter_slots, max_rank=max_lora_rank,
                 bottleneck_size=max_bottleneck_size,
+                bottleneck_sites=frozenset(BOTTLENECK_SITES.values()),
             )
 
     @torch.inference_mode()

@@ -116,11 +116,9 @@ class AdapterLinear(nn.Module):
         return torch.tensor([a == act for a in self.bn_activation], device=self.bn_sizes.device)
 
 
-BOTTLENECK_SITES = ("self_attn.o_proj", "mlp.down_proj")  # Houlsby: after attention and after the MLP
-
-
 def install_adapter_layers(
-    model: nn.Module, *, context: StepContext, ops: KernelOps, num_slots: int, max_rank: int, bottleneck_size: int
+    model: nn.Module, *, context: StepContext, ops: KernelOps, num_slots: int, max_rank: int, bottleneck_size: int,
+    bottleneck_sites: frozenset[str],  # leaf names inside a block that take bottlenecks, e.g. "mlp.down_proj"
 ) -> dict[str, AdapterLinear]:
     """Wrap every `nn.Linear` of the decoder layers in place; returns the wrappers by full module name,
     e.g. "model.layers.3.self_attn.q_proj"."""
@@ -135,7 +133,7 @@ def install_adapter_layers(
             parent = block.get_submodule(parent_name) if parent_name else block
             layer = AdapterLinear(
                 module, context=context, ops=ops, num_slots=num_slots, max_rank=max_rank,
-                bottleneck_size=bottleneck_size if name in BOTTLENECK_SITES else 0,
+                bottleneck_size=bottleneck_size if name in bottleneck_sites else 0,
             )
             setattr(parent, attr, layer)
             wrapped[f"{prefix}.{i}.{name}"] = layer
