@@ -30,3 +30,16 @@ def chat_prompts(tokenizer, n: int, *, seed: int = 0, max_tweets: int = 6) -> li
         )
         prompts.append(list(ids))
     return prompts
+
+
+def chatterbot_requests(tokenizer, n: int, *, seed: int = 0, max_output: int = 128) -> list[tuple[str, int]]:
+    """n (question, output length) pairs drawn with replacement from the chatterbot-corpus question/answer
+    pairs: the question is sent as the user message, and the request generates as many tokens as the
+    corpus answer has (clipped to 2..max_output), so output lengths follow the corpus's distribution."""
+    from trainer.recipes import chatterbot_qa  # reads the English corpus files (needs pyyaml)
+
+    task = chatterbot_qa(seed=seed)
+    pairs = task.train + task.heldout
+    rng = random.Random(seed)
+    chosen = [pairs[rng.randrange(len(pairs))] for _ in range(n)]
+    return [(e.prompt, min(max_output, max(2, len(tokenizer(e.completion)["input_ids"])))) for e in chosen]
