@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: the GPU tests, then the kernel benchmark; everything lands under $OUT.
+# One call on the GPU machine: the GPU tests, the offline throughput benchmark on a random ~1.1B Llama (bf16)
+# with up to 2,048 LoRA adapters against PEFT and merge-and-swap, then the kernel benchmark. Everything lands
+# under $OUT (progress lines as they come, so a timeout still returns what finished).
 # Run from the repo root: `bash benchmarks/gpu_check.sh`. Needs no network and installs nothing.
 set -uo pipefail
 OUT="${OUT:-benchmarks/out}"
@@ -7,15 +9,22 @@ mkdir -p "$OUT"
 export PYTHONPATH=.
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } > "$OUT/machine.txt" 2>&1
-timeout 300 python3 -m pytest -m gpu tests/kernels tests/test_engine_gpu.py -q -rs -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+timeout 120 python3 -m pytest -m gpu tests/kernels tests/test_engine_gpu.py -q -rs -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 tests_rc=$?
-timeout 240 python3 benchmarks/kernels.py --no-quick --out "$OUT/kernels.json" > "$OUT/bench.log" 2>&1
+timeout 200 python3 benchmarks/offline.py --random-llama --requests 256 --new-tokens 64 \
+  --adapters 0,1,64,512,2048 --laws uniform,zipf --slots 128 --max-num-seqs 128 --max-num-batched-tokens 4096 \
+  --kv-cache-gib 24 --host-cache-mib 65536 --baseline-requests 64 --check-sample 4 \
+  --out "$OUT/offline_gpu.json" > "$OUT/offline.log" 2>&1
+offline_rc=$?
+timeout 90 python3 benchmarks/kernels.py --no-quick --out "$OUT/kernels.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cat "$OUT/machine.txt"
 echo "--- pytest -m gpu (rc=$tests_rc): $(tail -n 1 "$OUT/pytest_gpu.log")"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.log" | head -20
-echo "--- benchmark (rc=$bench_rc)"
-tail -n 40 "$OUT/bench.log"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+echo "--- offline, random 1.1B Llama (rc=$offline_rc)"
+grep -vE "Warning|warn|Loading" "$OUT/offline.log" | tail -n 22
+echo "--- kernel benchmark (rc=$bench_rc)"
+tail -n 30 "$OUT/bench.log"
+exit $(( tests_rc != 0 || offline_rc != 0 || bench_rc != 0 ))

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import data, machine  # noqa: E402
+from benchmarks.baselines import timed_static  # noqa: E402
 from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
@@ -42,24 +43,6 @@ def timed_engine(service: EngineService, prompts, new_tokens, adapter_ids=None) 
     start = time.perf_counter()
     completions = service.generate(prompts, params, adapter_ids=adapter_ids)
     return [c.token_ids for c in completions], time.perf_counter() - start
-
-
-def timed_static(model, prompts, new_tokens, batch_size, pad, adapter_ids=None) -> tuple[list[list[int]], float]:
-    """transformers/PEFT generate() over static batches with left padding."""
-    model.generation_config.eos_token_id = None  # exactly new_tokens per request, like ignore_eos
-    outputs: list[list[int]] = []
-    start = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i : i + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        extra = {"adapter_names": adapter_ids[i : i + batch_size]} if adapter_ids else {}
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=pad, **extra)
-        outputs += [row[width:].tolist() for row in out]
-    return outputs, time.perf_counter() - start
 
 
 def same(a: list[list[int]], b: list[list[int]]) -> int:

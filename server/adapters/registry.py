@@ -82,7 +82,8 @@ class AdapterRegistry:
         self._free_slots = list(range(device.num_adapter_slots))
         self._on_device: OrderedDict[AdapterVersion, None] = OrderedDict()  # LRU order, oldest first
         self._on_host: OrderedDict[AdapterVersion, None] = OrderedDict()
-        self.num_evictions = 0
+        self.num_evictions = 0  # adapters taken off the device to make room
+        self.num_reads = 0  # adapters read again from their source after the host cache dropped them
 
     # ---- ids ----------------------------------------------------------------------------------------
 
@@ -227,6 +228,7 @@ class AdapterRegistry:
         if version.weights is None:
             assert version.source is not None, "a version without a source is never dropped from host memory"
             version.weights = self.read(version.source)
+            self.num_reads += 1
             self._on_host[version] = None
             self._trim_host(keep=version)
         self._on_host.move_to_end(version)

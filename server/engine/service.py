@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from server.adapters.weights import AdapterWeights
 from server.engine.engine import Engine, EngineStats
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
 from server.errors import FailedPrecondition, NotFound
@@ -165,8 +166,14 @@ class EngineService:
     def load_adapter(self, adapter_id: str, path: Path, *, replace: bool = False) -> AdapterInfo:
         """Read and validate the adapter directory here (off the engine thread), then serve it as `adapter_id`.
         Raises InvalidArgument for a bad directory, AlreadyExists unless `replace`."""
-        weights = self.engine.read_adapter(path)
-        return self._call(lambda engine: self._info(engine.register_adapter(adapter_id, weights, source=path, replace=replace))).result()
+        return self.register_adapter(adapter_id, self.engine.read_adapter(path), source=path, replace=replace)
+
+    def register_adapter(
+        self, adapter_id: str, weights: AdapterWeights, *, source: Path | None = None, replace: bool = False
+    ) -> AdapterInfo:
+        """Serve weights already parsed (e.g. made in memory). Without a `source` they stay in host memory
+        for as long as they are served, whatever the host cache's budget. Raises AlreadyExists unless `replace`."""
+        return self._call(lambda engine: self._info(engine.register_adapter(adapter_id, weights, source=source, replace=replace))).result()
 
     def unload_adapter(self, adapter_id: str) -> None:
         """New requests for it fail with NotFound; running ones finish. Raises NotFound for an unknown id."""
