@@ -37,15 +37,17 @@ class Record:
     tpot: float | None = None  # first -> last output token over (tokens - 1), seconds
     e2e: float | None = None  # sent -> last message, seconds
     max_gap: float | None = None  # the longest wait between two messages that carried tokens, seconds
+    token_times: list[float] | None = None  # with keep_times: when each token-carrying message came, after the start
 
 
 async def stream_one(stub: inference_pb2_grpc.InferenceServiceStub, item: dict, *, start: float,
-                     timeout: float) -> Record:
-    """Send one workload item now and follow its stream to the end."""
+                     timeout: float, keep_times: bool = False) -> Record:
+    """Send one workload item now and follow its stream to the end (`start`: the run's perf_counter origin)."""
     request = QuiverClient.request(chat=item["chat"], adapter_id=item["adapter_id"],
                                    max_new_tokens=item["max_new_tokens"], ignore_eos=True)
     sent = time.perf_counter()
-    record = Record(item["adapter_id"], at=item.get("at", 0.0), sent=sent - start, status="OK")
+    record = Record(item["adapter_id"], at=item.get("at", 0.0), sent=sent - start, status="OK",
+                    token_times=[] if keep_times else None)
     first = last = None
     try:
         async for message in stub.GenerateStream(request, timeout=timeout):
@@ -57,6 +59,8 @@ async def stream_one(stub: inference_pb2_grpc.InferenceServiceStub, item: dict, 
                     record.max_gap = max(record.max_gap or 0.0, now - last)
                 last = now
                 record.tokens += len(message.token_ids)
+                if keep_times:
+                    record.token_times.append(now - start)
             if message.HasField("usage"):
                 record.prompt_tokens = message.usage.prompt_tokens
     except grpc.aio.AioRpcError as e:
