@@ -65,3 +65,24 @@ def kind_set(model_path: Path, root: Path, per_kind: int, *, seed: int = 0) -> d
         save_bottleneck(path, weights=BottleneckWeights(sites=sites, non_linearity="relu", scaling=1.0))
         sets["bottleneck"][f"bottleneck{i}"] = path
     return sets
+
+
+def lora_variants(model_path: Path, root: Path, configs: dict[str, tuple[int, list[str] | str]], *,
+                  seed: int = 0) -> dict[str, Path]:
+    """One LoRA adapter per entry of `configs` ({name: (rank, target_modules)}, e.g. ("all-linear" or
+    ["q_proj", "v_proj"])), alpha = 2·rank, B ~ N(0, 0.02), saved to root/peft/<name>: {name: dir}."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = None
+    for name, (rank, targets) in configs.items():
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM")
+        if model is None:
+            model = get_peft_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.normal_(0, 0.02)
+    model.save_pretrained(root / "peft")
+    return {name: root / "peft" / name for name in configs}
