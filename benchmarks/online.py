@@ -7,8 +7,9 @@ requests with exponential inter-arrival times for `--seconds`, each to an adapte
 first, then one of its adapters); prompts are chatterbot-corpus questions sent as chat messages, and each
 request generates as many tokens as the corpus answer has (EOS ignored). Reported per rate: p50/p90/p99
 of time to first token (TTFT), time per output token after the first (TPOT) and end-to-end latency, as the
-client measures them; and the highest rate measured at which p99 TPOT stays within `--tpot-bound-ms`.
-Rates go up in order and stop after the first one over the bound (`--all-rates` runs every one).
+client measures them; and the highest rate at which p99 TPOT stays within `--tpot-bound-ms` (every
+request completed): the last rate before the first one over the bound. Rates go up in order and stop
+after `--stop-after` rates in a row over the bound (0: run every rate).
 
     python benchmarks/online.py --quick     # 3 rates x 25 s, one adapter per kind: about 2-3 minutes
     python benchmarks/online.py             # 6 rates x 60 s, three adapters per kind
@@ -91,6 +92,16 @@ def within_bound(row: dict, bound_ms: float) -> bool:
     return row["statuses"].get("OK", 0) == row["requests"] and row["tpot"]["p99"] is not None and row["tpot"]["p99"] <= bound_ms
 
 
+def max_rate_within(rows: list[dict], bound_ms: float) -> float | None:
+    """The last rate before the first one over the bound (None if the lowest is over it)."""
+    best = None
+    for row in rows:
+        if not within_bound(row, bound_ms):
+            break
+        best = row["rate"]
+    return best
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -128,7 +139,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0, help="arrivals last this long at each rate")
     p.add_argument("--per-kind", type=int, default=3, help="adapters of each kind")
     p.add_argument("--tpot-bound-ms", type=float, default=250.0, help="the p99 TPOT a rate must stay within")
-    p.add_argument("--all-rates", action="store_true", help="go on after the first rate over the bound")
+    p.add_argument("--stop-after", type=int, default=2, help="stop after this many rates in a row over the bound; 0: never")
     p.add_argument("--max-output", type=int, default=128, help="longest output, tokens (corpus answers are clipped)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of each request, seconds")
     p.add_argument("--seed", type=int, default=0)
@@ -156,6 +167,7 @@ def main() -> None:
             result["adapters"] = ids
             warm = [{"at": 0.0, "chat": "Hello!", "max_new_tokens": 4, "adapter_id": a} for kind in KINDS for a in ids[kind]]
             run_loadgen(server.target, warm, tmp, "warmup", timeout=args.timeout)
+            over = 0  # rates over the bound in a row
             for i, rate in enumerate(args.rates):
                 requests = workload(tokenizer, rate=rate, seconds=args.seconds, adapters=ids,
                                     seed=args.seed + i, max_output=args.max_output)
@@ -164,10 +176,10 @@ def main() -> None:
                 result["rates"].append(row)
                 print(f"rate {rate:g}/s: {row['requests']} requests {row['statuses']}, p99 TPOT {_ms(row['tpot']['p99'])} ms, "
                       f"p99 TTFT {_ms(row['ttft']['p99'])} ms", flush=True)
-                if not within_bound(row, args.tpot_bound_ms) and not args.all_rates:
+                over = 0 if within_bound(row, args.tpot_bound_ms) else over + 1
+                if over == args.stop_after:
                     break
-    within = [r["rate"] for r in result["rates"] if within_bound(r, args.tpot_bound_ms)]
-    result["max_rate_within_bound"] = max(within) if within else None
+    result["max_rate_within_bound"] = max_rate_within(result["rates"], args.tpot_bound_ms)
     result["machine"] = machine.describe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -178,7 +190,7 @@ def main() -> None:
         cells = ["/".join(_ms(r[m][q]) for q in ("p50", "p90", "p99")) for m in METRICS]
         print(f"{r['rate']:>7g}{r['requests']:>6}{r['output_tok_s']:>7.1f}  {cells[0]:>22}  {cells[1]:>22}  {cells[2]:>24}")
     best = result["max_rate_within_bound"]
-    print(f"highest rate measured with p99 TPOT <= {args.tpot_bound_ms:.0f} ms: {best if best is not None else 'none'} req/s"
+    print(f"highest rate with p99 TPOT <= {args.tpot_bound_ms:.0f} ms: {best if best is not None else 'none'} req/s"
           f"  -> {args.out}, {args.out.with_suffix('.png')}")
     print(f"command: {command}")
 
