@@ -2,7 +2,8 @@
 
 The modules are generated, not committed, so that they always match the protobuf runtime installed next
 to the grpcio-tools that made them. protoc writes `from quiver.v1 import x_pb2`; those imports are
-rewritten to `from server.api.gen import x_pb2`, where the modules live.
+rewritten to `from server.api.gen import x_pb2`, where the modules live, and so is the module name the
+message classes record (`__module__`), so that messages can be pickled (Ray Serve's proxy pickles them).
 
     python protos/generate.py
 """
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE_DIR = ROOT / "quiver" / "v1"
 OUT = ROOT.parent / "server" / "api" / "gen"
 _IMPORT = re.compile(r"^from quiver\.v1 import ", re.MULTILINE)
+_MODULE = re.compile(r"'quiver\.v1\.(\w+_pb2)'")
 
 
 def generate() -> list[Path]:
@@ -33,7 +35,7 @@ def generate() -> list[Path]:
             raise SystemExit("protoc failed (see above)")
         written = []
         for made in sorted((Path(tmp) / "quiver" / "v1").iterdir()):
-            text = _IMPORT.sub("from server.api.gen import ", made.read_text())
+            text = _MODULE.sub(r"'server.api.gen.\1'", _IMPORT.sub("from server.api.gen import ", made.read_text()))
             target = OUT / made.name
             tmp_target = target.with_suffix(target.suffix + ".tmp")
             tmp_target.write_text(text)

@@ -4,6 +4,7 @@
     quiver generate "Hi!" [--adapter ID]       stream a reply to the terminal
     quiver adapters list | load ID PATH | upload ID DIR | unload ID
     quiver info                                what the server runs
+    quiver deploy ray --store-dir DIR          many replicas behind Ray Serve's gRPC proxy (pip install -e .[ray])
 """
 
 import argparse
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from deploy.routing import AdapterRoutingInterceptor
 from server.api.gen import adapters_pb2
 from server.client import QuiverClient
 from server.errors import QuiverError
@@ -107,7 +109,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--replace", action="store_true", help="replace an adapter already served under this id")
     for p in (gen, info, *actions.choices.values()):
         _add_client_flags(p)
+    deploy = sub.add_parser("deploy", help="run replicas on a cluster", formatter_class=fmt)
+    targets = deploy.add_subparsers(dest="target", required=True)
+    ray_p = targets.add_parser("ray", help="Ray Serve: one replica per GPU, requests routed by adapter id (see README)",
+                               formatter_class=fmt)
+    _add_model_flags(ray_p)
+    _add_ray_flags(ray_p)
     return parser
+
+
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ray serve")
+    g.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: start a local one")
+    g.add_argument("--store-dir", type=Path, required=True, help="the shared adapter store: a directory every node mounts at this path")
+    g.add_argument("--grpc-port", type=int, default=9000, help="port of Serve's gRPC proxy (it listens on every interface)")
+    g.add_argument("--http-port", type=int, default=8000, help="port of Serve's HTTP proxy (127.0.0.1; quiver.v1 is gRPC only)")
+    g.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"], help="where Serve runs its proxies")
+    g.add_argument("--num-replicas", type=int, default=1, help="replicas (ignored with --max-replicas)")
+    g.add_argument("--min-replicas", type=int, default=1, help="autoscaling: fewest replicas")
+    g.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas (enables autoscaling)")
+    g.add_argument("--target-ongoing-requests", type=float, default=32, help="autoscaling: requests per replica to aim for")
+    g.add_argument("--max-ongoing-requests", type=int, default=128, help="requests a replica takes at once; beyond, they wait or spill to another replica")
+    g.add_argument("--num-gpus", type=float, default=1.0, help="GPUs per replica")
+    g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    g.add_argument("--max-adapter-bytes", type=int, default=64 << 20,
+                   help="largest adapter accepted; each replica keeps host-cache-bytes / this many adapters loaded (LRU)")
+    g.add_argument("--max-stored-adapters", type=int, default=1024, help="adapters the shared store keeps")
+    g.add_argument("--adapter-root", type=Path, action="append", default=[], help="a directory LoadAdapter may copy from; repeatable")
+    g.add_argument("--admin-token-file", type=Path, default=None, help="file holding the bearer token needed to load, upload and unload adapters")
+    g.add_argument("--client-token-file", type=Path, default=None, help="file holding the bearer token needed to generate")
 
 
 def _serve(args) -> None:
@@ -145,6 +175,50 @@ def _serve(args) -> None:
     asyncio.run(serve(config, load=load))
 
 
+def _deploy_ray(args) -> None:
+    # Ray and the server side are imported here only: `pip install -e .[ray]` is optional.
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from deploy.ray_serve import RayDeployConfig, start
+    from server.config import EngineConfig, ModelConfig, default_cache_dir
+
+    autoscaling = None
+    if args.max_replicas is not None:
+        autoscaling = {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+                       "target_ongoing_requests": args.target_ongoing_requests}
+    config = RayDeployConfig(
+        store_dir=args.store_dir.resolve(),
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir or default_cache_dir()),
+        engine=EngineConfig(
+            block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            max_queue_len=args.max_queue_len, kernel_backend=args.kernel_backend, adapter_slots=args.adapter_slots,
+            max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size,
+            host_cache_bytes=args.host_cache_bytes,
+        ),
+        max_adapter_bytes=args.max_adapter_bytes,
+        max_stored_adapters=args.max_stored_adapters, adapter_roots=tuple(r.resolve() for r in args.adapter_root),
+        admin_token=_read_token(args.admin_token_file), client_token=_read_token(args.client_token_file),
+        num_replicas=args.num_replicas, autoscaling=autoscaling, max_ongoing_requests=args.max_ongoing_requests,
+        num_gpus=args.num_gpus, num_cpus=args.num_cpus,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(address=args.address)
+    try:
+        start(config, grpc_port=args.grpc_port, http_port=args.http_port, proxy_location=args.proxy_location)
+        logging.getLogger(__name__).info("serving quiver.v1 through Ray Serve on port %d; Ctrl-C stops", args.grpc_port)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def _read_token(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -175,7 +249,8 @@ def _print_adapter(adapter: adapters_pb2.Adapter) -> None:
 
 
 def _client_command(args) -> None:
-    with QuiverClient(args.server, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout) as client:
+    with QuiverClient(args.server, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout,
+                      interceptors=(AdapterRoutingInterceptor(),)) as client:
         if args.command == "generate":
             _generate(client, args)
         elif args.command == "info":
@@ -203,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             _serve(args)
+        elif args.command == "deploy":
+            _deploy_ray(args)
         else:
             _client_command(args)
     except QuiverError as e:

@@ -16,13 +16,18 @@ CHUNK_BYTES = 1 << 20  # upload chunk size, well under gRPC's 4 MiB message limi
 
 
 class QuiverClient:
-    def __init__(self, target: str, *, token: str | None = None, tls_ca: Path | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self, target: str, *, token: str | None = None, tls_ca: Path | None = None, timeout: float | None = None,
+        interceptors: tuple[grpc.UnaryUnaryClientInterceptor, ...] = (),
+    ) -> None:
         """`target` is host:port; `token` is sent as a bearer token; with `tls_ca` (a PEM file of the
-        certificates to trust) the connection uses TLS; `timeout` is each call's deadline in seconds."""
+        certificates to trust) the connection uses TLS; `timeout` is each call's deadline in seconds;
+        `interceptors` wrap the channel (e.g. deploy.routing's, for a Ray Serve deployment)."""
         if tls_ca is not None:
             self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes()))
         else:
             self._channel = grpc.insecure_channel(target)
+        self._channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
         self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel)

@@ -98,14 +98,19 @@ class StagedAdapter:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, *, max_adapter_bytes: int, max_files: int = 16, max_adapters: int | None = None) -> None:
-        """`max_adapters`: the most adapters the store holds (None: no limit); uploads of new ids beyond it are refused."""
+    def __init__(
+        self, root: Path, *, max_adapter_bytes: int, max_files: int = 16, max_adapters: int | None = None, recover: bool = True,
+    ) -> None:
+        """`max_adapters`: the most adapters the store holds (None: no limit); uploads of new ids beyond it are refused.
+        `recover=False` skips the clean-up at open, for a store that other live servers share (Ray replicas):
+        their uploads and replaces in progress are not leftovers."""
         self.root = Path(root)
         self.max_adapter_bytes = max_adapter_bytes
         self.max_files = max_files
         self.max_adapters = max_adapters
         (self.root / _STAGING).mkdir(parents=True, exist_ok=True)
-        self._recover()
+        if recover:
+            self._recover()
 
     def ids(self) -> list[str]:
         """The stored adapters, sorted."""

@@ -55,6 +55,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         return wrap_handler(handler, around=checked)
 
+    def authorize(self, method: str, metadata) -> None:
+        """Check one call outside a gRPC server (e.g. behind Ray Serve's proxy); raises as the interceptor does."""
+        self._check(role_for(method), metadata)
+
     def _check(self, role: Role, metadata) -> None:
         if role is Role.OPEN:
             return

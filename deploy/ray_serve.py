@@ -1,0 +1,356 @@
+"""Scale out through Ray Serve: one Quiver engine per replica (one replica per GPU), the same quiver.v1 gRPC
+service through Serve's gRPC proxy, each request routed to a replica that already holds its adapter.
+
+    client ──► Serve gRPC proxy ──(multiplexed_model_id = adapter id)──► replica k: QuiverReplica
+                                                                          engine + Residency
+                                                    shared adapter store (a directory all replicas see)
+
+- Routing: the adapter id is Serve's multiplexed model id. Clients send it as `multiplexed_model_id`
+  metadata (`deploy.routing.AdapterRoutingInterceptor`; the `quiver` CLI always does). Serve prefers a
+  replica that holds the adapter; when those are all busy (`max_ongoing_requests`), the request spills to
+  another replica, which loads the adapter from the store.
+- Residency: Serve's per-replica LRU of adapters decides what each engine keeps registered
+  (`deploy.residency`). Its size is tied to the engine's host cache: `host_cache_bytes // max_adapter_bytes`
+  adapters, so an adapter Serve keeps on a replica is never re-read from disk.
+- Adapters: uploads (and loads of a directory under an adapter root) are written to the shared store, not
+  to one replica; any replica loads an id from the store on its first request for it. A replaced adapter is
+  loaded again by each replica at its next request; a deleted one is unloaded there and is NOT_FOUND.
+- Everything a plain `quiver serve` answers is answered the same way: same messages, same status codes,
+  same bearer tokens. Each response carries `quiver-replica` and `quiver-node` trailing metadata.
+
+Start it with `quiver deploy ray` (see `start`). Ray is an optional dependency: `pip install -e .[ray]`.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+import ray
+from ray import serve
+from ray.serve.config import gRPCOptions
+
+from deploy.residency import Residency
+from server.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
+from server.api.adapters import confine
+from server.api.auth import AuthInterceptor
+from server.api.convert import adapter_message
+from server.api.errors import status_code
+from server.api.gen import adapters_pb2, inference_pb2
+from server.api.inference import InferenceServicer, server_info
+from server.api.state import ServingState
+from server.config import EngineConfig, ModelConfig
+from server.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+SERVICER_FUNCTIONS = [
+    "server.api.gen.inference_pb2_grpc.add_InferenceServiceServicer_to_server",
+    "server.api.gen.adapters_pb2_grpc.add_AdapterServiceServicer_to_server",
+]
+DEPLOYMENT_NAME = "Quiver"
+
+
+@dataclass(frozen=True)
+class RayDeployConfig:
+    store_dir: Path  # the shared adapter store: on storage every node mounts at this path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # each replica's; its host cache sizes Serve's cache
+    max_adapter_bytes: int = 64 << 20  # largest adapter accepted (weights, and upload size)
+    max_stored_adapters: int | None = 1024  # adapters the shared store keeps; None: no limit
+    adapter_roots: tuple[Path, ...] = ()  # where LoadAdapter may copy a directory from (on every replica's node)
+    admin_token: str | None = None  # needed for LoadAdapter, UploadAdapter, UnloadAdapter
+    client_token: str | None = None  # needed for the other quiver.v1 calls
+    num_replicas: int = 1  # ignored when `autoscaling` is set
+    autoscaling: dict | None = None  # Serve's autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 32}
+    max_ongoing_requests: int = 128  # requests a replica takes at once (beyond: queued at the proxy, or spilled)
+    num_gpus: float = 1.0  # per replica: one replica per GPU
+    num_cpus: float = 1.0  # per replica (0 lets CPU-only replicas share a node freely, as tests do)
+    max_replicas_per_node: int | None = None
+    events_dir: Path | None = None  # each replica appends its adapter loads/unloads/evictions here (JSON lines)
+    app_name: str = "quiver"
+
+    @property
+    def max_adapters_per_replica(self) -> int:
+        """Serve's multiplexed cache per replica: as many adapters as the engine's host cache holds at the
+        largest accepted size, so an adapter Serve keeps on a replica is never re-read from disk."""
+        return self.engine.host_cache_bytes // self.max_adapter_bytes
+
+    def __post_init__(self) -> None:
+        if self.max_adapters_per_replica < 1:
+            raise ValueError(f"the host cache ({self.engine.host_cache_bytes:,} bytes) holds no adapter of "
+                             f"max_adapter_bytes ({self.max_adapter_bytes:,}); raise one or lower the other")
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+class QuiverReplica:
+    """One engine behind Serve's gRPC proxy. Method names are the quiver.v1 RPC names: the proxy calls them."""
+
+    def __init__(self, config: RayDeployConfig) -> None:
+        from server.engine.engine import Engine
+        from server.engine.service import EngineService
+        from server.model import attention
+        from server.model.loader import load_model
+
+        self._config = config
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._node = ray.get_runtime_context().get_node_id()
+        self._tags = [("quiver-replica", self._replica), ("quiver-node", self._node)]
+        loaded = load_model(config.model, attn_implementation=attention.register())
+        self._service = EngineService(Engine(loaded, config.engine))
+        self._state = ServingState()
+        self._state.service = self._service
+        self._metrics = Metrics()
+        self._inference = InferenceServicer(state=self._state, metrics=self._metrics, max_upload_bytes=config.max_adapter_bytes)
+        self._store = AdapterStore(config.store_dir, max_adapter_bytes=config.max_adapter_bytes,
+                                   max_adapters=config.max_stored_adapters, recover=False)
+        self._auth = AuthInterceptor(admin_token=config.admin_token, client_token=config.client_token)
+        self._events = _EventLog(config.events_dir, replica=self._replica, node=self._node)
+        self._residency = Residency(self._service, store_root=config.store_dir, max_adapter_bytes=config.max_adapter_bytes,
+                                    on_event=self._events.write)
+
+        async def load(adapter_id: str):
+            return await asyncio.to_thread(self._residency.lease, adapter_id)
+
+        # Serve's cache of adapters on this replica; made here because its size is configured
+        self._lease = serve.multiplexed(max_num_models_per_replica=config.max_adapters_per_replica)(load)
+        log.info("replica %s on node %s: serving", self._replica, self._node)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown (and the garbage collector): let running requests finish, stop the engine."""
+        self._service.shutdown(timeout=30)
+
+    # ---- InferenceService ------------------------------------------------------------------------------
+
+    async def Generate(self, request: inference_pb2.GenerateRequest, grpc_context) -> inference_pb2.GenerateResponse:
+        async with self._call("/quiver.v1.InferenceService/Generate", grpc_context):
+            async with self._adapter(request.adapter_id):
+                return await self._inference.Generate(request, _NO_DEADLINE)
+
+    async def GenerateStream(self, request: inference_pb2.GenerateRequest, grpc_context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        async with self._call("/quiver.v1.InferenceService/GenerateStream", grpc_context):
+            async with self._adapter(request.adapter_id):
+                async for message in self._inference.GenerateStream(request, _NO_DEADLINE):
+                    yield message
+
+    async def GetServerInfo(self, request: inference_pb2.GetServerInfoRequest, grpc_context) -> inference_pb2.GetServerInfoResponse:
+        async with self._call("/quiver.v1.InferenceService/GetServerInfo", grpc_context):
+            return server_info(self._service, max_upload_bytes=self._config.max_adapter_bytes)
+
+    # ---- AdapterService: the shared store is the catalogue ----------------------------------------------
+
+    async def UploadAdapter(self, request_stream, grpc_context) -> adapters_pb2.UploadAdapterResponse:
+        async with self._call("/quiver.v1.AdapterService/UploadAdapter", grpc_context):
+            first = await anext(aiter(request_stream), None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("an upload starts with its header (adapter_id, replace), then file chunks")
+            adapter_id, replace = validate_adapter_id(first.header.adapter_id), first.header.replace
+            staged = self._stage(adapter_id, replace=replace)
+            try:
+                async for message in request_stream:
+                    if message.WhichOneof("part") != "chunk":
+                        raise InvalidArgument("only file chunks may follow an upload's header")
+                    staged.write(file_name=message.chunk.file_name, data=message.chunk.data)
+            except BaseException:
+                staged.discard()
+                raise
+            info = await self._install(staged, replace=replace)
+            return adapters_pb2.UploadAdapterResponse(adapter=adapter_message(info, stored=True), bytes_received=staged.num_bytes)
+
+    async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, grpc_context) -> adapters_pb2.LoadAdapterResponse:
+        """Copies a directory under an adapter root into the shared store (so every replica can load it)."""
+        async with self._call("/quiver.v1.AdapterService/LoadAdapter", grpc_context):
+            adapter_id = validate_adapter_id(request.adapter_id)
+            path = confine(request.path, roots=self._config.adapter_roots)
+            staged = self._stage(adapter_id, replace=request.replace)
+            try:
+                await asyncio.to_thread(_copy_files, path, staged)
+            except BaseException:
+                staged.discard()
+                raise
+            info = await self._install(staged, replace=request.replace)
+            return adapters_pb2.LoadAdapterResponse(adapter=adapter_message(info, stored=True))
+
+    async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, grpc_context) -> adapters_pb2.UnloadAdapterResponse:
+        """Deletes the adapter from the shared store and unloads it here; other replicas unload it at their
+        next request for it (NOT_FOUND) or when Serve evicts it."""
+        async with self._call("/quiver.v1.AdapterService/UnloadAdapter", grpc_context):
+            adapter_id = validate_adapter_id(request.adapter_id)
+            async with _store_lock(self._store.root):
+                await asyncio.to_thread(self._store.delete, adapter_id)
+            held = self._residency.acquire(adapter_id)
+            try:
+                await asyncio.to_thread(self._residency.refresh, held)
+            except NotFound:
+                pass
+            finally:
+                if self._residency.release(held):
+                    await asyncio.to_thread(self._residency.unload, held)
+            return adapters_pb2.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, grpc_context) -> adapters_pb2.ListAdaptersResponse:
+        """Every stored adapter; those this replica has loaded with their details, the others as on disk."""
+        async with self._call("/quiver.v1.AdapterService/ListAdapters", grpc_context):
+            loaded = {i.adapter_id: i for i in await asyncio.to_thread(self._service.list_adapters)}
+            adapters = [
+                adapter_message(loaded[i], stored=True) if i in loaded
+                else adapters_pb2.Adapter(adapter_id=i, stored=True, location=adapters_pb2.ADAPTER_LOCATION_DISK)
+                for i in await asyncio.to_thread(self._store.ids)
+            ]
+            return adapters_pb2.ListAdaptersResponse(adapters=adapters)
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _call(self, method: str, grpc_context) -> AsyncIterator[None]:
+        """Auth, this replica's tags, and typed errors → status codes, as `quiver serve`'s interceptors do."""
+        grpc_context.set_trailing_metadata(self._tags)
+        try:
+            self._auth.authorize(method, grpc_context.invocation_metadata())
+            yield
+        except QuiverError as e:
+            grpc_context.set_code(status_code(e))
+            grpc_context.set_details(str(e))
+            raise
+        except Exception:
+            log.exception("bug in %s", method)
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details(f"internal error in {method}; see replica {self._replica}'s log")
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _adapter(self, adapter_id: str) -> AsyncIterator[None]:
+        """Hold `adapter_id` (none: the base model) on this replica for one request, loading it if needed."""
+        if not adapter_id:
+            yield
+            return
+        await self._lease(validate_adapter_id(adapter_id))  # Serve's cache: loads on a miss, may evict another
+        held = self._residency.acquire(adapter_id)
+        try:
+            if not self._residency.current(held):
+                await asyncio.to_thread(self._residency.refresh, held)
+            self._state.adapter_kinds[adapter_id] = held.info.kind
+            yield
+        finally:
+            if self._residency.release(held):
+                await asyncio.to_thread(self._residency.unload, held)
+
+    def _stage(self, adapter_id: str, *, replace: bool) -> StagedAdapter:
+        if adapter_id in self._store and not replace:
+            raise AlreadyExists(f"adapter {adapter_id!r} is already stored; ask for replacement to upload it again")
+        self._store.check_room(adapter_id)
+        return self._store.stage(adapter_id)
+
+    async def _install(self, staged: StagedAdapter, *, replace: bool):
+        """Check a staged adapter, commit it to the shared store and load it here; if this engine refuses it,
+        the store goes back to what it held. Runs to its end even if the call is cancelled."""
+        task = asyncio.ensure_future(self._commit_and_load(staged, replace=replace))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(task)
+
+    async def _commit_and_load(self, staged: StagedAdapter, *, replace: bool):
+        try:
+            await asyncio.to_thread(staged.finish)
+            await asyncio.to_thread(self._service.engine.read_adapter, staged.path)  # refuse a bad adapter early
+        except BaseException:
+            staged.discard()
+            raise
+        adapter_id = staged.adapter_id
+        async with _store_lock(self._store.root):
+            await asyncio.to_thread(staged.commit, replace=replace)
+            held = None
+            try:
+                await self._lease(adapter_id)
+                held = self._residency.acquire(adapter_id)
+                info = await asyncio.to_thread(self._residency.refresh, held)
+            except BaseException:
+                await asyncio.to_thread(self._store.revert, adapter_id)
+                raise
+            finally:
+                if held is not None and self._residency.release(held):
+                    await asyncio.to_thread(self._residency.unload, held)
+            await asyncio.to_thread(self._store.settle, adapter_id)
+        return info
+
+
+class _NoDeadline:
+    """The servicer context `InferenceServicer` reads: Serve's proxy enforces deadlines itself."""
+
+    @staticmethod
+    def time_remaining() -> None:
+        return None
+
+
+_NO_DEADLINE = _NoDeadline()
+
+
+@contextlib.asynccontextmanager
+async def _store_lock(root: Path) -> AsyncIterator[None]:
+    """Changes to the shared store run one at a time across replicas and nodes (an flock on root/.lock)."""
+    f = open(root / ".lock", "a")
+    try:
+        await asyncio.to_thread(fcntl.flock, f.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def _copy_files(source: Path, staged: StagedAdapter) -> None:
+    for path in sorted(p for p in source.iterdir() if p.is_file()):
+        with path.open("rb") as f:
+            staged.write(file_name=path.name, data=f.read())
+
+
+class _EventLog:
+    """Adapter residency events of one replica, as JSON lines in events_dir/<replica>.jsonl (or nowhere)."""
+
+    def __init__(self, directory: Path | None, *, replica: str, node: str) -> None:
+        self._path = directory / f"{replica}.jsonl" if directory else None
+        self._replica, self._node = replica, node
+        self._lock = threading.Lock()
+        if directory:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, event: str, adapter_id: str) -> None:
+        if self._path is None:
+            return
+        line = json.dumps({"time": time.time(), "replica": self._replica, "node": self._node, "event": event, "adapter_id": adapter_id})
+        with self._lock, self._path.open("a") as f:
+            f.write(line + "\n")
+
+
+def application(config: RayDeployConfig):
+    """The Serve application: QuiverReplica with the replica count (or autoscaling) and resources of `config`."""
+    scaling = {"autoscaling_config": config.autoscaling} if config.autoscaling else {"num_replicas": config.num_replicas}
+    return QuiverReplica.options(
+        **scaling,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_gpus": config.num_gpus, "num_cpus": config.num_cpus},
+        max_replicas_per_node=config.max_replicas_per_node,
+    ).bind(config)
+
+
+def start(
+    config: RayDeployConfig, *, grpc_port: int, http_host: str = "127.0.0.1", http_port: int = 8000,
+    proxy_location: str = "EveryNode",
+) -> None:
+    """Start Serve on the connected Ray cluster (call `ray.init` first) and deploy Quiver; returns once every
+    replica is ready. Serve's gRPC proxy listens on every interface at `grpc_port`: set tokens (and keep the
+    port behind a firewall) on a shared network. The store is opened here once, finishing what a crash cut
+    short; replicas open it without that clean-up, as others may be writing to it. `proxy_location`:
+    EveryNode (a proxy on each node) or HeadOnly (one; e.g. several simulated nodes on one machine)."""
+    AdapterStore(config.store_dir, max_adapter_bytes=config.max_adapter_bytes, max_adapters=config.max_stored_adapters)
+    serve.start(
+        proxy_location=proxy_location,
+        http_options={"host": http_host, "port": http_port},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+    )
+    serve.run(application(config), name=config.app_name, route_prefix="/")
