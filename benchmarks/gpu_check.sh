@@ -11,10 +11,10 @@ export PYTHONPATH=.
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } > "$OUT/machine.txt" 2>&1
-timeout 120 python3 -m pytest -m gpu tests/kernels tests/test_engine_gpu.py -q -rs -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
+timeout 200 python3 -m pytest -m gpu tests/kernels tests/test_engine_gpu.py -q -rs -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 tests_rc=$?
-timeout 200 python3 benchmarks/offline.py --random-llama --requests 256 --new-tokens 64 \
-  --adapters 0,1,64,512,2048 --laws uniform,zipf --slots 128 --max-num-seqs 128 --max-num-batched-tokens 4096 \
+timeout 240 python3 benchmarks/offline.py --random-llama --requests 128 --new-tokens 32 \
+  --adapters 0,1,64,2048 --laws uniform,zipf --slots 128 --max-num-seqs 128 --max-num-batched-tokens 4096 \
   --kv-cache-gib 24 --host-cache-mib 65536 --baseline-requests 64 --check-sample 4 \
   --out "$OUT/offline_gpu.json" > "$OUT/offline.log" 2>&1
 offline_rc=$?

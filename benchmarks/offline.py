@@ -157,7 +157,8 @@ def main() -> None:
               "slots": args.slots, "host_cache_mib": args.host_cache_mib, "max_num_seqs": args.max_num_seqs,
               "ranks": list(lora_bank.RANKS), "targets": list(lora_bank.TARGETS), "runs": []}
     result |= register_bank(service, args, model_config)
-    service.generate(prompts[:2], SamplingParams(max_new_tokens=2), adapter_ids=["lora0", "lora1"])  # warm-up
+    # warm-up: prefill and decode shapes, with and without adapters (Triton compiles each variant once)
+    service.generate(prompts[:4], SamplingParams(max_new_tokens=3), adapter_ids=["lora0", "lora1", None, "lora0"])
     total = len(prompts) * args.new_tokens
 
     outputs: dict[tuple[int, str], tuple[list[int | None], list[list[int]]]] = {}
