@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -123,10 +124,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens each traffic request generates")
     p.add_argument("--idle-seconds", type=float, default=40.0, help="length of the no-loading phase")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/adapter_load.json"))
+    if "--quick" in sys.argv[1:]:  # new defaults; flags given explicitly still win
+        p.set_defaults(tries=5, loads=30, idle_seconds=15.0, new_tokens=16)
     args = p.parse_args()
-    if args.quick:
-        args.tries, args.loads, args.idle_seconds, args.new_tokens = 5, 30, 15.0, 16
     command = shlex.join(["python", *sys.argv])
+    load_start = os.getloadavg()  # other work on the machine skews the timings: recorded beside them
 
     from benchmarks.adapter_sets import lora_set
 
@@ -165,7 +167,8 @@ def main() -> None:
             result["while_loading"] = phase(records, window, loads=args.loads, load_adapter=summary(loads))
             with QuiverClient(server.target) as client:
                 result["adapters_listed_after"] = len(client.list_adapters())
-    result |= {"tries": args.tries, "streams": args.streams, "new_tokens": args.new_tokens, "machine": machine.describe()}
+    result |= {"tries": args.tries, "streams": args.streams, "new_tokens": args.new_tokens,
+               "machine": machine.describe() | {"loadavg_start": load_start, "loadavg_end": os.getloadavg()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
@@ -180,7 +183,8 @@ def main() -> None:
         g, t = ph["inter_token"], ph["tpot"]
         print(f"{name:<30}{ph['seconds']:>6.1f}{g['mean']:>10.0f}{g['p50']:>9.0f}{g['p99']:>9.0f}{g['max']:>9.0f}{ph['requests_inside']:>6}"
               f"{_ms(t['p50']):>10}{_ms(t['p99']):>10}{ph['tokens_per_s']:>7.1f}")
-    print(f"-> {args.out}\ncommand: {command}")
+    print(f"load average (1 min) at start/end: {load_start[0]:.2f}/{result['machine']['loadavg_end'][0]:.2f}  -> {args.out}")
+    print(f"command: {command}")
 
 
 if __name__ == "__main__":

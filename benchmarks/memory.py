@@ -91,9 +91,9 @@ def main() -> None:
     p.add_argument("--max-lora-rank", type=int, default=64, help="the server's --max-lora-rank (slot size)")
     p.add_argument("--max-bottleneck-size", type=int, default=64, help="the server's --max-bottleneck-size")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/memory.json"))
+    if "--quick" in sys.argv[1:]:  # new defaults; flags given explicitly still win
+        p.set_defaults(verify_max=64)
     args = p.parse_args()
-    if args.quick:
-        args.verify_max = 64
     command = shlex.join(["python", *sys.argv])
     budget = args.budget_mib * MIB
 
