@@ -137,20 +137,37 @@ ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 _ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
-def _segments(seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor):
-    """(start, end, slot, rank) of every non-empty segment whose adapter has a rank here, as python ints."""
-    starts, slots, rank_of = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
+def _segments(starts: list[int], slots: list[int], rank_of: list[int]):
+    """(start, end, slot, rank) of every non-empty segment whose adapter has a rank here."""
     segments = zip(starts, starts[1:], slots)
     return [(s, e, w, rank_of[w]) for s, e, w in segments if w >= 0 and e > s and rank_of[w] > 0]
 
 
+_PLANS: dict = {}  # recent plans by segments and ranks: every adapter layer of a step asks for the same one
+_MAX_PLANS = 16
+
+
+def _plan(seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, device) -> tuple[list, "_Rows | None"]:
+    """The long segments and the short rows of one call (see _split), cached across the layers of a step."""
+    starts, slots, rank_of = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
+    key = (tuple(starts), tuple(slots), tuple(rank_of[w] if w >= 0 else 0 for w in slots), device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _split(_segments(starts, slots, rank_of), device)
+    return plan
+
+
 # Segments of at most this many tokens (decode: one token each) are computed together in one bmm: on CPU a
 # python loop of tiny matmuls costs ~7x more when every decode token has its own adapter. Longer segments
-# (prefill) get one 2-d matmul each. The bmm reads the adapters' weights in place when the short segments'
-# slots are dense (a slot range at most twice their number) and share one rank: the tokens are scattered
-# into a [slots, depth, H] grid and the stacks' slot range is a view. Otherwise the weights are gathered.
-# In place, the range's unused slots are read too; their rows of the grid are zero, and stacks only ever
-# hold finite values (zero-initialised, written with validated weights), so they add nothing.
+# (prefill) get one 2-d matmul each. The bmm runs at the largest rank r among the short rows; a row of lower
+# rank multiplies its adapter's columns beyond its rank by zero (its shrink output is masked there, and the
+# stacks only ever hold finite values: zero-initialised, written with validated weights), so they add nothing.
+# The bmm reads the adapters' weights in place when the short rows' slots are dense (a slot range at most three
+# times the rows: a gather costs a read, a write and a read per row): the tokens are scattered into a
+# [slots, depth, H] grid and the stacks' slot range is a view; the range's unused slots are read too and meet
+# zero rows of the grid. Otherwise the weights are gathered.
 _SHORT_SEGMENT = 4
 
 
@@ -188,7 +205,7 @@ def _split(segments, device) -> tuple[list, _Rows | None]:
     grid = cell = None
     distinct = sorted({w for _, _, w, _ in short})
     lo, span = distinct[0], distinct[-1] - distinct[0] + 1
-    if uniform and span <= 2 * len(distinct):
+    if span <= 3 * len(rows):  # reading the range once costs less than gathering a copy per row and reading it
         fill: dict[int, int] = {}
         cells = []
         for s, e, w, _ in short:
@@ -231,7 +248,7 @@ def lora_shrink(
     Accumulates in x's dtype on CPU (fp32 inside the matmul); `out` may be any float dtype.
     """
     act = _ACTIVATION_FNS[activation] if activation is not None else None
-    long, short = _split(_segments(seg_starts, seg_slots, ranks), x.device)
+    long, short = _plan(seg_starts, seg_slots, ranks, x.device)
     for s, e, w, r in long:
         for p in range(a.shape[0]):  # one 2-d matmul per projection: a broadcast 3-d one is ~10x slower in bf16
             h = x[s:e] @ a[p, w, :r].t()  # [e-s, r]
@@ -279,7 +296,7 @@ def lora_expand(
     """
     offs = [int(o) for o in out_offsets]
     scale_of = scales.tolist()
-    long, short = _split(_segments(seg_starts, seg_slots, ranks), y.device)
+    long, short = _plan(seg_starts, seg_slots, ranks, y.device)
     for s, e, w, r in long:
         for p in range(len(offs) - 1):
             lo, hi = offs[p], offs[p + 1]
@@ -293,19 +310,18 @@ def lora_expand(
     if short is None:
         return
     row_scales = scales.index_select(0, short.slots).to(b.dtype)[:, None]  # [n, 1]
+    valid = None if short.uniform else short.valid()
     for p in range(len(offs) - 1):
         lo, hi = offs[p], offs[p + 1]
         h = buf[p, :, : short.r].index_select(0, short.rows).to(b.dtype)  # [n, r]
+        if valid is not None:  # buf beyond a row's own rank holds anything; b there holds finite values
+            h = torch.where(valid, h, 0)
         if short.grid is not None:  # the slot range of the stack, as a view: each adapter's B read once
             w0, span, _ = short.grid
             bv = b[w0 : w0 + span, lo:hi, : short.r].transpose(1, 2)  # [span, r, hi-lo]
             delta = _from_grid(short, torch.bmm(_in_grid(short, h * row_scales), bv))  # [n, hi-lo]
         else:
             bg = b[:, lo:hi, : short.r].index_select(0, short.slots)  # [n, hi-lo, r]
-            if not short.uniform:  # columns beyond a row's own rank hold anything, in buf and in b: mask both
-                valid = short.valid()
-                h = torch.where(valid, h, 0)
-                bg = torch.where(valid[:, None, :], bg, 0)
             delta = torch.bmm(bg, h.unsqueeze(2)).squeeze(2).mul_(row_scales)  # [n, hi-lo]
         if bias is not None:
             delta += bias[:, lo:hi].index_select(0, short.slots).to(delta.dtype)
