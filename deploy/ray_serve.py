@@ -24,6 +24,7 @@ Start it with `quiver deploy ray` (see `start`). Ray is an optional dependency: 
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import threading
@@ -90,6 +91,24 @@ class RayDeployConfig:
                              f"max_adapter_bytes ({self.max_adapter_bytes:,}); raise one or lower the other")
 
 
+def _status_on_context(empty: type):
+    """For a method with one response: an error (its status already set on the context by `_call`) ends the
+    call with an `empty` message instead of an exception; the client sees the same status, and Serve does not
+    log a traceback in the proxy and the replica for every client error. Streaming responses must raise."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        async def call(self, request, grpc_context):
+            try:
+                return await method(self, request, grpc_context)
+            except Exception:
+                return empty()
+
+        return call
+
+    return wrap
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 class QuiverReplica:
     """One engine behind Serve's gRPC proxy. Method names are the quiver.v1 RPC names: the proxy calls them."""
@@ -130,6 +149,7 @@ class QuiverReplica:
 
     # ---- InferenceService ------------------------------------------------------------------------------
 
+    @_status_on_context(inference_pb2.GenerateResponse)
     async def Generate(self, request: inference_pb2.GenerateRequest, grpc_context) -> inference_pb2.GenerateResponse:
         async with self._call("/quiver.v1.InferenceService/Generate", grpc_context):
             async with self._adapter(request.adapter_id):
@@ -141,12 +161,14 @@ class QuiverReplica:
                 async for message in self._inference.GenerateStream(request, _NO_DEADLINE):
                     yield message
 
+    @_status_on_context(inference_pb2.GetServerInfoResponse)
     async def GetServerInfo(self, request: inference_pb2.GetServerInfoRequest, grpc_context) -> inference_pb2.GetServerInfoResponse:
         async with self._call("/quiver.v1.InferenceService/GetServerInfo", grpc_context):
             return server_info(self._service, max_upload_bytes=self._config.max_adapter_bytes)
 
     # ---- AdapterService: the shared store is the catalogue ----------------------------------------------
 
+    @_status_on_context(adapters_pb2.UploadAdapterResponse)
     async def UploadAdapter(self, request_stream, grpc_context) -> adapters_pb2.UploadAdapterResponse:
         async with self._call("/quiver.v1.AdapterService/UploadAdapter", grpc_context):
             first = await anext(aiter(request_stream), None)
@@ -165,6 +187,7 @@ class QuiverReplica:
             info = await self._install(staged, replace=replace)
             return adapters_pb2.UploadAdapterResponse(adapter=adapter_message(info, stored=True), bytes_received=staged.num_bytes)
 
+    @_status_on_context(adapters_pb2.LoadAdapterResponse)
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, grpc_context) -> adapters_pb2.LoadAdapterResponse:
         """Copies a directory under an adapter root into the shared store (so every replica can load it)."""
         async with self._call("/quiver.v1.AdapterService/LoadAdapter", grpc_context):
@@ -179,6 +202,7 @@ class QuiverReplica:
             info = await self._install(staged, replace=request.replace)
             return adapters_pb2.LoadAdapterResponse(adapter=adapter_message(info, stored=True))
 
+    @_status_on_context(adapters_pb2.UnloadAdapterResponse)
     async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, grpc_context) -> adapters_pb2.UnloadAdapterResponse:
         """Deletes the adapter from the shared store and unloads it here; other replicas unload it at their
         next request for it (NOT_FOUND) or when Serve evicts it."""
@@ -196,6 +220,7 @@ class QuiverReplica:
                     await asyncio.to_thread(self._residency.unload, held)
             return adapters_pb2.UnloadAdapterResponse()
 
+    @_status_on_context(adapters_pb2.ListAdaptersResponse)
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, grpc_context) -> adapters_pb2.ListAdaptersResponse:
         """Every stored adapter; those this replica has loaded with their details, the others as on disk."""
         async with self._call("/quiver.v1.AdapterService/ListAdapters", grpc_context):

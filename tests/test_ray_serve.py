@@ -6,6 +6,7 @@ and ~1.5 GiB; the module starts Ray twice.
 """
 
 import concurrent.futures
+import dataclasses
 import importlib.util
 import json
 import os
@@ -34,6 +35,7 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="
 
 PROMPTS = ["Hello there", "The quick brown fox", "世界 é"]
 MAX_NEW_TOKENS = 12
+ADMIN, CLIENT = "admin-secret", "client-secret"
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +171,19 @@ def _config(model_path: Path, store: Path, events: Path, **kw):
 class Proxy:
     """A client of Serve's gRPC proxy that records which replica and node answered each call."""
 
-    def __init__(self, port: int) -> None:
-        self.client = QuiverClient(f"127.0.0.1:{port}", interceptors=(AdapterRoutingInterceptor(),), timeout=120)
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.port = port
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.client = QuiverClient(f"127.0.0.1:{port}", token=token, interceptors=(AdapterRoutingInterceptor(),), timeout=120)
 
     def generate(self, adapter: str, prompt: str) -> tuple[list[int], str, str]:
         response, call = self.client.inference.Generate.with_call(
-            self.client.request(text=prompt, adapter_id=adapter, max_new_tokens=MAX_NEW_TOKENS), timeout=120)
+            self.client.request(text=prompt, adapter_id=adapter, max_new_tokens=MAX_NEW_TOKENS), timeout=120, metadata=self.metadata)
         return list(response.token_ids), *_tags(call.trailing_metadata())
 
     def stream(self, adapter: str, prompt: str) -> tuple[list[int], str, str]:
         call = self.client.inference.GenerateStream(
-            self.client.request(text=prompt, adapter_id=adapter, max_new_tokens=MAX_NEW_TOKENS), timeout=120)
+            self.client.request(text=prompt, adapter_id=adapter, max_new_tokens=MAX_NEW_TOKENS), timeout=120, metadata=self.metadata)
         tokens = [t for message in call for t in message.token_ids]
         return tokens, *_tags(call.trailing_metadata())
 
@@ -212,9 +216,9 @@ def local_app(model_path, zoo, tmp_path_factory):
     began = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        start(_config(model_path, store, events, num_replicas=2, max_ongoing_requests=4),
+        start(_config(model_path, store, events, num_replicas=2, max_ongoing_requests=4, admin_token=ADMIN, client_token=CLIENT),
               grpc_port=port, http_port=_free_port())
-        proxy = Proxy(port)
+        proxy = Proxy(port, ADMIN)
         started = time.monotonic() - began
         yield proxy, store, events, started
         proxy.client.close()
@@ -257,9 +261,24 @@ class TestTwoLocalReplicas:
                 unary, *_ = proxy.generate(name, prompt)
                 streamed, *_ = proxy.stream(name, prompt)
                 assert unary == streamed == reference[(name, prompt)], (name, prompt)
-        with pytest.raises(grpc.RpcError) as e:
-            proxy.generate("no-such-adapter", "hi")
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        for call in (proxy.generate, proxy.stream):
+            with pytest.raises(grpc.RpcError) as e:
+                call("no-such-adapter", "hi")
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+    def test_tokens_are_checked_as_quiver_serve_does(self, local_app, zoo):
+        proxy, *_ = local_app
+        for token, call, code in (
+            (None, lambda c: c.generate(c.request(text="hi", max_new_tokens=2)), grpc.StatusCode.UNAUTHENTICATED),
+            ("wrong", lambda c: list(c.generate_stream(c.request(text="hi", max_new_tokens=2))), grpc.StatusCode.UNAUTHENTICATED),
+            (CLIENT, lambda c: c.upload_adapter("sneaky", zoo["lora"]), grpc.StatusCode.PERMISSION_DENIED),
+            (CLIENT, lambda c: c.unload_adapter("lora"), grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            with Proxy(proxy.port, token).client as client, pytest.raises(grpc.RpcError) as e:
+                call(client)
+            assert e.value.code() == code
+        with Proxy(proxy.port, CLIENT).client as client:
+            assert client.generate(client.request(text="hi", adapter_id="lora", max_new_tokens=2)).token_ids
 
 
     def test_requests_stick_to_the_replica_holding_their_adapter(self, local_app, zoo, reference):
@@ -349,8 +368,8 @@ def test_replicas_on_distinct_fake_gpu_nodes(model_path, zoo, reference, tmp_pat
     port = _free_port()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
-        config = _config(model_path, tmp_path / "store", tmp_path / "events", num_replicas=2)
-        config = type(config)(**{**config.__dict__, "num_gpus": 1.0})  # one replica per fake-GPU node
+        config = dataclasses.replace(_config(model_path, tmp_path / "store", tmp_path / "events", num_replicas=2),
+                                     num_gpus=1.0)  # one replica per fake-GPU node
         start(config, grpc_port=port, http_port=_free_port(), proxy_location="HeadOnly")
         proxy = Proxy(port)
         for name in ("lora", "prefix"):
