@@ -32,6 +32,7 @@ from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: 
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
 from server.engine.service import EngineService  # noqa: E402
+from server.errors import InvalidArgument  # noqa: E402
 from server.model import attention  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
 
@@ -115,7 +116,12 @@ def main() -> None:
         dirs = lora_variants(loaded.path, tmp / "lora", LORAS)
         dirs |= {label: next(iter(kind_set(loaded.path, tmp, 1)[kind].values())) for kind, label in KIND_ROWS.items()}
         for n, (label, path) in enumerate(dirs.items()):
-            row = measure(service, f"a{n}", path, block_bytes=block_bytes, token_kv_bytes=token_kv_bytes, slot=slot)
+            try:
+                row = measure(service, f"a{n}", path, block_bytes=block_bytes, token_kv_bytes=token_kv_bytes, slot=slot)
+            except InvalidArgument as e:  # a rank or size over this engine's maximum
+                result["rows"][label] = {"refused": str(e)}
+                print(f"{label}: refused: {e}", flush=True)
+                continue
             row["host_cache_capacity"] = budget // row["host_bytes"]
             if row["host_cache_capacity"] <= args.verify_max:
                 row["host_cache_held_measured"] = held_in_budget(service, path, row["host_cache_capacity"] + 3)
@@ -131,6 +137,9 @@ def main() -> None:
           f"KV block: {block_bytes / 1024:.0f} KiB ({kv.shape[3]} tokens); budget {args.budget_mib} MiB")
     print(f"{'adapter':<34}{'params':>11}{'host MiB':>10}{'device MiB':>12}{'dev used MiB':>14}{'fit budget':>11}{'held':>6}")
     for label, r in result["rows"].items():
+        if "refused" in r:
+            print(f"{label:<34}refused: {r['refused']}")
+            continue
         print(f"{label:<34}{r['params']:>11,}{r['host_bytes'] / MIB:>10.2f}{r['device_bytes'] / MIB:>12.2f}"
               f"{r['device_bytes_used'] / MIB:>14.2f}{r['host_cache_capacity']:>11,}{r.get('host_cache_held_measured', '-'):>6}")
     print(f"-> {args.out}\ncommand: {command}")
