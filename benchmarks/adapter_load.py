@@ -7,7 +7,8 @@ linear layer of the model (made with PEFT, B ~ N(0, 0.02)), 19.5 MB of fp32 safe
    chunks), each `--tries` times on an idle server under a fresh id; each is unloaded again, untimed.
 2. `--streams` clients stream requests back to back (chatterbot questions, `--new-tokens` tokens each,
    EOS ignored, each on one of `--streams` LoRA adapters loaded beforehand): first for `--idle-seconds`
-   with nothing else going on, then while `--loads` more adapters are loaded one after another. Reported
+   with nothing else going on, then while `--loads` more adapters are loaded one after another, then
+   for `--idle-seconds` again (the machine's other load drifts; the two quiet phases bracket it). Reported
    for each phase's window: the gaps between consecutive tokens of a request (p50/p99/max; their mean is
    the time per output token), the TPOT of the requests that ran wholly inside the window, and output
    tokens per second; and the LoadAdapter latency under that traffic.
@@ -165,6 +166,8 @@ def main() -> None:
             records, loads, window = asyncio.run(
                 traffic(server.target, items, args.streams, lambda channel: load_many(channel, rel, args.loads)))
             result["while_loading"] = phase(records, window, loads=args.loads, load_adapter=summary(loads))
+            records, _, window = asyncio.run(traffic(server.target, items, args.streams, idle))
+            result["no_loading_after"] = phase(records, window)  # other work on the machine drifts: before and after
             with QuiverClient(server.target) as client:
                 result["adapters_listed_after"] = len(client.list_adapters())
     result |= {"tries": args.tries, "streams": args.streams, "new_tokens": args.new_tokens,
@@ -172,14 +175,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
-    idle_p, load_p = result["no_loading"], result["while_loading"]
+    load_p = result["while_loading"]
     print(f"\n{'RPC (idle server)':<34}{'p50 ms':>9}{'p99 ms':>9}")
     for name in ("load_adapter", "upload_adapter"):
         print(f"{name:<34}{result[name]['p50']:>9.0f}{result[name]['p99']:>9.0f}")
     print(f"{'load_adapter under traffic':<34}{load_p['load_adapter']['p50']:>9.0f}{load_p['load_adapter']['p99']:>9.0f}")
     print(f"\n{'traffic, ' + str(args.streams) + ' streams (ms)':<30}{'secs':>6}{'gap mean':>10}{'gap p50':>9}{'gap p99':>9}{'gap max':>9}"
           f"{'reqs':>6}{'TPOT p50':>10}{'TPOT p99':>10}{'tok/s':>7}")
-    for name, ph in (("no loading", idle_p), (f"{args.loads} adapters loading", load_p)):
+    for name, ph in (("no loading", result["no_loading"]), (f"{args.loads} adapters loading", load_p),
+                     ("no loading, after", result["no_loading_after"])):
         g, t = ph["inter_token"], ph["tpot"]
         print(f"{name:<30}{ph['seconds']:>6.1f}{g['mean']:>10.0f}{g['p50']:>9.0f}{g['p99']:>9.0f}{g['max']:>9.0f}{ph['requests_inside']:>6}"
               f"{_ms(t['p50']):>10}{_ms(t['p99']):>10}{ph['tokens_per_s']:>7.1f}")
