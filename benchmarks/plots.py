@@ -35,7 +35,8 @@ def plot_offline(result: dict, path: Path) -> None:
     ax.set_ylabel("output tokens / s")
     gpu = result.get("machine", {}).get("gpu")
     ax.set_title(f"{result['model']} ({result['dtype'].replace('torch.', '')}) on {gpu or 'CPU'}: "
-                 f"{result['requests']} requests x {result['new_tokens']} tokens", fontsize=9)
+                 f"{result['requests']} requests ({result.get('data', 'random')}), "
+                 f"{result['output_tokens_min_max_sum'][2]:,} output tokens", fontsize=9)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")

@@ -81,7 +81,7 @@ def main() -> None:
 
     base_out, base_s = timed_engine(service, prompts, new)
     hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
-    hf_out, hf_s = timed_static(hf, prompts, new, args.static_batch_size, pad)
+    hf_out, hf_s = timed_static(hf, prompts, [new] * n, args.static_batch_size, pad)
     del hf
     result |= {"engine_tok_s": total / base_s, "hf_tok_s": total / hf_s, "ratio": hf_s / base_s,
                "same_outputs_hf": same(base_out, hf_out)}
@@ -100,7 +100,7 @@ def main() -> None:
                     service.load_adapter(name, path)
             lora_ids = list(lora_dirs)
             lora_out, lora_s = timed_engine(service, prompts, new, lora_ids)
-            peft_out, peft_s = timed_static(peft_model, prompts, new, args.static_batch_size, pad, lora_ids)
+            peft_out, peft_s = timed_static(peft_model, prompts, [new] * n, args.static_batch_size, pad, lora_ids)
             mixed_ids = [list(sets[KINDS[i % len(KINDS)]])[(i // len(KINDS)) % per_kind] for i in range(n)]
             mixed_out, mixed_s = timed_engine(service, prompts, new, mixed_ids)
         result |= {"lora_tok_s": total / lora_s, "peft_tok_s": total / peft_s, "mixed_tok_s": total / mixed_s,
