@@ -128,6 +128,7 @@ def main() -> None:
     if "--quick" in sys.argv[1:]:  # new defaults; flags given explicitly still win
         p.set_defaults(tries=5, loads=30, idle_seconds=15.0, new_tokens=16)
     args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", *sys.argv])
     load_start = os.getloadavg()  # other work on the machine skews the timings: recorded beside them
 
@@ -145,7 +146,7 @@ def main() -> None:
         rel = str(path.relative_to(tmp / "adapters"))
         result["adapter_bytes_on_disk"] = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         flags = ["--adapters-dir", str(tmp / "none"), "--adapter-root", str(tmp / "adapters"), "--store-dir", str(tmp / "store")]
-        with ServerProcess(flags, log_path=tmp / "server.log") as server:
+        with ServerProcess(flags, log_path=args.out.with_suffix(".server.log")) as server:
             server.wait_serving()
             with QuiverClient(server.target) as client:
                 client.load_adapter("warmup", rel)  # first-call costs (imports, allocations) are not measured

@@ -148,6 +148,7 @@ def main() -> None:
     if "--quick" in sys.argv[1:]:  # new defaults; flags given explicitly still win
         p.set_defaults(rates=[0.25, 0.5, 1], seconds=25.0, per_kind=1)
     args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", *sys.argv])
     load_start = os.getloadavg()  # other work on the machine skews the timings: recorded beside them
 
@@ -159,7 +160,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         adapters = make_adapters(model_path, tmp / "adapters", args.per_kind)
         flags = ["--adapters-dir", str(tmp / "none"), "--adapter-root", str(tmp / "adapters"), "--store-dir", str(tmp / "store")]
-        with ServerProcess(flags, log_path=tmp / "server.log") as server:
+        with ServerProcess(flags, log_path=args.out.with_suffix(".server.log")) as server:
             server.wait_serving()
             with QuiverClient(server.target) as client:
                 for kind in KINDS:
