@@ -113,15 +113,16 @@ def register_bank(service: EngineService, args, model_config) -> dict:
 
 def run_quiver(service: EngineService, prompts, lengths, ids: list[int | None]) -> tuple[list[list[int]], float, dict]:
     engine = service.engine
-    before = (engine.adapters.num_evictions, engine.adapters.num_reads)
+    before = (engine.adapters.num_evictions, engine.adapters.num_reads, engine.scheduler.num_preemptions)
     start = time.perf_counter()
     streams = [service.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True),
                               adapter_id=None if i is None else lora_bank.name_of(i))
                for p, n, i in zip(prompts, lengths, ids, strict=True)]
     tokens = [[t for out in stream for t in out.new_token_ids] for stream in streams]
     seconds = time.perf_counter() - start
-    counters = {"device_evictions": engine.adapters.num_evictions - before[0], "disk_reads": engine.adapters.num_reads - before[1],
-                "preemptions": engine.scheduler.num_preemptions}
+    counters = {"device_evictions": engine.adapters.num_evictions - before[0],
+                "disk_reads": engine.adapters.num_reads - before[1],
+                "preemptions": engine.scheduler.num_preemptions - before[2]}
     return tokens, seconds, counters
 
 
@@ -166,8 +167,10 @@ def main() -> None:
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
     )
     service = EngineService(Engine(loaded, config))
+    sizes = [len(prompt) for prompt in prompts]
     result = {"model": str(loaded.path.name), "dtype": str(loaded.dtype), "requests": len(prompts), "data": args.data,
-              "output_tokens_min_max_sum": [min(lengths), max(lengths), sum(lengths)], "prompt_tokens_min_max_sum": [min(map(len, prompts)), max(map(len, prompts)), sum(map(len, prompts))],
+              "output_tokens_min_max_sum": [min(lengths), max(lengths), sum(lengths)],
+              "prompt_tokens_min_max_sum": [min(sizes), max(sizes), sum(sizes)],
               "slots": args.slots, "host_cache_mib": args.host_cache_mib, "max_num_seqs": args.max_num_seqs,
               "ranks": list(lora_bank.RANKS), "targets": list(lora_bank.TARGETS), "runs": []}
     result |= register_bank(service, args, model_config)
