@@ -4,10 +4,11 @@
     python benchmarks/ray_routing.py --quick    # fewer requests, ~3 minutes
 
 1. Routing overhead: the same requests, one at a time, to a plain `quiver serve` (direct gRPC) and through
-   Serve's gRPC proxy to one replica: GetServerInfo (no engine work: the bare path) and Generate of one token
-   with a LoRA adapter (routed by adapter id). p50/p99 of the client-side latency.
+   Serve's gRPC proxy to one replica, interleaved: GetServerInfo (no engine work: the bare path) and Generate
+   of one token with a LoRA adapter (routed by adapter id). p50/p99 of the client-side latency.
 2. Aggregate throughput: `--clients` concurrent streams over `--adapters` LoRA adapters, `--requests` in all,
-   `--tokens` new tokens each (EOS ignored), against the plain server, 1 replica and 2 replicas.
+   `--tokens` new tokens each (EOS ignored), against the plain server, 1 replica and 2 replicas (two Serve
+   applications on one proxy and one shared store), in `--rounds` bursts interleaved between the three.
 
 Every engine gets `--threads` torch threads (a replica: that many Ray CPUs, so Ray sets its OMP threads), so
 a replica is "one device" of fixed size. Writes benchmarks/out/ray_routing.json and prints a summary.
@@ -30,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import adapter_sets, machine  # noqa: E402
 from benchmarks.server_proc import ServerProcess, free_port  # noqa: E402
 from benchmarks.stats import summary  # noqa: E402
-from deploy.routing import AdapterRoutingInterceptor  # noqa: E402
+import grpc  # noqa: E402
+
+from deploy.routing import AdapterRoutingInterceptor, CallDetails  # noqa: E402
 from server.client import QuiverClient  # noqa: E402
 from server.config import default_cache_dir  # noqa: E402
 from server.model.loader import default_model_dir  # noqa: E402
@@ -38,24 +41,36 @@ from server.model.loader import default_model_dir  # noqa: E402
 PROMPT = "Write one sentence about the sea."
 
 
-def latency(client: QuiverClient, *, n: int, adapter: str) -> dict:
-    info, gen = [], []
-    request = client.request(chat=PROMPT, adapter_id=adapter, max_new_tokens=1)
-    for _ in range(5):  # warm-up: connection, adapter load
-        client.server_info()
-        client.generate(request)
+def latency(clients: dict[str, QuiverClient], *, n: int, adapter: str) -> dict:
+    """The same calls to every client, interleaved (the order alternates each round), so that other load on
+    the machine falls on all of them alike. {client name: {call: latency summary}}."""
+    samples = {name: {"server_info_ms": [], "generate_1_token_ms": []} for name in clients}
+    request = QuiverClient.request(chat=PROMPT, adapter_id=adapter, max_new_tokens=1)
+    calls = {"server_info_ms": lambda c: c.server_info(), "generate_1_token_ms": lambda c: c.generate(request)}
+    for _ in range(5):  # warm-up: connections, adapter loads
+        for client in clients.values():
+            for call in calls.values():
+                call(client)
+    order = list(clients)
     for _ in range(n):
-        t = time.perf_counter()
-        client.server_info()
-        info.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        client.generate(request)
-        gen.append(time.perf_counter() - t)
-    return {"server_info_ms": summary(info), "generate_1_token_ms": summary(gen)}
+        order.reverse()
+        for name in order:
+            for key, call in calls.items():
+                t = time.perf_counter()
+                call(clients[name])
+                samples[name][key].append(time.perf_counter() - t)
+    return {name: {key: summary(v) for key, v in by_call.items()} for name, by_call in samples.items()}
 
 
-def throughput(client: QuiverClient, *, requests: int, clients: int, tokens: int, adapters: list[str]) -> dict:
-    """Also counts the requests each replica served (from the `quiver-replica` trailing metadata)."""
+def warm_up(client: QuiverClient, adapters: list[str]) -> None:
+    """Every adapter loaded somewhere, and Serve's routers told where."""
+    for adapter in adapters:
+        client.generate(client.request(chat=PROMPT, adapter_id=adapter, max_new_tokens=2))
+    time.sleep(2)
+
+
+def burst(client: QuiverClient, *, first: int, requests: int, clients: int, tokens: int, adapters: list[str]) -> dict:
+    """`requests` streams, `clients` at a time; tokens, seconds, and requests by replica (`quiver-replica`)."""
     served: dict[str, int] = {}
 
     def one(i: int) -> int:
@@ -67,16 +82,53 @@ def throughput(client: QuiverClient, *, requests: int, clients: int, tokens: int
         served[replica] = served.get(replica, 0) + 1
         return produced
 
-    for adapter in adapters:  # warm-up: every adapter loaded somewhere, and the routers told where
-        client.generate(client.request(chat=PROMPT, adapter_id=adapter, max_new_tokens=2))
-    time.sleep(2)
-    served.clear()
     began = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        produced = sum(pool.map(one, range(requests)))
-    seconds = time.perf_counter() - began
-    return {"requests": requests, "clients": clients, "tokens": produced, "seconds": seconds,
-            "tokens_per_s": produced / seconds, "requests_by_replica": sorted(served.values(), reverse=True)}
+        produced = sum(pool.map(one, range(first, first + requests)))
+    return {"tokens": produced, "seconds": time.perf_counter() - began, "served": served}
+
+
+def throughput(clients: dict[str, QuiverClient], *, rounds: int, requests: int, concurrency: int, tokens: int,
+               adapters: list[str]) -> dict:
+    """Each system gets `requests` in all, in `rounds` bursts interleaved with the other systems' (the order
+    rotates), so that other load on the machine falls on all of them alike."""
+    for client in clients.values():
+        warm_up(client, adapters)
+    totals = {name: {"tokens": 0, "seconds": 0.0, "served": {}} for name in clients}
+    order = list(clients)
+    per_round = requests // rounds
+    for r in range(rounds):
+        order = order[1:] + order[:1]
+        for name in order:
+            out = burst(clients[name], first=r * per_round, requests=per_round, clients=concurrency, tokens=tokens,
+                        adapters=adapters)
+            totals[name]["tokens"] += out["tokens"]
+            totals[name]["seconds"] += out["seconds"]
+            for replica, n in out["served"].items():
+                totals[name]["served"][replica] = totals[name]["served"].get(replica, 0) + n
+    return {name: {"requests": per_round * rounds, "clients": concurrency, "tokens": t["tokens"], "seconds": t["seconds"],
+                   "tokens_per_s": t["tokens"] / t["seconds"], "requests_by_replica": sorted(t["served"].values(), reverse=True)}
+            for name, t in totals.items()}
+
+
+class _Application(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Sends `application` metadata: which Serve application the proxy routes the call to."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def _details(self, details):
+        return CallDetails(details.method, details.timeout, [*(details.metadata or ()), ("application", self._name)],
+                            details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
 
 
 def main() -> None:
@@ -87,6 +139,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="throughput: requests in all")
     parser.add_argument("--clients", type=int, default=16, help="throughput: concurrent streams")
     parser.add_argument("--tokens", type=int, default=32, help="throughput: new tokens per request")
+    parser.add_argument("--rounds", type=int, default=4, help="throughput: bursts per system, interleaved")
     parser.add_argument("--adapters", type=int, default=4, help="LoRA adapters (rank 16, all linear layers)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per engine (Ray CPUs per replica)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "ray_routing.json")
@@ -103,15 +156,8 @@ def main() -> None:
     for name, path in made.items():
         shutil.copytree(path, adapters_dir / name)
     names = sorted(made)
-    results: dict = {"machine": machine.describe(), "model": str(model), "args": {k: str(v) for k, v in vars(args).items()}}
-
-    print("plain quiver serve ...", flush=True)
-    with ServerProcess(["--model", str(model), "--adapters-dir", str(adapters_dir)], log_path=work / "serve.log") as direct:
-        direct.wait_serving()
-        with QuiverClient(direct.target, timeout=600) as client:
-            results["direct"] = {"latency": latency(client, n=args.latency_requests, adapter=names[0]),
-                                 "throughput": throughput(client, requests=args.requests, clients=args.clients,
-                                                          tokens=args.tokens, adapters=names)}
+    results: dict = {"machine": machine.describe(), "model": str(model), "args": {k: str(v) for k, v in vars(args).items()},
+                     "load_average_at_start": os.getloadavg()}
 
     import ray
     from ray import serve
@@ -121,46 +167,58 @@ def main() -> None:
 
     port = free_port()
     began = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    # logical CPUs for 3 replicas of `--threads` each (Ray does not pin them; the machine has what it has)
+    ray.init(num_cpus=3 * args.threads, include_dashboard=False, log_to_driver=False)
     try:
-        config = RayDeployConfig(store_dir=work / "store", model=ModelConfig(path=str(model), device="cpu"),
-                                 num_replicas=1, num_gpus=0, num_cpus=args.threads)
-        start(config, grpc_port=port, http_port=free_port())
+        # two Serve applications on one shared store: 1 replica and 2 replicas, side by side
+        one = RayDeployConfig(store_dir=work / "store", model=ModelConfig(path=str(model), device="cpu"),
+                              num_replicas=1, num_gpus=0, num_cpus=args.threads, app_name="quiver-1")
+        start(one, grpc_port=port, http_port=free_port())
         results["ray_start_s"] = time.perf_counter() - began
-        with QuiverClient(f"127.0.0.1:{port}", timeout=600, interceptors=(AdapterRoutingInterceptor(),)) as client:
-            for name in names:
-                client.upload_adapter(name, adapters_dir / name)
-            print("through Ray Serve, 1 replica ...", flush=True)
-            results["ray_1"] = {"latency": latency(client, n=args.latency_requests, adapter=names[0]),
-                                "throughput": throughput(client, requests=args.requests, clients=args.clients,
-                                                         tokens=args.tokens, adapters=names)}
-            print("through Ray Serve, 2 replicas ...", flush=True)
-            serve.run(application(dataclasses.replace(config, num_replicas=2)), name=config.app_name,
-                      route_prefix="/")
-            results["ray_2"] = {"throughput": throughput(client, requests=args.requests, clients=args.clients,
-                                                         tokens=args.tokens, adapters=names)}
+        two = dataclasses.replace(one, num_replicas=2, app_name="quiver-2")
+        serve.run(application(two), name=two.app_name, route_prefix="/quiver-2")
+        target = f"127.0.0.1:{port}"
+        proxies = {name: QuiverClient(target, timeout=600, interceptors=(AdapterRoutingInterceptor(), _Application(name)))
+                   for name in (one.app_name, two.app_name)}
+        for name in names:
+            proxies[one.app_name].upload_adapter(name, adapters_dir / name)
+        with ServerProcess(["--model", str(model), "--adapters-dir", str(adapters_dir)], log_path=work / "serve.log") as plain:
+            plain.wait_serving()
+            with QuiverClient(plain.target, timeout=600) as direct:
+                print(time.strftime("%T"), "latency: direct and through the proxy, interleaved ...", flush=True)
+                results["latency"] = latency({"direct": direct, "ray_1": proxies[one.app_name]}, n=args.latency_requests,
+                                             adapter=names[0])
+                print(time.strftime("%T"), "throughput: direct, 1 replica, 2 replicas, interleaved ...", flush=True)
+                results["throughput"] = throughput(
+                    {"direct": direct, "ray_1": proxies[one.app_name], "ray_2": proxies[two.app_name]}, rounds=args.rounds,
+                    requests=args.requests, concurrency=args.clients, tokens=args.tokens, adapters=names)
+        print(time.strftime("%T"), "done", flush=True)
+        for client in proxies.values():
+            client.close()
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
+    results["load_average_at_end"] = os.getloadavg()  # other work on the machine shows here
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     _print(results)
 
 
 def _print(r: dict) -> None:
-    print(f"\nRay + Serve + 1 replica ready in {r['ray_start_s']:.1f} s")
+    print(f"\nload average (1, 5, 15 min) at start {r['load_average_at_start']}, at end {r['load_average_at_end']}")
+    print(f"Ray + Serve + 1 replica ready in {r['ray_start_s']:.1f} s")
     print("| path | GetServerInfo p50 / p99 ms | Generate (1 token, LoRA) p50 / p99 ms |")
     print("|---|---:|---:|")
     for key, label in (("direct", "direct gRPC to `quiver serve`"), ("ray_1", "through Serve's gRPC proxy, 1 replica")):
-        lat = r[key]["latency"]
+        lat = r["latency"][key]
         info, gen = lat["server_info_ms"], lat["generate_1_token_ms"]
         print(f"| {label} | {info['p50']:.2f} / {info['p99']:.2f} | {gen['p50']:.2f} / {gen['p99']:.2f} |")
     print("\n| system | requests | seconds | tok/s | requests per replica |")
     print("|---|---:|---:|---:|---|")
     for key, label in (("direct", "plain `quiver serve`"), ("ray_1", "Ray Serve, 1 replica"), ("ray_2", "Ray Serve, 2 replicas")):
-        t = r[key]["throughput"]
+        t = r["throughput"][key]
         split = " + ".join(map(str, t["requests_by_replica"]))
         print(f"| {label} | {t['requests']} | {t['seconds']:.1f} | {t['tokens_per_s']:.1f} | {split} |")
 

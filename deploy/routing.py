@@ -27,11 +27,11 @@ def _with_adapter(details: grpc.ClientCallDetails, request) -> grpc.ClientCallDe
         return details
     metadata = [(k, v) for k, v in (details.metadata or ()) if k != MULTIPLEXED_MODEL_ID]
     metadata.append((MULTIPLEXED_MODEL_ID, adapter_id))
-    return _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+    return CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
                         details.compression)
 
 
-class _CallDetails(grpc.ClientCallDetails):
+class CallDetails(grpc.ClientCallDetails):
     def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
         self.method = method
         self.timeout = timeout

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from deploy.residency import Residency
-from deploy.routing import AdapterRoutingInterceptor, _CallDetails, _with_adapter
+from deploy.routing import AdapterRoutingInterceptor, CallDetails, _with_adapter
 from server.api.gen import inference_pb2
 from server.client import QuiverClient
 from server.errors import NotFound
@@ -113,7 +113,7 @@ def test_the_store_is_the_source_of_truth(residency, zoo):
 
 
 def test_routing_interceptor_copies_the_adapter_id(model_path, tmp_path):
-    details = _CallDetails("/quiver.v1.InferenceService/Generate", None, [("a", "1")], None, None, None)
+    details = CallDetails("/quiver.v1.InferenceService/Generate", None, [("a", "1")], None, None, None)
     routed = _with_adapter(details, inference_pb2.GenerateRequest(adapter_id="x"))
     assert routed.metadata == [("a", "1"), ("multiplexed_model_id", "x")]
     assert _with_adapter(details, inference_pb2.GenerateRequest()) is details
