@@ -148,7 +148,9 @@ def main() -> None:
         args.latency_requests, args.requests = 50, 32
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the plain server's engine (a child process)
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rq", dir="/tmp"))
+    ray_tmp = None
+    if "RAY_TMPDIR" not in os.environ:  # a short path (Ray's socket names must fit 108 bytes), removed at the end
+        ray_tmp = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rq", dir="/tmp")
     model = args.model or default_model_dir(default_cache_dir())
     work = Path(tempfile.mkdtemp(prefix="ray-routing-"))
     _, made = adapter_sets.lora_set(model, work / "made", args.adapters)
@@ -199,6 +201,8 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+        if ray_tmp is not None:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
     results["load_average_at_end"] = os.getloadavg()  # other work on the machine shows here
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ and ~1.5 GiB; the module starts Ray twice.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import pytest
@@ -152,8 +154,19 @@ def reference(model_path, zoo, tmp_path_factory):
         server.stop()
 
 
-def _ray_env(monkeypatch_dir: Path) -> None:
-    os.environ["RAY_TMPDIR"] = str(monkeypatch_dir)  # a short path: Ray's socket names must fit 108 bytes
+@contextlib.contextmanager
+def _ray_tmpdir() -> Iterator[None]:
+    """A short, fresh RAY_TMPDIR (Ray's socket paths must fit 108 bytes), removed afterwards."""
+    path, before = tempfile.mkdtemp(prefix="rq", dir="/tmp"), os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_TMPDIR")
+        else:
+            os.environ["RAY_TMPDIR"] = before
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _config(model_path: Path, store: Path, events: Path, **kw):
@@ -209,23 +222,21 @@ def local_app(model_path, zoo, tmp_path_factory):
 
     from deploy.ray_serve import start
 
-    ray_dir = Path(tempfile.mkdtemp(prefix="rq", dir="/tmp"))
-    _ray_env(ray_dir)
     store, events = tmp_path_factory.mktemp("ray-store"), tmp_path_factory.mktemp("ray-events")
     port = _free_port()
     began = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        start(_config(model_path, store, events, num_replicas=2, max_ongoing_requests=4, admin_token=ADMIN, client_token=CLIENT),
-              grpc_port=port, http_port=_free_port())
-        proxy = Proxy(port, ADMIN)
-        started = time.monotonic() - began
-        yield proxy, store, events, started
-        proxy.client.close()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    with _ray_tmpdir():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            start(_config(model_path, store, events, num_replicas=2, max_ongoing_requests=4, admin_token=ADMIN,
+                          client_token=CLIENT), grpc_port=port, http_port=_free_port())
+            proxy = Proxy(port, ADMIN)
+            started = time.monotonic() - began
+            yield proxy, store, events, started
+            proxy.client.close()
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def _holders(events: Path, adapter_id: str) -> set[str]:
@@ -361,30 +372,28 @@ def test_replicas_on_distinct_fake_gpu_nodes(model_path, zoo, reference, tmp_pat
 
     from deploy.ray_serve import start
 
-    ray_dir = Path(tempfile.mkdtemp(prefix="rq", dir="/tmp"))
-    _ray_env(ray_dir)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
-    port = _free_port()
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        config = dataclasses.replace(_config(model_path, tmp_path / "store", tmp_path / "events", num_replicas=2),
-                                     num_gpus=1.0)  # one replica per fake-GPU node
-        start(config, grpc_port=port, http_port=_free_port(), proxy_location="HeadOnly")
-        proxy = Proxy(port)
-        for name in ("lora", "prefix"):
-            proxy.client.upload_adapter(name, zoo[name])
-        nodes = {}
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            calls = [(name, PROMPTS[i % 3]) for i in range(16) for name in ("lora", "prefix", "")]
-            for (name, prompt), (tokens, replica, node) in zip(calls, pool.map(lambda c: proxy.generate(*c), calls)):
-                assert tokens == reference[(name, prompt)]
-                nodes[replica] = node
-        proxy.client.close()
-        assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes
-        assert set(nodes.values()) == {w.node_id for w in workers}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    with _ray_tmpdir():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+        port = _free_port()
+        try:
+            ray.init(address=cluster.address, log_to_driver=False)
+            config = dataclasses.replace(_config(model_path, tmp_path / "store", tmp_path / "events", num_replicas=2),
+                                         num_gpus=1.0)  # one replica per fake-GPU node
+            start(config, grpc_port=port, http_port=_free_port(), proxy_location="HeadOnly")
+            proxy = Proxy(port)
+            for name in ("lora", "prefix"):
+                proxy.client.upload_adapter(name, zoo[name])
+            nodes = {}
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                calls = [(name, PROMPTS[i % 3]) for i in range(16) for name in ("lora", "prefix", "")]
+                for (name, prompt), (tokens, replica, node) in zip(calls, pool.map(lambda c: proxy.generate(*c), calls)):
+                    assert tokens == reference[(name, prompt)]
+                    nodes[replica] = node
+            proxy.client.close()
+            assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes
+            assert set(nodes.values()) == {w.node_id for w in workers}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            cluster.shutdown()
