@@ -15,8 +15,10 @@ service through Serve's gRPC proxy, each request routed to a replica that alread
 - Adapters: uploads (and loads of a directory under an adapter root) are written to the shared store, not
   to one replica; any replica loads an id from the store on its first request for it. A replaced adapter is
   loaded again by each replica at its next request; a deleted one is unloaded there and is NOT_FOUND.
-- Everything a plain `quiver serve` answers is answered the same way: same messages, same status codes,
-  same bearer tokens. Each response carries `quiver-replica` and `quiver-node` trailing metadata.
+- Generation is answered as `quiver serve` answers it: same messages, status codes and bearer tokens. The
+  adapter calls act on the shared store (LoadAdapter copies a directory into it; ListAdapters lists it). Health
+  is Serve's own (`/ray.serve.RayServeAPIService/Healthz`), not grpc.health.v1. Each response carries
+  `quiver-replica` and `quiver-node` trailing metadata.
 
 Start it with `quiver deploy ray` (see `start`). Ray is an optional dependency: `pip install -e .[ray]`.
 """
@@ -145,7 +147,9 @@ class QuiverReplica:
 
     def __del__(self) -> None:
         """Serve's graceful shutdown (and the garbage collector): let running requests finish, stop the engine."""
-        self._service.shutdown(timeout=30)
+        service = getattr(self, "_service", None)  # None if the constructor failed before the engine started
+        if service is not None:
+            service.shutdown(timeout=30)
 
     # ---- InferenceService ------------------------------------------------------------------------------
 
