@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=64, help="LoRA adapters on the device at once")
     p.add_argument("--host-cache-mib", type=int, default=1024, help="parsed adapters kept in host memory")
     p.add_argument("--baselines-at", type=int, default=64, help="adapter count for PEFT and merge-and-swap")
+    p.add_argument("--no-baselines", action="store_true", help="Quiver's runs only (no peers, no output checks)")
     p.add_argument("--baseline-requests", type=int, default=0, help="run the baselines on the first N requests (0: all)")
     p.add_argument("--check-sample", type=int, default=8, help="requests per other adapter count re-run through PEFT")
     p.add_argument("--static-batch-size", type=int, default=16)
@@ -156,7 +157,7 @@ def main() -> None:
     if args.quick:
         args.requests, args.laws, args.check_sample = 64, ["uniform"], 4
         args.adapters = [0, 1, 64, 512]
-    if args.baselines_at not in args.adapters:
+    if not args.no_baselines and args.baselines_at not in args.adapters:
         raise SystemExit(f"--baselines-at {args.baselines_at} must be one of --adapters {args.adapters}")
 
     loaded, prompts, lengths, pad = load_base(args)
@@ -190,7 +191,7 @@ def main() -> None:
             print(f"quiver  {n:>5} adapters {law:<8} {seconds:8.2f} s {total / seconds:8.1f} tok/s  {counters}", flush=True)
     service.shutdown()
 
-    result["baselines"] = run_baselines(args, loaded, prompts, lengths, pad, outputs)
+    result["baselines"] = {} if args.no_baselines else run_baselines(args, loaded, prompts, lengths, pad, outputs)
     result |= ratios(result)
     result["machine"] = machine.describe()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +264,8 @@ def ratios(result: dict) -> dict:
         if one and (top, law) in tok and top > 1:
             out[f"at_{top}_{law}_vs_1"] = tok[(top, law)] / one
     b = result["baselines"]
+    if not b:
+        return out
     at = b["peft_mixed"]["adapters"]
     q_at = next(r for r in result["runs"] if r["adapters"] == at)
     # the baselines may run on a prefix of the requests: compare token rates
@@ -279,8 +282,9 @@ def print_table(result: dict, out: Path) -> None:
         name = "quiver, base model" if r["adapters"] == 0 else f"quiver, {r['adapters']} adapters ({r['law']})"
         print(f"{name:<40}{r['seconds']:>9.2f}{r['tok_s']:>9.1f}  {'':<10} {r['device_evictions']}/{r['disk_reads']}")
     b = result["baselines"]
-    for key, label in (("hf_static", "transformers static, no adapters"), ("peft_mixed", "PEFT mixed batches"),
-                       ("merge_and_swap", "merge and swap (PEFT merge)")):
+    peers = (("hf_static", "transformers static, no adapters"), ("peft_mixed", "PEFT mixed batches"),
+             ("merge_and_swap", "merge and swap (PEFT merge)"))
+    for key, label in peers if b else ():
         v = b[key]
         print(f"{label:<40}{v['seconds']:>9.2f}{v['tok_s']:>9.1f}  {v['same']}/{v['requests']}")
     for run, (ok, n) in b.get("sampled_checks", {}).items():

@@ -24,9 +24,11 @@ def plot_offline(result: dict, path: Path) -> None:
         points = ([one] if one else []) + [r for r in runs if r["law"] == law]
         ax.plot([r["adapters"] for r in points], [r["tok_s"] for r in points], marker="o", label=f"Quiver, {law} popularity")
     b = result["baselines"]
-    lines = [(base, "Quiver, base model", "black"), (b["hf_static"]["tok_s"], "transformers static, no adapters", "gray"),
-             (b["peft_mixed"]["tok_s"], f"PEFT mixed batches ({b['peft_mixed']['adapters']} adapters)", "tab:red"),
-             (b["merge_and_swap"]["tok_s"], f"merge and swap ({b['merge_and_swap']['adapters']} adapters)", "tab:purple")]
+    lines = [(base, "Quiver, base model", "black")]
+    if b:
+        lines += [(b["hf_static"]["tok_s"], "transformers static, no adapters", "gray"),
+                  (b["peft_mixed"]["tok_s"], f"PEFT mixed batches ({b['peft_mixed']['adapters']} adapters)", "tab:red"),
+                  (b["merge_and_swap"]["tok_s"], f"merge and swap ({b['merge_and_swap']['adapters']} adapters)", "tab:purple")]
     for value, label, color in lines:
         if value:
             ax.axhline(value, linestyle="--", color=color, linewidth=1, label=label)
