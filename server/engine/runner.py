@@ -131,6 +131,7 @@ class ModelRunner:
             seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
             activations=activations,
+            slots=frozenset(w for w in seg_slots if w >= 0),
         )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

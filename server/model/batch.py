@@ -37,6 +37,7 @@ class AdapterBatch:
     seg_starts: torch.Tensor  # [N+1] int32
     seg_slots: torch.Tensor  # [N] int32, -1 = no weight adapter
     activations: frozenset[str]  # the bottleneck non-linearities of the slots in this batch
+    slots: frozenset[int] = frozenset()  # the slots present (>= 0): layers where none holds weights skip the ops
 
 
 class StepContext:

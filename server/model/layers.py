@@ -38,6 +38,10 @@ class AdapterLinear(nn.Module):
         self.register_buffer("lora_ranks", torch.zeros(num_slots, dtype=torch.int32, device=dev), persistent=False)  # [S]
         self.register_buffer("lora_scales", torch.zeros(num_slots, dtype=torch.float32, device=dev), persistent=False)  # [S]
         self.out_offsets = torch.tensor([0, dout], dtype=torch.int32, device=dev)  # [2]
+        # slots with weights on this layer, mirrored on the host: a step none of whose slots has any skips the ops
+        # here (e.g. q/v-only LoRA adapters leave the other five projections alone, with no launch and no sync)
+        self.lora_slots: set[int] = set()
+        self.bn_slots: set[int] = set()
         self.bottleneck_size = bottleneck_size
         if bottleneck_size:
             bn = bottleneck_size
@@ -62,6 +66,7 @@ class AdapterLinear(nn.Module):
         self.lora_b[slot, :, :r] = b
         self.lora_ranks[slot] = r
         self.lora_scales[slot] = scale
+        self.lora_slots.add(slot)
 
     def set_bottleneck(
         self, slot: int, *, down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor, up_bias: torch.Tensor,
@@ -78,10 +83,13 @@ class AdapterLinear(nn.Module):
         self.bn_sizes[slot] = bn
         self.bn_scales[slot] = scale
         self.bn_activation[slot] = activation
+        self.bn_slots.add(slot)
 
     def clear(self, slot: int) -> None:
         """Forget whatever adapter `slot` held here (rank 0: the kernels skip it)."""
         self.lora_ranks[slot] = 0
+        self.lora_slots.discard(slot)
+        self.bn_slots.discard(slot)
         if self.bottleneck_size:
             self.bn_sizes[slot] = 0
             self.bn_activation[slot] = None
@@ -95,11 +103,12 @@ class AdapterLinear(nn.Module):
             return y
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         y2 = y.view(-1, y.shape[-1])  # [T, out]
-        seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots)
-        buf = x2.new_empty(1, x2.shape[0], self.lora_a.shape[2])  # [1, T, R]
-        self.ops.lora_shrink(x2, self.lora_a, ranks=self.lora_ranks, out=buf, **seg)
-        self.ops.lora_expand(y2, buf, self.lora_b, out_offsets=self.out_offsets, ranks=self.lora_ranks, scales=self.lora_scales, **seg)
-        if self.bottleneck_size and batch.activations:
+        if not self.lora_slots.isdisjoint(batch.slots):
+            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots)
+            buf = x2.new_empty(1, x2.shape[0], self.lora_a.shape[2])  # [1, T, R]
+            self.ops.lora_shrink(x2, self.lora_a, ranks=self.lora_ranks, out=buf, **seg)
+            self.ops.lora_expand(y2, buf, self.lora_b, out_offsets=self.out_offsets, ranks=self.lora_ranks, scales=self.lora_scales, **seg)
+        if self.bottleneck_size and batch.activations and not self.bn_slots.isdisjoint(batch.slots):
             self._bottleneck(y2, batch)
         return y
 
