@@ -27,10 +27,7 @@ from deploy.routing import AdapterRoutingInterceptor, CallDetails, _with_adapter
 from server.api.gen import inference_pb2
 from server.client import QuiverClient
 from server.errors import NotFound
-from tests.adapter_zoo import save_zoo
 from tests.api.harness import SMALL_ENGINE, make_service, start_server
-from tests.api.tiny_tokenizer import save_tokenizer
-from tests.models import save_tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")  # Ray's pydantic models
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install -e .[ray])")
@@ -38,18 +35,6 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="
 PROMPTS = ["Hello there", "The quick brown fox", "世界 é"]
 MAX_NEW_TOKENS = 12
 ADMIN, CLIENT = "admin-secret", "client-secret"
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    path = save_tiny("llama", tmp_path_factory.mktemp("ray-model"))
-    save_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def zoo(model_path, tmp_path_factory):
-    return save_zoo(model_path, tmp_path_factory.mktemp("ray-zoo"))
 
 
 # ---- residency rules, without Ray -----------------------------------------------------------------------
