@@ -139,14 +139,14 @@ def run_case(name, op, moved, args, kwargs, *, triton_ops, copy_gbps):
     """Times one op; returns its JSON row. Inputs written in place are cloned for the accuracy check."""
     cuda = triton_ops is not None
     torch_fn = getattr(reference, op)
+    triton_fn = getattr(triton_ops, op) if cuda else None
     row = {"op": op, "case": name, "bytes": moved}
     if cuda:  # before timing: the timed loops update y in place, and a drifted bf16 y would swallow the deltas
-        row["rel_err"] = accuracy(op, args, kwargs, getattr(reference, op), getattr(triton_ops, op))
+        row["rel_err"] = accuracy(op, args, kwargs, torch_fn, triton_fn)
     row["torch_ms"] = (time_gpu if cuda else time_cpu)(lambda: torch_fn(*args, **kwargs))
     row["torch_GBps"] = moved / row["torch_ms"] / 1e6
     if not cuda:
         return row
-    triton_fn = getattr(triton_ops, op)
     row["triton_ms"] = time_gpu(lambda: triton_fn(*args, **kwargs))
     row["triton_GBps"] = moved / row["triton_ms"] / 1e6
     row["triton_frac_copy_bw"] = row["triton_GBps"] / copy_gbps

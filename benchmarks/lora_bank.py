@@ -66,7 +66,8 @@ def peft_config(i: int) -> dict:
 def weights(config, i: int, device: str = "cpu") -> LoraWeights:
     """Adapter i as Quiver's typed weights (on the host), without a trip through a file."""
     sd = state_dict(config, i, device)
-    scale = 2.0  # alpha / r
+    cfg = peft_config(i)
+    scale = cfg["lora_alpha"] / cfg["r"]
     modules = {}
     for name, _, _ in _shapes(config):
         a, b = sd[f"base_model.model.{name}.lora_A.weight"], sd[f"base_model.model.{name}.lora_B.weight"]

@@ -83,7 +83,7 @@ def load_base(args) -> tuple[LoadedModel, list[list[int]], list[int], int]:
 
 
 def reference_model(args, loaded: LoadedModel):
-    """A second, plain transformers copy of the base (eager attention's default: sdpa), for the baselines."""
+    """A second, plain transformers copy of the base (sdpa attention), for the baselines."""
     if not args.random_llama:
         return AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32).eval()
     with loaded.device:
@@ -153,10 +153,9 @@ def main() -> None:
     p.add_argument("--static-batch-size", type=int, default=16)
     p.add_argument("--bank-dir", type=Path, default=default_cache_dir() / "bench-adapters")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/offline.json"))
+    if "--quick" in sys.argv[1:]:  # new defaults; flags given explicitly still win
+        p.set_defaults(requests=64, laws=["uniform"], check_sample=4, adapters=[0, 1, 64, 512])
     args = p.parse_args()
-    if args.quick:
-        args.requests, args.laws, args.check_sample = 64, ["uniform"], 4
-        args.adapters = [0, 1, 64, 512]
     if not args.no_baselines and args.baselines_at not in args.adapters:
         raise SystemExit(f"--baselines-at {args.baselines_at} must be one of --adapters {args.adapters}")
 
