@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from server.api.gen import adapters_pb2 as apb
 from server.api.gen import inference_pb2 as pb
 from server.client import QuiverClient
-from tests.api.conftest import model_path, zoo  # noqa: F401  (fixtures)
 from tests.api.harness import RunningServer, start_server
 from tests.idle import wait_idle
 

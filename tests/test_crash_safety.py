@@ -25,7 +25,6 @@ from typing import Iterator
 from server.adapters.store import AdapterStore
 from server.api.gen import adapters_pb2 as apb
 from server.client import QuiverClient
-from tests.api.conftest import model_path, zoo  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"

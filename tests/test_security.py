@@ -15,7 +15,6 @@ from server.api.gen import adapters_pb2 as apb
 from server.api.gen import inference_pb2
 from server.cli import build_parser
 from server.client import QuiverClient
-from tests.api.conftest import model_path, zoo  # noqa: F401  (fixtures)
 from tests.api.harness import health, start_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,6 @@ short deadlines while adapters are uploaded, replaced and unloaded every second;
 nothing logged, the engine idle and resident memory steady at the end."""
 
 from benchmarks.soak import SoakConfig, run
-from tests.api.conftest import model_path, zoo  # noqa: F401  (fixtures)
 
 
 def test_short_soak(model_path, zoo, tmp_path):  # noqa: F811
