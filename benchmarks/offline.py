@@ -115,9 +115,8 @@ def run_quiver(service: EngineService, prompts, lengths, ids: list[int | None]) 
     engine = service.engine
     before = (engine.adapters.num_evictions, engine.adapters.num_reads, engine.scheduler.num_preemptions)
     start = time.perf_counter()
-    streams = [service.submit(p, SamplingParams(max_new_tokens=n, ignore_eos=True),
-                              adapter_id=None if i is None else lora_bank.name_of(i))
-               for p, n, i in zip(prompts, lengths, ids, strict=True)]
+    streams = service.submit_many(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths],
+                                  adapter_ids=[None if i is None else lora_bank.name_of(i) for i in ids])
     tokens = [[t for out in stream for t in out.new_token_ids] for stream in streams]
     seconds = time.perf_counter() - start
     counters = {"device_evictions": engine.adapters.num_evictions - before[0],

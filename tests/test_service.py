@@ -95,3 +95,25 @@ def test_stop_token_ids_and_max_new_tokens(service):
     stopped = service.generate([[7, 8, 9]], SamplingParams(max_new_tokens=6, stop_token_ids=(stop_at,), ignore_eos=True))[0]
     first = free.token_ids.index(stop_at)
     assert stopped.token_ids == free.token_ids[: first + 1] and stopped.finish_reason is FinishReason.STOP
+
+
+def test_submit_many_starts_the_whole_batch_in_one_step(path):
+    first_steps: list[int] = []
+    service = EngineService(engine_for(path, num_kv_blocks=64, block_size=8),
+                            on_step=lambda outputs: first_steps.append(len(outputs)))
+    prompts = [[5, 6, 7], [8, 9], list(range(3, 20)), [4] * 5, [11, 12, 13, 14]]
+    streams = service.submit_many(prompts, SamplingParams(max_new_tokens=3, ignore_eos=True))
+    tokens = [[t for out in s for t in out.new_token_ids] for s in streams]
+    service.shutdown(timeout=30)
+    assert first_steps[0] == len(prompts)  # every request was prefilled and sampled in the first step
+    assert all(len(t) == 3 for t in tokens)
+
+
+def test_submit_many_is_all_or_none(service):
+    good = [[5, 6, 7], [8, 9]]
+    with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+        service.submit_many(good + [[1, 10_000]], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    with pytest.raises(InvalidArgument, match="differ in length"):
+        service.submit_many(good, [SamplingParams()])
+    service.shutdown(timeout=30)
+    assert not service.engine.has_work() and service.engine.blocks.num_used == 0

@@ -19,7 +19,7 @@ from typing import Callable
 from server.adapters.weights import AdapterWeights
 from server.engine.engine import Engine, EngineStats
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
-from server.errors import FailedPrecondition, NotFound
+from server.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,35 @@ class EngineService:
             future.add_done_callback(_abort_if_added)
             raise
 
+    def submit_many(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
+        adapter_ids: list[str | None] | None = None,
+    ) -> list[RequestStream]:
+        """Queue a batch of requests in one loop turn, so that they all start in the same step (submitting
+        them one by one would let the loop step between them). All or none: if one is refused, none runs,
+        and its typed error is raised."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapter_ids = adapter_ids if adapter_ids is not None else [None] * len(prompts)
+        if not len(prompts) == len(params_list) == len(adapter_ids):
+            raise InvalidArgument("prompts, params and adapter_ids differ in length")
+        requests = [(f"req-{next(self._ids)}", list(p), q, a) for p, q, a in zip(prompts, params_list, adapter_ids)]
+        streams = [RequestStream(r[0], self, None) for r in requests]
+
+        def add_all(engine: Engine) -> list[RequestStream]:
+            added = []
+            try:
+                for request_id, prompt, request_params, adapter_id in requests:
+                    engine.add_request(request_id, prompt, request_params, adapter_id=adapter_id)
+                    added.append(request_id)
+            except Exception:
+                for request_id in added:
+                    engine.abort(request_id)
+                raise
+            self._streams.update((s.request_id, s) for s in streams)
+            return streams
+
+        return self._call(add_all).result()
+
     def _submit(self, prompt, params, adapter_id, request_id, *, loop) -> Future:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self, loop)
@@ -151,8 +180,7 @@ class EngineService:
         self, prompts: list[list[int]], params: SamplingParams, *, adapter_ids: list[str | None] | None = None
     ) -> list[Completion]:
         """Run a batch of prompts to completion, all at once; results in the order of `prompts`."""
-        adapter_ids = adapter_ids or [None] * len(prompts)
-        streams = [self.submit(p, params, adapter_id=a) for p, a in zip(prompts, adapter_ids, strict=True)]
+        streams = self.submit_many(prompts, params, adapter_ids=adapter_ids)
         completions = []
         for stream in streams:
             tokens: list[int] = []
