@@ -1,10 +1,35 @@
-"""The paged KV cache's bookkeeping: a free list of fixed-size blocks with reference counts.
+"""The paged KV cache's bookkeeping: a free list of fixed-size blocks with reference counts, and a prefix
+cache of full blocks addressed by their content.
 
 Pure Python (no torch): it hands out block ids; the runner turns them into slots. A block shared by
 several holders (an adapter's prefix, linked into many requests) is freed when its last holder lets go.
+
+Prefix cache: a full block of a request's tokens can be registered under a key that stands for every token
+up to its end (`block_key` chains the keys) and for what else its KV depends on (`root_key`). A later
+request whose tokens begin the same way shares it instead of recomputing it. A registered block without
+holders keeps its KV and its key, and is evicted (least recently used first) only when a block is needed
+and the free list is empty; so it counts as free.
 """
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict, deque
+from typing import Sequence
+
+
+def root_key(adapter: tuple[str, int] | None) -> bytes:
+    """The key before a request's first block: its adapter (id, version), whose weights its KV depends on;
+    None for the base model."""
+    return hashlib.sha256(repr(adapter).encode()).digest()
+
+
+def block_key(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    """The key of a full block holding `token_ids`, after the block whose key is `parent` (or the root).
+
+    A cryptographic hash: two different token sequences never meet under one key, so one request can
+    never be handed another's KV by a crafted prompt.
+    """
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 class BlockManager:
@@ -14,14 +39,25 @@ class BlockManager:
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
         self._refs = [0] * num_blocks
+        self._block_of: dict[bytes, int] = {}  # key -> the registered block holding it
+        self._key_of: dict[int, bytes] = {}  # the reverse map
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered blocks without holders, oldest first
+        self.num_evictions = 0  # registered blocks taken for other tokens
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out now: free ones and evictable cached ones."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        """Blocks with at least one holder."""
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Registered blocks without holders: their KV is kept until the block is needed."""
+        return len(self._evictable)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold `num_tokens` KV entries."""
@@ -30,12 +66,10 @@ class BlockManager:
     def grow(self, block_table: list[int], num_tokens: int) -> bool:
         """Append blocks to `block_table` until it holds `num_tokens` entries; all or nothing."""
         need = self.blocks_for(num_tokens) - len(block_table)
-        if need > len(self._free):
+        if need > self.num_free:
             return False
         for _ in range(need):
-            block = self._free.popleft()
-            self._refs[block] = 1
-            block_table.append(block)
+            block_table.append(self._take())
         return True
 
     def link_prefix(self, block_table: list[int], prefix_blocks: tuple[int, ...], prefix_len: int) -> tuple[int, int] | None | bool:
@@ -51,12 +85,11 @@ class BlockManager:
             self.share(list(prefix_blocks[:full]))
             block_table.extend(prefix_blocks[:full])
             return None
-        if not self._free:
+        if not self.num_free:
             return False
         self.share(list(prefix_blocks[:full]))
         block_table.extend(prefix_blocks[:full])
-        copy = self._free.popleft()
-        self._refs[copy] = 1
+        copy = self._take()
         block_table.append(copy)
         return (prefix_blocks[full], copy)
 
@@ -66,11 +99,45 @@ class BlockManager:
             assert self._refs[block] > 0, f"block {block} is not allocated"
             self._refs[block] += 1
 
+    def share_cached(self, block_table: list[int], key: bytes) -> bool:
+        """If a block is registered under `key`, add a holder to it and append it to `block_table`."""
+        block = self._block_of.get(key)
+        if block is None:
+            return False
+        self._evictable.pop(block, None)
+        self._refs[block] += 1
+        block_table.append(block)
+        return True
+
+    def register(self, block: int, key: bytes) -> None:
+        """Offer a held, full block whose KV is computed under `key`; a key already registered keeps its block."""
+        assert self._refs[block] > 0 and block not in self._key_of, f"block {block} cannot be registered"
+        if key not in self._block_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
     def release(self, block_table: list[int]) -> None:
-        """Drop one holder from each block in `block_table` and empty it; blocks without holders become free."""
-        for block in block_table:
+        """Drop one holder from each block in `block_table` and empty it; blocks without holders become free
+        (registered ones evictable). The table's tail goes first, so it is evicted before its head, which
+        more requests are likely to share."""
+        for block in reversed(block_table):
             assert self._refs[block] > 0, f"block {block} released twice"
             self._refs[block] -= 1
-            if self._refs[block] == 0:
+            if self._refs[block] > 0:
+                continue
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
                 self._free.append(block)
         block_table.clear()
+
+    def _take(self) -> int:
+        """One block for a new holder: a free one, else the least recently used cached one, forgetting its key."""
+        if self._free:
+            block = self._free.popleft()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+            self.num_evictions += 1
+        self._refs[block] = 1
+        return block
