@@ -41,67 +41,96 @@ def paged_attention(
     where K = k_cache[block_tables[b]].flatten(0, 1) and likewise V; heads are grouped (GQA): query
     head h reads kv head h // (H // KVH).
 
-    Decode rows (q = 1) go through batched calls, sequences of similar length together; prefill chunks
-    one call each.
+    Decode rows (q = 1) go through batched calls, a few sequences of similar length at a time; prefill
+    chunks one call each. A call gathers its sequences' blocks whole (a block is one contiguous row of
+    the cache) and attends over them token-major, without reordering them head-major first.
     """
     out = torch.empty_like(query)
-    starts = query_starts.tolist()
-    lens = seq_lens.tolist()
-    q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
-    decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
-    for i in range(0, len(decode), _DECODE_GROUP):  # similar lengths together: less padding to gather
-        group = decode[i : i + _DECODE_GROUP]
-        rows = torch.tensor([starts[b] for b in group], device=query.device)
-        out[rows] = _decode(query[rows], k_cache, v_cache, block_tables[group], seq_lens[group], scale)
-    for b, q in enumerate(q_lens):
-        if q > 1:
-            rows = slice(starts[b], starts[b + 1])
-            out[rows] = _prefill(query[rows], k_cache, v_cache, block_tables[b], lens[b], scale)
+    plan = _attention_plan(block_tables, seq_lens, query_starts, k_cache.shape[1])
+    k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
+    kvh, dim = k_cache.shape[2:]
+    heads = query.shape[1]
+    for group in plan.decode:
+        b = group.rows.shape[0]
+        k = k_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, : group.length].transpose(1, 2)
+        v = v_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, : group.length].transpose(1, 2)
+        q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim)  # a kv head's G query heads as G rows
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=group.mask, scale=scale)
+        out.index_copy_(0, group.rows, o.reshape(b, heads, dim))
+    for chunk in plan.prefill:
+        k = k_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)  # [KVH, n, D]
+        v = v_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)
+        q = query[chunk.start : chunk.end].transpose(0, 1)  # [H, T, D]
+        o = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=chunk.mask, scale=scale, enable_gqa=True
+        )
+        out[chunk.start : chunk.end] = o.transpose(0, 1)
     return out
 
 
-_DECODE_GROUP = 16  # decode sequences per batched call
+# Decode sequences per batched call. Measured on CPU (64 sequences of 90-400 entries, GQA 9/3 heads): 8 is
+# ~2x faster than 16 or 64 (the gathered KV of a small call is still in cache when attention reads it) and
+# than one call per sequence (call overhead).
+_DECODE_GROUP = 8
 
 
-def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """cache [NB, BS, KVH, D] gathered by blocks [B, n] -> [B, KVH, n * BS, D] (contiguous).
-
-    Gathering from the head-major view writes each head's entries together; on CPU this is about 2x
-    faster end to end than gathering token-major and letting attention read it strided.
-    """
-    g = cache.permute(0, 2, 1, 3)[blocks.long()]  # [B, n, KVH, BS, D]
-    b, n, kvh, bs, d = g.shape
-    return g.transpose(1, 2).reshape(b, kvh, n * bs, d)
+@dataclass(frozen=True)
+class _DecodeGroup:
+    rows: torch.Tensor  # [b] int64: the sequences' query rows
+    blocks: torch.Tensor  # [b * n] int64: each sequence's first n blocks, n = the longest one's
+    length: int  # KV entries attended: the longest sequence's
+    mask: torch.Tensor | None  # [b, 1, 1, length] bool; None when every sequence has that length
 
 
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
-    """q [B, H, D]; one query per sequence, at its last position.
-
-    The H // KVH query heads of a kv head become its G query rows, so K and V are never repeated.
-    """
-    bsz, heads, dim = q.shape
-    kvh, bs = k_cache.shape[2], k_cache.shape[1]
-    n_blocks = (int(seq_lens.max()) + bs - 1) // bs
-    tables = block_tables[:, :n_blocks]
-    k, v = _gather(k_cache, tables), _gather(v_cache, tables)  # [B, KVH, n*BS, D]
-    mask = torch.arange(n_blocks * bs, device=q.device) < seq_lens[:, None].to(q.device)  # [B, n*BS]
-    o = F.scaled_dot_product_attention(
-        q.view(bsz, kvh, heads // kvh, dim), k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :], scale=scale
-    )
-    return o.reshape(bsz, heads, dim)
+@dataclass(frozen=True)
+class _PrefillChunk:
+    start: int
+    end: int  # its query rows are start:end
+    blocks: torch.Tensor  # [n] int64
+    length: int  # the sequence's KV entries
+    mask: torch.Tensor  # [end - start, length] bool, causal
 
 
-def _prefill(q, k_cache, v_cache, block_table, seq_len: int, scale):
-    """q [T, H, D] for the last T of seq_len positions of one sequence."""
-    bs = k_cache.shape[1]
-    tables = block_table[None, : (seq_len + bs - 1) // bs]
-    k = _gather(k_cache, tables)[0, :, :seq_len].to(q.dtype)  # [KVH, seq_len, D]
-    v = _gather(v_cache, tables)[0, :, :seq_len].to(q.dtype)
-    t = q.shape[0]
-    q_pos = torch.arange(seq_len - t, seq_len, device=q.device)
-    mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [T, seq_len]
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)
+@dataclass(frozen=True)
+class _AttentionPlan:
+    decode: list[_DecodeGroup]
+    prefill: list[_PrefillChunk]
+
+
+_ATTENTION_PLANS: dict = {}  # every layer of a step attends with the same metadata: it is planned once
+
+
+def _attention_plan(block_tables, seq_lens, query_starts, block_size: int) -> _AttentionPlan:
+    starts, lens, tables = query_starts.tolist(), seq_lens.tolist(), block_tables.tolist()
+    key = (tuple(starts), tuple(lens), tuple(map(tuple, tables)), block_size, str(query_starts.device))
+    plan = _ATTENTION_PLANS.get(key)
+    if plan is None:
+        if len(_ATTENTION_PLANS) >= 4:  # only the current step's plan is asked for again
+            _ATTENTION_PLANS.clear()
+        plan = _ATTENTION_PLANS[key] = _make_attention_plan(starts, lens, tables, block_size, query_starts.device)
+    return plan
+
+
+def _make_attention_plan(starts, lens, tables, bs: int, device) -> _AttentionPlan:
+    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
+    decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
+    groups = []
+    for i in range(0, len(decode), _DECODE_GROUP):  # similar lengths together: little padding to gather
+        group = decode[i : i + _DECODE_GROUP]
+        length = max(lens[b] for b in group)
+        mask = None
+        if any(lens[b] != length for b in group):
+            mask = (torch.arange(length, device=device) < as_long([lens[b] for b in group])[:, None])[:, None, None, :]
+        blocks = as_long([block for b in group for block in tables[b][: -(-length // bs)]])
+        groups.append(_DecodeGroup(as_long([starts[b] for b in group]), blocks, length, mask))
+    chunks = []
+    for b, q in enumerate(q_lens):
+        if q > 1:
+            n = lens[b]
+            causal = torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
+            chunks.append(_PrefillChunk(starts[b], starts[b + 1], as_long(tables[b][: -(-n // bs)]), n, causal))
+    return _AttentionPlan(groups, chunks)
 
 
 def write_prefix(
