@@ -19,6 +19,7 @@ import grpc
 from deploy.routing import AdapterRoutingInterceptor
 from server.api.gen import adapters_pb2
 from server.client import QuiverClient
+from server.config import EngineConfig
 from server.errors import QuiverError
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -42,6 +43,18 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
     e.add_argument("--max-bottleneck-size", type=int, default=64, help="largest bottleneck size accepted")
     e.add_argument("--host-cache-bytes", type=int, default=2 << 30, help="parsed adapter weights kept in host memory")
+    e.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full instead of reusing the KV blocks of prompts that begin the same way")
+
+
+def _engine_config(args) -> EngineConfig:
+    return EngineConfig(
+        block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_queue_len=args.max_queue_len, kernel_backend=args.kernel_backend, adapter_slots=args.adapter_slots,
+        max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size,
+        host_cache_bytes=args.host_cache_bytes, enable_prefix_caching=not args.no_prefix_caching,
+    )
 
 
 def _add_server_flags(p: argparse.ArgumentParser) -> None:
@@ -143,7 +156,7 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
 def _serve(args) -> None:
     # The server side (torch, transformers) is imported here only: client commands start in a blink.
     from server.api.server import ServerConfig, serve
-    from server.config import EngineConfig, ModelConfig, default_cache_dir
+    from server.config import ModelConfig, default_cache_dir
     from server.engine.engine import Engine
     from server.engine.service import EngineService
     from server.model import attention
@@ -151,13 +164,7 @@ def _serve(args) -> None:
 
     cache_dir = args.cache_dir or default_cache_dir()
     model_config = ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
-    engine_config = EngineConfig(
-        block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        max_queue_len=args.max_queue_len, kernel_backend=args.kernel_backend, adapter_slots=args.adapter_slots,
-        max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size,
-        host_cache_bytes=args.host_cache_bytes,
-    )
+    engine_config = _engine_config(args)
     adapters_dir = args.adapters_dir if args.adapters_dir.is_dir() else None
     config = ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, adapters_dir=adapters_dir,
@@ -184,7 +191,7 @@ def _deploy_ray(args) -> None:
     from ray import serve
 
     from deploy.ray_serve import RayDeployConfig, start
-    from server.config import EngineConfig, ModelConfig, default_cache_dir
+    from server.config import ModelConfig, default_cache_dir
 
     autoscaling = None
     if args.max_replicas is not None:
@@ -193,13 +200,7 @@ def _deploy_ray(args) -> None:
     config = RayDeployConfig(
         store_dir=args.store_dir.resolve(),
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir or default_cache_dir()),
-        engine=EngineConfig(
-            block_size=args.block_size, kv_cache_bytes=args.kv_cache_bytes, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            max_queue_len=args.max_queue_len, kernel_backend=args.kernel_backend, adapter_slots=args.adapter_slots,
-            max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size,
-            host_cache_bytes=args.host_cache_bytes,
-        ),
+        engine=_engine_config(args),
         max_adapter_bytes=args.max_adapter_bytes,
         max_stored_adapters=args.max_stored_adapters, adapter_roots=tuple(r.resolve() for r in args.adapter_root),
         admin_token=_read_token(args.admin_token_file), client_token=_read_token(args.client_token_file),

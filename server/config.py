@@ -37,6 +37,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_bottleneck_size: int = 64
     host_cache_bytes: int = 2 << 30  # parsed adapter weights kept in host memory
+    enable_prefix_caching: bool = True  # requests share the KV blocks of the tokens they begin with
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -3,8 +3,8 @@
 Labels are bounded: `adapter_kind` is "base", one of the six kinds (lower case, e.g. "lora") or "unknown"
 (an adapter id that is not loaded), `status` a gRPC status name,
 `location` device/host/disk, `source` path/upload. No metric is labelled by adapter id, whose count is
-unbounded. Engine-side values (queue lengths, KV blocks, adapters by location, evictions, preemptions)
-are read from the engine service when Prometheus scrapes.
+unbounded. Engine-side values (queue lengths, KV blocks, adapters by location, evictions, preemptions,
+prefix-cache hits) are read from the engine service when Prometheus scrapes.
 """
 
 import logging
@@ -105,6 +105,10 @@ class _EngineCollector(Collector):
         yield _gauge("quiver_kv_blocks_used", "KV cache blocks in use", stats.kv_blocks_used)
         yield _gauge("quiver_kv_blocks_total", "KV cache blocks in the pool", stats.kv_blocks_total)
         yield _counter("quiver_preemptions", "Running requests preempted for KV space", stats.num_preemptions)
+        yield _counter("quiver_prefix_cache_queried_tokens", "Tokens of admitted requests looked up in the prefix cache",
+                       stats.prefix_cache_queried_tokens)
+        yield _counter("quiver_prefix_cache_hit_tokens", "Tokens whose KV was found in the prefix cache, not computed",
+                       stats.prefix_cache_hit_tokens)
         yield _counter("quiver_adapter_evictions", "Adapters taken off the device to make room",
                        self._service.engine.adapters.num_evictions)
         adapters = GaugeMetricFamily("quiver_adapters", "Adapters being served, by where their weights are now",

@@ -35,6 +35,8 @@ class EngineStats:
     kv_blocks_used: int
     kv_blocks_total: int
     num_preemptions: int
+    prefix_cache_queried_tokens: int  # known tokens of requests admitted through the prefix cache
+    prefix_cache_hit_tokens: int  # of those, tokens whose KV was reused instead of computed
 
 
 class Engine:
@@ -62,11 +64,13 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             place=self._place, unplace=self._unplace, reclaim=self.adapters.reclaim_blocks,
+            prefix_caching=config.enable_prefix_caching,
         )
         self._versions: dict[str, AdapterVersion] = {}  # request id -> the adapter version it pinned
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
-        log.info("KV pool: %d blocks of %d tokens; kernels: %s", num_blocks, config.block_size, ops.name)
+        log.info("KV pool: %d blocks of %d tokens, prefix caching %s; kernels: %s", num_blocks, config.block_size,
+                 "on" if config.enable_prefix_caching else "off", ops.name)
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None
@@ -85,7 +89,10 @@ class Engine:
             if version is not None:
                 self.adapters.unpin(version)
             raise
-        request = Request(request_id, list(prompt_token_ids), params, arrival=next(self._arrivals))
+        request = Request(
+            request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
+            kv_adapter=(version.adapter_id, version.version) if version is not None else None,
+        )
         self.requests[request_id] = request
         if version is not None:
             self._versions[request_id] = version
@@ -153,9 +160,8 @@ class Engine:
         if not chunks:
             return []
         sampled = self.runner.execute(chunks, self.scheduler.take_copies())
+        self.scheduler.computed(chunks)  # before any request finishes, so its blocks are cached when freed
         outputs = []
-        for chunk in chunks:
-            chunk.request.num_computed_tokens += chunk.num_tokens
         for request, token in sampled:
             request.output_token_ids.append(token)
             reason = self._stop_reason(request, token)
@@ -192,6 +198,8 @@ class Engine:
             kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queried_tokens=self.scheduler.prefix_cache_queried_tokens,
+            prefix_cache_hit_tokens=self.scheduler.prefix_cache_hit_tokens,
         )
 
 

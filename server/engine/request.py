@@ -82,6 +82,8 @@ class Request:
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0  # real tokens whose K/V are in this request's blocks
     block_table: list[int] = field(default_factory=list)  # e.g. [4, 9, 2]: KV blocks in order, prefix first
+    kv_adapter: tuple[str, int] | None = None  # the adapter (id, version) its KV depends on; None: the base model
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks of tokens
     num_preemptions: int = 0
 
     @property

@@ -5,13 +5,16 @@ one token, a request still in its prompt takes the next chunk that fits. Then wa
 admitted while budget, sequence slots and KV blocks last. When a running request cannot get a block,
 the latest-arrived running request is preempted: its blocks are freed and it goes back to the front of
 the queue, to be recomputed from its prompt and the tokens it already produced. Nothing is dropped.
+
+Prefix caching: a request admitted (or readmitted) shares the cached blocks its tokens begin with and
+computes only the rest; after each step the full blocks a request completed are registered for others.
 """
 
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, block_key, root_key
 from server.engine.request import Request, Status
 
 
@@ -42,7 +45,8 @@ class Scheduler:
     """`place(request)` is asked before a request starts (or restarts) running, to put its adapter on the
     device; it may say no (no room now). `unplace(request)` is called when it stops running. `reclaim()` is
     asked to free KV blocks held by idle adapters (their shared prefixes) before anything is preempted or
-    left waiting for lack of blocks; it says whether it freed any."""
+    left waiting for lack of blocks; it says whether it freed any. `prefix_caching` turns on sharing of
+    cached full blocks between requests whose tokens begin the same way."""
 
     def __init__(
         self,
@@ -53,6 +57,7 @@ class Scheduler:
         place: Callable[[Request], bool] = _always,
         unplace: Callable[[Request], None] = _nothing,
         reclaim: Callable[[], bool] = _never,
+        prefix_caching: bool = True,
     ) -> None:
         self.blocks = blocks
         self.place = place
@@ -60,10 +65,13 @@ class Scheduler:
         self.reclaim = reclaim
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies to do before the next forward
+        self.prefix_cache_queried_tokens = 0  # known tokens of requests admitted through the prefix cache
+        self.prefix_cache_hit_tokens = 0  # of those, tokens whose KV was found there instead of computed
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -93,10 +101,10 @@ class Scheduler:
             break  # `request` itself was preempted: it was the last running one
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens, budget)
             if not self.place(request):
                 break
-            if not self._take_blocks(request, n):
+            n = self._take_blocks(request, budget)
+            if n is None:
                 self.unplace(request)
                 break
             self.waiting.popleft()
@@ -106,16 +114,21 @@ class Scheduler:
             budget -= n
         return chunks
 
-    def _take_blocks(self, request: Request, n: int) -> bool:
-        """Give a request about to start its prefix and room for its first n tokens; all or nothing."""
+    def _take_blocks(self, request: Request, budget: int) -> int | None:
+        """Give a request about to start its prefix, the cached blocks its tokens begin with, and room for a
+        first chunk of at most `budget` tokens: that chunk's size. All or nothing: None when blocks are short."""
         while True:
             if self._link_prefix(request):
-                if self.blocks.grow(request.block_table, request.prefix_len + n):
-                    return True
+                self._share_cached(request)
+                n = min(request.num_tokens - request.num_computed_tokens, budget)
+                if self.blocks.grow(request.block_table, request.prefix_len + request.num_computed_tokens + n):
+                    self._count_cache_use(request)
+                    return n
                 self.pending_copies = [c for c in self.pending_copies if c[1] not in request.block_table]
                 self.blocks.release(request.block_table)
+                request.num_computed_tokens = 0
             if not self.reclaim():
-                return False
+                return None
 
     def _link_prefix(self, request: Request) -> bool:
         """Put the request's adapter prefix (if any) at the head of its block table."""
@@ -127,6 +140,57 @@ class Scheduler:
         if copy is not None:
             self.pending_copies.append(copy)
         return True
+
+    def _caches(self, request: Request) -> bool:
+        """Whether the request's tokens go through the prefix cache: they must start at a block boundary
+        (no adapter prefix, or one of whole blocks), so that its blocks hold nothing but its tokens."""
+        return self.prefix_caching and request.prefix_len % self.blocks.block_size == 0
+
+    def _share_cached(self, request: Request) -> None:
+        """Append the cached blocks holding the start of the request's tokens to its block table and skip
+        computing them. Its last token is always computed: its row yields the next token."""
+        if not self._caches(request):
+            return
+        tokens = request.all_token_ids
+        limit = (request.num_tokens - 1) // self.blocks.block_size
+        matched = 0
+        while matched < limit and self.blocks.share_cached(request.block_table, self._block_key(request, matched, tokens)):
+            matched += 1
+        request.num_computed_tokens = matched * self.blocks.block_size
+
+    def _count_cache_use(self, request: Request) -> None:
+        """At admission: what the request looked up in the prefix cache and what it found."""
+        if self._caches(request):
+            self.prefix_cache_queried_tokens += request.num_tokens
+            self.prefix_cache_hit_tokens += request.num_computed_tokens
+
+    def computed(self, chunks: list[ScheduledChunk]) -> None:
+        """After a step: mark the chunks' tokens computed, and register the full blocks they completed in the
+        prefix cache, for later requests whose tokens begin the same way."""
+        bs = self.blocks.block_size
+        for chunk in chunks:
+            request = chunk.request
+            begin = request.num_computed_tokens // bs
+            request.num_computed_tokens += chunk.num_tokens
+            end = request.num_computed_tokens // bs
+            if begin == end or not self._caches(request):  # most decode steps complete no block
+                continue
+            tokens = request.all_token_ids
+            first = request.prefix_len // bs  # the adapter prefix's blocks come first
+            for i in range(begin, end):
+                self.blocks.register(request.block_table[first + i], self._block_key(request, i, tokens))
+
+    def _block_key(self, request: Request, i: int, tokens: list[int]) -> bytes:
+        """The key of the request's i-th full block of tokens. Keys are kept on the request, each computed
+        once from its parent's: tokens never change, so they stay valid across preemption."""
+        bs = self.blocks.block_size
+        keys = request.block_keys
+        while len(keys) <= i:
+            j = len(keys)
+            assert (j + 1) * bs <= len(tokens), "only full blocks have keys"
+            parent = keys[-1] if keys else root_key(request.kv_adapter)
+            keys.append(block_key(parent, tokens[j * bs:(j + 1) * bs]))
+        return keys[i]
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
