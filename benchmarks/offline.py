@@ -113,7 +113,10 @@ def register_bank(service: EngineService, args, model_config) -> dict:
 
 def run_quiver(service: EngineService, prompts, lengths, ids: list[int | None]) -> tuple[list[list[int]], float, dict]:
     engine = service.engine
-    before = (engine.adapters.num_evictions, engine.adapters.num_reads, engine.scheduler.num_preemptions)
+    scheduler = engine.scheduler
+    before = (engine.adapters.num_evictions, engine.adapters.num_reads, scheduler.num_preemptions,
+              scheduler.prefix_cache_hit_tokens)
+    service.reset_prefix_cache()  # cold: each run reuses only what its own requests share
     start = time.perf_counter()
     streams = service.submit_many(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths],
                                   adapter_ids=[None if i is None else lora_bank.name_of(i) for i in ids])
@@ -121,7 +124,8 @@ def run_quiver(service: EngineService, prompts, lengths, ids: list[int | None]) 
     seconds = time.perf_counter() - start
     counters = {"device_evictions": engine.adapters.num_evictions - before[0],
                 "disk_reads": engine.adapters.num_reads - before[1],
-                "preemptions": engine.scheduler.num_preemptions - before[2]}
+                "preemptions": scheduler.num_preemptions - before[2],
+                "prefix_cache_hit_tokens": scheduler.prefix_cache_hit_tokens - before[3]}
     return tokens, seconds, counters
 
 
@@ -147,6 +151,7 @@ def main() -> None:
     p.add_argument("--host-cache-mib", type=int, default=1024, help="parsed adapters kept in host memory")
     p.add_argument("--baselines-at", type=int, default=64, help="adapter count for PEFT and merge-and-swap")
     p.add_argument("--no-baselines", action="store_true", help="Quiver's runs only (no peers, no output checks)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="Quiver computes every prompt in full")
     p.add_argument("--baseline-requests", type=int, default=0, help="run the baselines on the first N requests (0: all)")
     p.add_argument("--check-sample", type=int, default=8, help="requests per other adapter count re-run through PEFT")
     p.add_argument("--static-batch-size", type=int, default=16)
@@ -164,6 +169,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs, adapter_slots=args.slots,
         max_lora_rank=max(lora_bank.RANKS), max_bottleneck_size=0, host_cache_bytes=args.host_cache_mib << 20,
         kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)) if args.kv_cache_gib else None,
+        enable_prefix_caching=not args.no_prefix_caching,
     )
     service = EngineService(Engine(loaded, config))
     sizes = [len(prompt) for prompt in prompts]
@@ -171,7 +177,7 @@ def main() -> None:
               "output_tokens_min_max_sum": [min(lengths), max(lengths), sum(lengths)],
               "prompt_tokens_min_max_sum": [min(sizes), max(sizes), sum(sizes)],
               "slots": args.slots, "host_cache_mib": args.host_cache_mib, "max_num_seqs": args.max_num_seqs,
-              "ranks": list(lora_bank.RANKS), "targets": list(lora_bank.TARGETS), "runs": []}
+              "ranks": list(lora_bank.RANKS), "targets": list(lora_bank.TARGETS), "prefix_caching": config.enable_prefix_caching, "runs": []}
     result |= register_bank(service, args, model_config)
     # warm-up: prefill and decode shapes, with and without adapters (Triton compiles each variant once)
     service.generate(prompts[:4], SamplingParams(max_new_tokens=3), adapter_ids=["lora0", "lora1", None, "lora0"])

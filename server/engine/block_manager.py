@@ -131,6 +131,16 @@ class BlockManager:
                 self._free.append(block)
         block_table.clear()
 
+    def drop_cached(self) -> int:
+        """Forget every cached block without holders (they become plain free blocks); returns how many.
+        Blocks held by running requests keep their keys."""
+        dropped = len(self._evictable)
+        for block in self._evictable:
+            del self._block_of[self._key_of.pop(block)]
+            self._free.append(block)
+        self._evictable.clear()
+        return dropped
+
     def _take(self) -> int:
         """One block for a new holder: a free one, else the least recently used cached one, forgetting its key."""
         if self._free:

@@ -191,6 +191,10 @@ class Engine:
         self.runner.sampler.forget(request.request_id)
         del self.requests[request.request_id]
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's idle blocks, e.g. to measure cold prompts; returns how many blocks."""
+        return self.blocks.drop_cached()
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),

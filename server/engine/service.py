@@ -210,6 +210,10 @@ class EngineService:
     def list_adapters(self) -> list[AdapterInfo]:
         return self._call(lambda engine: [self._info(v) for v in engine.adapters.current.values()]).result()
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's idle blocks (see Engine.reset_prefix_cache); returns how many blocks."""
+        return self._call(lambda engine: engine.reset_prefix_cache()).result()
+
     def stats(self) -> EngineStats:
         """A snapshot taken by the loop thread after its last turn."""
         return self._stats
