@@ -1,0 +1,62 @@
+"""Does running the engine in a thread cost CPU throughput? A/B of the same engine's decode steps on the
+main thread and on a separate thread (as `EngineService` runs them), alternating, in one process.
+
+    python benchmarks/engine_thread.py             # 64 chat prompts, 6 rounds of 4 decode steps on each side
+
+On a 2-core CPU with libgomp, a second OpenMP team (the main thread's, made when the model loaded there, plus
+the engine thread's) makes the runtime throttle its spin-waiting, so every parallel region of the engine
+thread pays a wake-up; this measures how much a step loses to that (see RESULTS.md).
+"""
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import data  # noqa: E402
+from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.request import SamplingParams  # noqa: E402
+from server.model import attention  # noqa: E402
+from server.model.loader import load_model  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=4, help="decode steps per round and side")
+    args = p.parse_args()
+
+    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+    engine = Engine(loaded, EngineConfig(max_num_seqs=args.prompts))
+    params = SamplingParams(max_new_tokens=1 + 2 * args.rounds * args.steps + 64, ignore_eos=True)
+    for i, prompt in enumerate(data.chat_prompts(loaded.tokenizer, args.prompts)):
+        engine.add_request(str(i), prompt, params)
+    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.requests.values()):
+        engine.step()  # every prompt prefilled: what follows are decode steps of all sequences
+
+    def timed(out: list[float]) -> None:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        out.append((time.perf_counter() - start) / args.steps * 1e3)
+
+    on_main: list[float] = []
+    on_thread: list[float] = []
+    for _ in range(args.rounds):
+        timed(on_main)
+        thread = threading.Thread(target=timed, args=(on_thread,))
+        thread.start()
+        thread.join()
+    print(f"decode step of {args.prompts} sequences, ms per round:")
+    print("  main thread   ", " ".join(f"{v:.0f}" for v in on_main), f"  min {min(on_main):.0f}")
+    print("  engine thread ", " ".join(f"{v:.0f}" for v in on_thread), f"  min {min(on_thread):.0f}")
+    print(f"thread / main (min over rounds): {min(on_thread) / min(on_main):.2f}")
+
+
+if __name__ == "__main__":
+    main()
