@@ -136,7 +136,7 @@ class BlockManager:
         Blocks held by running requests keep their keys."""
         dropped = len(self._evictable)
         for block in self._evictable:
-            del self._block_of[self._key_of.pop(block)]
+            self._forget(block)
             self._free.append(block)
         self._evictable.clear()
         return dropped
@@ -147,7 +147,11 @@ class BlockManager:
             block = self._free.popleft()
         else:
             block, _ = self._evictable.popitem(last=False)
-            del self._block_of[self._key_of.pop(block)]
+            self._forget(block)
             self.num_evictions += 1
         self._refs[block] = 1
         return block
+
+    def _forget(self, block: int) -> None:
+        """Unregister a cached block: no request can find it any more."""
+        del self._block_of[self._key_of.pop(block)]

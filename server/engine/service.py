@@ -136,7 +136,7 @@ class EngineService:
     ) -> list[RequestStream]:
         """Queue a batch of requests in one loop turn, so that they all start in the same step (submitting
         them one by one would let the loop step between them). All or none: if one is refused, none runs,
-        and its typed error is raised."""
+        and its typed error is raised. The streams are iterated synchronously, like `submit`'s."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapter_ids = adapter_ids if adapter_ids is not None else [None] * len(prompts)
         if not len(prompts) == len(params_list) == len(adapter_ids):
