@@ -235,7 +235,9 @@ def run(config: SoakConfig, *, model_path: Path, zoo: dict[str, Path], work: Pat
     try:
         soak = _Soak(config, running, zoo)
         start = time.monotonic()
-        asyncio.run(soak.run())
+        # the clients run on the server's event loop: grpc.aio's completion poller is shared by the process,
+        # and a second loop closed by asyncio.run could still be handed a late event ("Event loop is closed")
+        running.run(soak.run(), timeout=config.seconds + 300)
         report.wall_seconds = round(time.monotonic() - start, 1)
         report.leaks = wait_idle(running.service, timeout=30)
         gc.collect()
