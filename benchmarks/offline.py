@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import baselines, data, lora_bank, machine  # noqa: E402
 from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
+from server.engine import openmp  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
 from server.engine.service import EngineService  # noqa: E402
 from server.model import attention  # noqa: E402
@@ -117,6 +118,7 @@ def run_quiver(service: EngineService, prompts, lengths, ids: list[int | None]) 
     before = (engine.adapters.num_evictions, engine.adapters.num_reads, scheduler.num_preemptions,
               scheduler.prefix_cache_hit_tokens)
     service.reset_prefix_cache()  # cold: each run reuses only what its own requests share
+    openmp.release_thread_pool()  # this thread's baseline work made an OpenMP team: free it (openmp.py)
     start = time.perf_counter()
     streams = service.submit_many(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths],
                                   adapter_ids=[None if i is None else lora_bank.name_of(i) for i in ids])

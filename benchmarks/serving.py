@@ -32,6 +32,7 @@ from benchmarks import data, machine  # noqa: E402
 from benchmarks.baselines import timed_static  # noqa: E402
 from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
+from server.engine import openmp  # noqa: E402
 from server.engine.request import SamplingParams  # noqa: E402
 from server.engine.service import EngineService  # noqa: E402
 from server.model import attention  # noqa: E402
@@ -43,6 +44,7 @@ KINDS = ("lora", "bottleneck", "prefix", "ptuning-v2", "prompt", "ptuning")
 def timed_engine(service: EngineService, prompts, new_tokens, adapter_ids=None) -> tuple[list[list[int]], float]:
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     service.reset_prefix_cache()  # cold: only what these requests share with each other is reused
+    openmp.release_thread_pool()  # this thread's baseline work made an OpenMP team: free it (openmp.py)
     start = time.perf_counter()
     completions = service.generate(prompts, params, adapter_ids=adapter_ids)
     return [c.token_ids for c in completions], time.perf_counter() - start

@@ -61,7 +61,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
                         raise InvalidArgument("only file chunks may follow an upload's header")
                     staged.write(file_name=message.chunk.file_name, data=message.chunk.data)
                 staged_dir = await asyncio.to_thread(staged.finish)
-                await asyncio.to_thread(service.engine.read_adapter, staged_dir)  # refuse a bad adapter before it replaces anything
+                await asyncio.to_thread(service.read_adapter, staged_dir)  # refuse a bad adapter before it replaces anything
             except BaseException:
                 staged.discard()
                 raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from server.adapters.weights import AdapterWeights
+from server.engine import openmp
 from server.engine.engine import Engine, EngineStats
 from server.engine.request import FinishReason, RequestOutput, SamplingParams
 from server.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -106,6 +107,7 @@ class EngineService:
         self._ids = itertools.count()
         self._stopping = False
         self._stats = engine.stats()
+        openmp.release_thread_pool()  # the engine thread's OpenMP team is then the only one (see openmp.py)
         self._thread = threading.Thread(target=self._loop, name="quiver-engine", daemon=True)
         self._thread.start()
 
@@ -194,7 +196,15 @@ class EngineService:
     def load_adapter(self, adapter_id: str, path: Path, *, replace: bool = False) -> AdapterInfo:
         """Read and validate the adapter directory here (off the engine thread), then serve it as `adapter_id`.
         Raises InvalidArgument for a bad directory, AlreadyExists unless `replace`."""
-        return self.register_adapter(adapter_id, self.engine.read_adapter(path), source=path, replace=replace)
+        return self.register_adapter(adapter_id, self.read_adapter(path), source=path, replace=replace)
+
+    def read_adapter(self, path: Path) -> AdapterWeights:
+        """Read and validate an adapter directory on the caller's thread (raises InvalidArgument). A big one
+        can make torch start an OpenMP team on this thread; it is given back (see openmp.py)."""
+        try:
+            return self.engine.read_adapter(path)
+        finally:
+            openmp.release_thread_pool()
 
     def register_adapter(
         self, adapter_id: str, weights: AdapterWeights, *, source: Path | None = None, replace: bool = False
