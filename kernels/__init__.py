@@ -26,6 +26,7 @@ class KernelOps:
     copy_blocks: Callable
     lora_shrink: Callable
     lora_expand: Callable
+    lora_apply: Callable  # lora_shrink then lora_expand for one projection, fused where the backend can
 
 
 TORCH_OPS = KernelOps(
@@ -36,6 +37,7 @@ TORCH_OPS = KernelOps(
     copy_blocks=reference.copy_blocks,
     lora_shrink=reference.lora_shrink,
     lora_expand=reference.lora_expand,
+    lora_apply=reference.lora_apply,
 )
 
 

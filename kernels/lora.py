@@ -229,6 +229,17 @@ def lora_expand(
     )
 
 
+def lora_apply(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out_offsets, seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+) -> None:
+    """Triton `kernels.reference.lora_apply`: the shrink kernel into a [1, T, R_max] buffer, then the expand one."""
+    buf = x.new_empty(1, x.shape[0], a.shape[2])
+    lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
+    lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
+                scales=scales)
+
+
 def _block_m(n_tokens: int, n_segs: int) -> int:
     """Token tile: 16 (tl.dot's least) when segments average a few tokens (decode), 64 for prefill."""
     return 16 if n_tokens <= 32 * n_segs else 64

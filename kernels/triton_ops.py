@@ -3,7 +3,7 @@
 from kernels import KernelOps
 from kernels.attention import paged_attention
 from kernels.kv_cache import copy_blocks, store_kv, write_prefix
-from kernels.lora import lora_expand, lora_shrink
+from kernels.lora import lora_apply, lora_expand, lora_shrink
 
 TRITON_OPS = KernelOps(
     name="triton",
@@ -13,4 +13,5 @@ TRITON_OPS = KernelOps(
     copy_blocks=copy_blocks,
     lora_shrink=lora_shrink,
     lora_expand=lora_expand,
+    lora_apply=lora_apply,
 )

@@ -104,10 +104,8 @@ class AdapterLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         y2 = y.view(-1, y.shape[-1])  # [T, out]
         if not self.lora_slots.isdisjoint(batch.slots):
-            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots)
-            buf = x2.new_empty(1, x2.shape[0], self.lora_a.shape[2])  # [1, T, R]
-            self.ops.lora_shrink(x2, self.lora_a, ranks=self.lora_ranks, out=buf, **seg)
-            self.ops.lora_expand(y2, buf, self.lora_b, out_offsets=self.out_offsets, ranks=self.lora_ranks, scales=self.lora_scales, **seg)
+            self.ops.lora_apply(y2, x2, self.lora_a, self.lora_b, out_offsets=self.out_offsets, seg_starts=batch.seg_starts,
+                                seg_slots=batch.seg_slots, ranks=self.lora_ranks, scales=self.lora_scales)
         if self.bottleneck_size and batch.activations and not self.bn_slots.isdisjoint(batch.slots):
             self._bottleneck(y2, batch)
         return y

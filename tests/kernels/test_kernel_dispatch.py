@@ -12,7 +12,7 @@ def test_triton_backend_is_all_triton_launchers():
     expected = {
         "store_kv": kv_cache.store_kv, "paged_attention": attention.paged_attention,
         "write_prefix": kv_cache.write_prefix, "copy_blocks": kv_cache.copy_blocks,
-        "lora_shrink": lora.lora_shrink, "lora_expand": lora.lora_expand,
+        "lora_shrink": lora.lora_shrink, "lora_expand": lora.lora_expand, "lora_apply": lora.lora_apply,
     }
     fields = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops) if f.name != "name"}
     assert ops.name == "triton" and fields == expected
