@@ -1,0 +1,106 @@
+"""What a decode step pays for LoRA on CPU: the same engine's decode steps with no adapter, and with one distinct
+adapter per sequence, each computed by the fused `lora_apply` and by `lora_shrink` + `lora_expand`, alternating,
+in one process (the engine on the main thread).
+
+    python benchmarks/lora_step.py                      # 64 sequences, 64 adapters r=16 on all linear layers
+    python benchmarks/lora_step.py --targets q_proj,v_proj --rank 64
+
+The adapters are random (PEFT's LoraConfig, B ~ N(0, 0.02)); they are held in memory, not written out.
+"""
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import data  # noqa: E402
+from kernels import reference  # noqa: E402
+from server.adapters.weights import LoraModule, LoraWeights  # noqa: E402
+from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
+from server.engine.engine import Engine  # noqa: E402
+from server.engine.request import SamplingParams  # noqa: E402
+from server.model import attention  # noqa: E402
+from server.model.layers import AdapterLinear  # noqa: E402
+from server.model.loader import load_model  # noqa: E402
+
+
+def two_ops(y, x, a, b, *, out_offsets, seg_starts, seg_slots, ranks, scales) -> None:
+    """lora_apply as the layer computed it before: shrink into a buffer, then expand."""
+    buf = x.new_empty(1, x.shape[0], a.shape[2])
+    reference.lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
+    reference.lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots,
+                          ranks=ranks, scales=scales)
+
+
+def random_lora(model, targets: list[str], rank: int, seed: int) -> LoraWeights:
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear) and name.rsplit(".", 1)[-1] in targets:
+            base = module.base_layer
+            a = torch.randn(rank, base.in_features, generator=gen) * base.in_features ** -0.5
+            modules[name] = LoraModule(a=a, b=torch.randn(base.out_features, rank, generator=gen) * 0.02, scale=2.0)
+    return LoraWeights(modules=modules)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=2, help="decode steps per round and side")
+    args = p.parse_args()
+
+    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+    n = args.prompts
+    engine = Engine(loaded, EngineConfig(max_num_seqs=2 * n, adapter_slots=n, max_lora_rank=args.rank))
+    for i in range(n):
+        engine.register_adapter(f"lora{i}", random_lora(loaded.model, args.targets.split(","), args.rank, i), source=None)
+    params = SamplingParams(max_new_tokens=1 + 2 * args.rounds * args.steps + 8, ignore_eos=True)
+    prompts = data.chat_prompts(loaded.tokenizer, n)
+    for i, prompt in enumerate(prompts):  # the same prompts twice: once on the base model, once with adapters
+        engine.add_request(f"base{i}", prompt, params)
+        engine.add_request(f"lora{i}", prompt, params, adapter_id=f"lora{i}")
+    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.requests.values()):
+        engine.step()
+
+    layers = [m for m in loaded.model.modules() if isinstance(m, AdapterLinear)]
+    fused_ops = layers[0].ops
+    unfused_ops = dataclasses.replace(fused_ops, lora_apply=two_ops)
+    scheduler = engine.scheduler
+    groups = {g: [r for r in scheduler.running if r.request_id.startswith(g)] for g in ("base", "lora")}
+
+    def timed(group: str, ops, out: list[float]) -> None:
+        for layer in layers:
+            layer.ops = ops
+        everyone = list(scheduler.running)
+        scheduler.running[:] = groups[group]  # only this group's sequences decode in these steps
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        out.append((time.perf_counter() - start) / args.steps * 1e3)
+        scheduler.running[:] = everyone  # nobody finishes: max_new_tokens covers every step taken
+
+    sides = {"base model": ("base", fused_ops), "LoRA, lora_apply (fused)": ("lora", fused_ops),
+             "LoRA, shrink + expand": ("lora", unfused_ops)}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name in ("base model", "LoRA, lora_apply (fused)", "base model", "LoRA, shrink + expand"):
+            timed(*sides[name], times[name])  # the base side twice: both groups' contexts grow alike
+    print(f"decode step of {n} sequences ({n} distinct adapters, rank {args.rank}, {args.targets}), ms:")
+    for name, values in times.items():
+        print(f"  {name:28} min {min(values):6.1f}  median {statistics.median(values):6.1f}")
+    base = min(times["base model"])
+    for name in list(sides)[1:]:
+        print(f"base / {name}: {base / min(times[name]):.2f}")
+
+
+if __name__ == "__main__":
+    main()
