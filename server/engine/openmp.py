@@ -11,6 +11,7 @@ this again before the engine thread's timed work.
 """
 
 import ctypes
+import functools
 import logging
 import os
 
@@ -33,21 +34,19 @@ def release_thread_pool() -> bool:
         return False
 
 
-_cached: list = []
-
 # Names under which torch links its OpenMP runtime (the soname, not a file): GNU libgomp on Linux, LLVM's and
 # Intel's elsewhere. Another copy can be loaded under a vendored name (sentencepiece ships one); that is a
 # separate runtime with its own threads, and not the one to pause.
 _SONAMES = ("libgomp.so.1", "libomp.so", "libomp.dylib", "libiomp5.so")
 
 
+@functools.cache
 def _runtime() -> ctypes.CDLL | None:
     """torch's OpenMP runtime, found among the libraries already loaded (never loads one); None if none."""
-    if not _cached:
-        _cached.append(_loaded(_SONAMES) if torch.backends.openmp.is_available() else None)
-        if _cached[0] is None:
-            log.debug("no OpenMP runtime of torch's found in this process; the caller's threads stay")
-    return _cached[0]
+    runtime = _loaded(_SONAMES) if torch.backends.openmp.is_available() else None
+    if runtime is None:
+        log.debug("no OpenMP runtime of torch's found in this process; the caller's threads stay")
+    return runtime
 
 
 def _loaded(names: tuple[str, ...]) -> ctypes.CDLL | None:
