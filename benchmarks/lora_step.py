@@ -75,6 +75,7 @@ def main() -> None:
     fused_ops = layers[0].ops
     unfused_ops = dataclasses.replace(fused_ops, lora_apply=two_ops)
     scheduler = engine.scheduler
+    preemptions = scheduler.num_preemptions
     groups = {g: [r for r in scheduler.running if r.request_id.startswith(g)] for g in ("base", "lora")}
 
     def timed(group: str, ops, out: list[float]) -> None:
@@ -86,6 +87,8 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         out.append((time.perf_counter() - start) / args.steps * 1e3)
+        if scheduler.num_preemptions != preemptions:
+            raise RuntimeError("a sequence was preempted: the KV pool is too small for this many prompts")
         scheduler.running[:] = everyone  # nobody finishes: max_new_tokens covers every step taken
 
     sides = {"base model": ("base", fused_ops), "LoRA, lora_apply (fused)": ("lora", fused_ops),
