@@ -91,18 +91,36 @@ def main() -> None:
             raise RuntimeError("a sequence was preempted: the KV pool is too small for this many prompts")
         scheduler.running[:] = everyone  # nobody finishes: max_new_tokens covers every step taken
 
+    # The floor: only the two products per adapter layer, one row per adapter, over the stacks in place, i.e.
+    # reading every adapter's A and B once (what any LoRA step must do), with nothing around them.
+    stacks = [(m.lora_a[0, :n, : args.rank].transpose(1, 2), m.lora_b[:n, :, : args.rank].transpose(1, 2))
+              for m in layers if m.lora_slots]
+    rows = {a.shape[1]: torch.randn(n, 1, a.shape[1]) for a, _ in stacks}
+
+    def products_only(out: list[float]) -> None:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            for a, b in stacks:
+                torch.bmm(torch.bmm(rows[a.shape[1]], a), b)
+        out.append((time.perf_counter() - start) / args.steps * 1e3)
+
     sides = {"base model": ("base", fused_ops), "LoRA, lora_apply (fused)": ("lora", fused_ops),
              "LoRA, shrink + expand": ("lora", unfused_ops)}
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    times: dict[str, list[float]] = {name: [] for name in (*sides, "LoRA products alone")}
     for _ in range(args.rounds):
         for name in ("base model", "LoRA, lora_apply (fused)", "base model", "LoRA, shrink + expand"):
             timed(*sides[name], times[name])  # the base side twice: both groups' contexts grow alike
-    print(f"decode step of {n} sequences ({n} distinct adapters, rank {args.rank}, {args.targets}), ms:")
+        products_only(times["LoRA products alone"])
+    weights = sum(a.numel() + b.numel() for a, b in stacks) * stacks[0][0].element_size()
+    print(f"decode step of {n} sequences ({n} distinct adapters, rank {args.rank}, {args.targets}; "
+          f"{weights / 1e9:.2f} GB of adapter weights a step), ms:")
     for name, values in times.items():
         print(f"  {name:28} min {min(values):6.1f}  median {statistics.median(values):6.1f}")
-    base = min(times["base model"])
+    base, floor = min(times["base model"]), min(times["LoRA products alone"])
     for name in list(sides)[1:]:
         print(f"base / {name}: {base / min(times[name]):.2f}")
+    print(f"base / (base + products alone): {base / (base + floor):.2f}  "
+          f"(the products read {weights / floor / 1e6:.1f} GB/s)")
 
 
 if __name__ == "__main__":
