@@ -60,10 +60,11 @@ def main() -> None:
 
     loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
     n = args.prompts
-    engine = Engine(loaded, EngineConfig(max_num_seqs=2 * n, adapter_slots=n, max_lora_rank=args.rank))
+    config = EngineConfig(max_num_seqs=2 * n, adapter_slots=n, max_lora_rank=args.rank, kv_cache_bytes=4 << 30)
+    engine = Engine(loaded, config)  # a pool that holds every sequence: no preemption
     for i in range(n):
         engine.register_adapter(f"lora{i}", random_lora(loaded.model, args.targets.split(","), args.rank, i), source=None)
-    params = SamplingParams(max_new_tokens=1 + 2 * args.rounds * args.steps + 8, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=128 + 4 * args.rounds * args.steps, ignore_eos=True)  # none finishes
     prompts = data.chat_prompts(loaded.tokenizer, n)
     for i, prompt in enumerate(prompts):  # the same prompts twice: once on the base model, once with adapters
         engine.add_request(f"base{i}", prompt, params)
@@ -87,8 +88,8 @@ def main() -> None:
         for _ in range(args.steps):
             engine.step()
         out.append((time.perf_counter() - start) / args.steps * 1e3)
-        if scheduler.num_preemptions != preemptions:
-            raise RuntimeError("a sequence was preempted: the KV pool is too small for this many prompts")
+        if scheduler.num_preemptions != preemptions or any(r.request_id not in engine.requests for r in everyone):
+            raise RuntimeError("a sequence was preempted or finished: the steps measured are not all alike")
         scheduler.running[:] = everyone  # nobody finishes: max_new_tokens covers every step taken
 
     # The floor: only the two products per adapter layer, one row per adapter, over the stacks in place, i.e.
