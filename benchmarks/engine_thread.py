@@ -75,5 +75,6 @@ def main() -> None:
     for name in ("engine thread", "engine thread, main released"):
         print(f"{name} / main thread (min over rounds): {min(sides[name]) / main_min:.2f}")
 
+
 if __name__ == "__main__":
     main()
