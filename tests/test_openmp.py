@@ -22,7 +22,10 @@ pytestmark = [
 
 
 def test_the_calling_threads_team_is_freed_and_no_other():
-    import sentencepiece  # noqa: F401  loads a second, vendored libgomp: the one not to pause
+    try:  # where installed, it loads a second, vendored libgomp: the one not to pause
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        pass
 
     x = torch.randn(256, 1024)
     seen = {}
