@@ -346,6 +346,27 @@ def test_refuses_non_finite_values(bases, lora_dir):
     refused(lora_dir, bases["llama"], "q_proj.lora_B.weight", "non-finite")
 
 
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_refuses_infinite_values(bases, lora_dir, value):
+    def poison(t):
+        t["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"][0, 5] = value
+
+    edit_tensors(lora_dir, poison)
+    refused(lora_dir, bases["llama"], "k_proj.lora_A.weight", "non-finite")
+
+
+def test_accepts_finite_values_whose_sum_overflows(bases, lora_dir):
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+    def huge(t):
+        t[name][:2, 0] = torch.finfo(torch.float32).max  # finite, but their sum is inf
+        t[name] = t[name].float()
+
+    edit_tensors(lora_dir, huge)
+    weights = load_adapter(lora_dir, base_config(bases["llama"]))
+    assert weights.modules["model.layers.0.self_attn.q_proj"].b[0, 0] == torch.finfo(torch.float32).max
+
+
 def test_refuses_integer_tensors(bases, lora_dir):
     edit_tensors(lora_dir, lambda t: t.update({k: v.to(torch.int32) for k, v in t.items()}))
     refused(lora_dir, bases["llama"], WEIGHTS_FILE, "is I32")
