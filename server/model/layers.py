@@ -60,10 +60,10 @@ class AdapterLinear(nn.Module):
         r = a.shape[0]
         if r > self.lora_a.shape[2]:
             raise ValueError(f"rank {r} exceeds the configured maximum LoRA rank {self.lora_a.shape[2]}")
-        self.lora_a[0, slot].zero_()
-        self.lora_b[slot].zero_()
         self.lora_a[0, slot, :r] = a
         self.lora_b[slot, :, :r] = b
+        self.lora_a[0, slot, r:].zero_()  # beyond the rank: zeros, not the slot's previous adapter
+        self.lora_b[slot, :, r:].zero_()
         self.lora_ranks[slot] = r
         self.lora_scales[slot] = scale
         self.lora_slots.add(slot)
