@@ -17,12 +17,16 @@ def plot_offline(result: dict, path: Path) -> None:
     """Throughput against the number of distinct adapters (one line per popularity law), the peers as
     horizontal lines."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    runs = result["runs"]
+    runs = [r for r in result["runs"] if not r.get("prefix_caching")]
+    cached = [r for r in result["runs"] if r.get("prefix_caching") and r["adapters"] > 0]
     base = next((r["tok_s"] for r in runs if r["adapters"] == 0), None)
     one = next((r for r in runs if r["adapters"] == 1), None)
     for law in sorted({r["law"] for r in runs if r["adapters"] > 1}):
         points = ([one] if one else []) + [r for r in runs if r["law"] == law]
         ax.plot([r["adapters"] for r in points], [r["tok_s"] for r in points], marker="o", label=f"Quiver, {law} popularity")
+    if cached:
+        ax.plot([r["adapters"] for r in cached], [r["tok_s"] for r in cached], linestyle=":", marker="x", color="tab:green",
+                label="Quiver with prefix caching (shared system prompt)")
     b = result["baselines"]
     lines = [(base, "Quiver, base model", "black")]
     if b:
