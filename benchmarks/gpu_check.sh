@@ -15,7 +15,7 @@ timeout 200 python3 -m pytest -m gpu tests/kernels tests/test_engine_gpu.py -q -
 tests_rc=$?
 timeout 240 python3 benchmarks/offline.py --random-llama --requests 128 --new-tokens 32 \
   --adapters 0,1,64,2048 --laws uniform,zipf --slots 128 --max-num-seqs 128 --max-num-batched-tokens 4096 \
-  --kv-cache-gib 24 --host-cache-mib 65536 --baseline-requests 64 --check-sample 4 \
+  --kv-cache-gib 24 --host-cache-mib 65536 --baseline-requests 64 --check-sample 4 --repeats 1 --cached-at '' \
   --out "$OUT/offline_gpu.json" > "$OUT/offline.log" 2>&1
 offline_rc=$?
 timeout 90 python3 benchmarks/kernels.py --no-quick --out "$OUT/kernels.json" > "$OUT/bench.log" 2>&1
