@@ -12,7 +12,7 @@ request completed): the last rate before the first one over the bound. Rates go 
 after `--stop-after` rates in a row over the bound (0: run every rate).
 
     python benchmarks/online.py --quick     # 3 rates x 25 s, one adapter per kind: about 2-3 minutes
-    python benchmarks/online.py             # 6 rates x 60 s, three adapters per kind
+    python benchmarks/online.py             # up to 7 rates (0.5-8/s) x 60 s, three adapters per kind
 """
 
 import argparse
@@ -135,7 +135,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="rates 0.25,0.5,1 x 25 s, one adapter per kind")
-    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.75, 1, 1.5, 2],
+    p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 1, 2, 3, 4, 6, 8],
                    help="requests per second, comma-separated, ascending")
     p.add_argument("--seconds", type=float, default=60.0, help="arrivals last this long at each rate")
     p.add_argument("--per-kind", type=int, default=3, help="adapters of each kind")
