@@ -161,8 +161,9 @@ def main() -> None:
     p.add_argument("--host-cache-mib", type=int, default=1024, help="parsed adapters kept in host memory")
     p.add_argument("--baselines-at", type=int, default=64, help="adapter count for PEFT and merge-and-swap")
     p.add_argument("--no-baselines", action="store_true", help="Quiver's runs only (no peers, no output checks)")
-    p.add_argument("--cached-at", type=lambda s: [int(x) for x in s.split(",") if x], default=[0, 1, 2048],
-                   help="adapter counts run again with prefix caching (first law only; '' for none)")
+    p.add_argument("--cached-at", type=lambda s: [int(x) for x in s.split(",") if x], default=None,
+                   help="adapter counts run again with prefix caching, first law only ('' for none; default: 0, 1 and "
+                        "the largest of --adapters)")
     p.add_argument("--repeats", type=int, default=2, help="runs per configuration, each with a new draw of adapters")
     p.add_argument("--baseline-requests", type=int, default=0, help="run the baselines on the first N requests (0: all)")
     p.add_argument("--check-sample", type=int, default=8, help="requests per other adapter count re-run through PEFT")
@@ -174,6 +175,8 @@ def main() -> None:
     args = p.parse_args()
     if not args.no_baselines and args.baselines_at not in args.adapters:
         raise SystemExit(f"--baselines-at {args.baselines_at} must be one of --adapters {args.adapters}")
+    if args.cached_at is None:
+        args.cached_at = sorted({n for n in (0, 1, max(args.adapters)) if n in args.adapters})
     if not set(args.cached_at) <= set(args.adapters):
         raise SystemExit(f"--cached-at {args.cached_at} must be among --adapters {args.adapters}")
     if args.repeats < 1:
