@@ -108,7 +108,8 @@ def test_more_adapters_than_slots_are_evicted_and_reloaded_from_disk(setup):
                 for o in engine.step():
                     out += o.new_token_ids
             assert out == greedy_reference(reference_model(model_path, name, dirs[name]), prompt, NEW)[0]
-    assert engine.adapters.num_evictions >= 4
+    assert engine.adapters.num_evictions >= 2  # the fewest any policy can do for a b c a b c through 2 slots
+    assert engine.adapters.num_reads >= 4  # each one placed again was read from disk again
     assert engine.adapters.host_bytes == 0
 
 

@@ -14,7 +14,7 @@ memory is freed when its last pin goes. Only the engine thread calls this class.
 
 import itertools
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -29,6 +29,7 @@ from server.errors import AlreadyExists, InvalidArgument, NotFound
 log = logging.getLogger(__name__)
 
 PREFIX_KINDS = (AdapterKind.PREFIX_TUNING, AdapterKind.P_TUNING_V2, AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING)
+EVICTION_WINDOW = 16  # when every slot is taken: the least recently used idle adapters one may be evicted from
 
 
 class AdapterDevice(Protocol):
@@ -82,6 +83,7 @@ class AdapterRegistry:
         self._free_slots = list(range(device.num_adapter_slots))
         self._on_device: OrderedDict[AdapterVersion, None] = OrderedDict()  # LRU order, oldest first
         self._on_host: OrderedDict[AdapterVersion, None] = OrderedDict()
+        self._slot_ranks: Counter[int] = Counter()  # LoRA rank (0: bottleneck) -> current weight adapters with it
         self.num_evictions = 0  # adapters taken off the device to make room
         self.num_reads = 0  # adapters read again from their source after the host cache dropped them
 
@@ -100,6 +102,8 @@ class AdapterRegistry:
             rank=_rank(weights),
         )
         self.current[adapter_id] = version
+        if version.kind not in PREFIX_KINDS:
+            self._slot_ranks[_lora_rank(version)] += 1
         self._on_host[version] = None
         if old is not None:
             self._retire(old)
@@ -130,6 +134,8 @@ class AdapterRegistry:
 
     def _retire(self, version: AdapterVersion) -> None:
         version.retired = True
+        if version.kind not in PREFIX_KINDS:
+            self._slot_ranks[_lora_rank(version)] -= 1
         if version.pins == 0:
             self._drop(version)
 
@@ -188,25 +194,56 @@ class AdapterRegistry:
             version.blocks = blocks
             version.ref = AdapterRef(version.adapter_id, version.kind.value, prefix_blocks=tuple(blocks), prefix_len=n)
         else:
-            while not self._free_slots:
-                if not self._evict_one(slots_only=True):
-                    return False
-            slot = self._free_slots.pop()
+            slot = self._slot_for(version)
+            if slot is None:
+                return False
             self.device.write_adapter(slot, weights)
             activation = weights.non_linearity if isinstance(weights, BottleneckWeights) else None
             version.ref = AdapterRef(version.adapter_id, version.kind.value, slot=slot, activation=activation)
         self._on_device[version] = None
         return True
 
+    def _slot_for(self, version: AdapterVersion) -> int | None:
+        """A device slot for a weight adapter, taken so that the slots stay in order of LoRA rank: the CPU path
+        reads each band of slots at its own largest rank (kernels/reference.py, _banded), so rank-8 adapters
+        next to each other cost an eighth of rank-64 ones. A free slot if there is one, else the slot of one of
+        the EVICTION_WINDOW least recently used adapters no running request holds (evicted); among those, the
+        one leaving fewest adapters out of rank order, then the nearest to where its rank's band would be
+        centred if the slots were shared out like the loaded adapters' ranks, then the least recently used.
+        None if every slot is held by running requests."""
+        n = self.device.num_adapter_slots
+        rank_at: list[int | None] = [None] * n
+        idle = []
+        for v in self._on_device:  # LRU order
+            if v.ref.slot >= 0:
+                rank_at[v.ref.slot] = _lora_rank(v)
+                if v.placements == 0 and len(idle) < EVICTION_WINDOW:
+                    idle.append(v)
+        victims: list[AdapterVersion | None] = [None] * len(self._free_slots) if self._free_slots else idle
+        slots = self._free_slots if self._free_slots else [v.ref.slot for v in idle]
+        if not slots:
+            return None
+        rank = _lora_rank(version)
+        disorder = _disorder(rank_at, rank)
+        below = sum(count for r, count in self._slot_ranks.items() if r < rank)
+        home = n * (below + self._slot_ranks[rank] / 2) / max(sum(self._slot_ranks.values()), 1) - 0.5
+        best = min(range(len(slots)), key=lambda i: (disorder[slots[i]], abs(slots[i] - home), i))
+        slot, victim = slots[best], victims[best]
+        if victim is not None:
+            self._evict_from_device(victim)  # gives its slot back to _free_slots
+            self.num_evictions += 1
+        self._free_slots.remove(slot)
+        return slot
+
     def reclaim_blocks(self) -> bool:
         """Free the KV blocks of the least recently used prefix or prompt adapter no running request holds."""
         return self._evict_one(blocks_only=True)
 
-    def _evict_one(self, *, slots_only: bool = False, blocks_only: bool = False) -> bool:
+    def _evict_one(self, *, blocks_only: bool = False) -> bool:
         """Take the least recently used adapter that no running request holds off the device."""
         for version in self._on_device:
             uses_slot = version.ref.slot >= 0
-            if version.placements == 0 and not (slots_only and not uses_slot) and not (blocks_only and uses_slot):
+            if version.placements == 0 and not (blocks_only and uses_slot):
                 self._evict_from_device(version)
                 self.num_evictions += 1
                 return True
@@ -253,6 +290,25 @@ class AdapterRegistry:
     @property
     def host_bytes(self) -> int:
         return sum(v.nbytes for v in self._on_host)
+
+
+def _lora_rank(version: AdapterVersion) -> int:
+    return version.rank if version.kind is AdapterKind.LORA else 0
+
+
+def _disorder(rank_at: list[int | None], rank: int) -> list[int]:
+    """For each slot p: how many of the other slots' adapters (rank_at, None where empty) would be out of rank
+    order with an adapter of `rank` in p — higher ranks before p, lower ones after it."""
+    out = [0] * len(rank_at)
+    seen = 0
+    for p, r in enumerate(rank_at):
+        out[p] = seen
+        seen += r is not None and r > rank
+    seen = 0
+    for p in reversed(range(len(rank_at))):
+        out[p] += seen
+        seen += rank_at[p] is not None and rank_at[p] < rank
+    return out
 
 
 def _rank(weights: AdapterWeights) -> int:
