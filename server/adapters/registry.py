@@ -1,10 +1,14 @@
-"""Adapter id → weights in host memory → a place on the device, with pins, LRU eviction and versions.
+"""Adapter id → weights in host memory → a place on the device, with pins, eviction and versions.
 
 Two levels of residency:
 - host: the parsed weights (bounded in bytes); an adapter loaded from a directory can be dropped from host
   memory when unpinned and read again on demand;
 - device: a weight adapter (LoRA, bottleneck) takes one of a bounded number of slots in the adapter
   layers; a prefix or prompt adapter takes KV blocks holding its shared prefix (computed once).
+
+Both evict the least recently used idle entries first, with one exception: a weight adapter that needs a
+slot when all are taken evicts one of the EVICTION_WINDOW least recently used idle ones, the one whose slot
+keeps the slots in order of LoRA rank (see `_slot_for`).
 
 Requests pin an adapter *version* from submission to finish (`pin`/`unpin`), and its device placement
 while they run (`place`/`unplace`). Unloading or replacing an id retires the old version: new requests
