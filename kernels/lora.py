@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import ACTIVATIONS
+from kernels.reference_lora import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RANK_CHUNK = 16  # ranks are computed in chunks of this many (tl.dot's smallest dimension)

@@ -209,7 +209,7 @@ class AdapterRegistry:
 
     def _slot_for(self, version: AdapterVersion) -> int | None:
         """A device slot for a weight adapter, taken so that the slots stay in order of LoRA rank: the CPU path
-        reads each band of slots at its own largest rank (kernels/reference.py, _banded), so rank-8 adapters
+        reads each band of slots at its own largest rank (kernels/reference_lora.py, _banded), so rank-8 adapters
         next to each other cost an eighth of rank-64 ones. A free slot if there is one, else the slot of one of
         the EVICTION_WINDOW least recently used adapters no running request holds (evicted); among those, the
         one leaving fewest adapters out of rank order, then the nearest to where its rank's band would be

@@ -1,0 +1,312 @@
+"""Plain torch versions of the LoRA and bottleneck ops: the oracle in tests and the serving path on CPU
+(re-exported by `kernels.reference`, the torch backend of every op)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# LoRA and bottleneck adapters over segments of tokens that share an adapter (SGMV style).
+#
+# Running example used by every LoRA docstring (T = 7 tokens, N = 4 segments, S = 3 adapter slots):
+#     seg_starts = [0, 3, 3, 4, 7]   segment i holds tokens s[i]:s[i+1]; segment 1 is empty
+#     seg_slots  = [2, 0, -1, 2]     adapter slot w[i] of segment i; -1 = no adapter (token 3)
+#     ranks      = [8, 64, 16]       rank of each slot; slot 1 is unused in this batch
+# Each adapter is computed at its own rank r = ranks[w[i]]: only A[w[i], :r] and B[w[i], :, :r] are read.
+
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
+
+_ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+def _segments(starts: list[int], slots: list[int], rank_of: list[int]):
+    """(start, end, slot, rank) of every non-empty segment whose adapter has a rank here."""
+    segments = zip(starts, starts[1:], slots)
+    return [(s, e, w, rank_of[w]) for s, e, w in segments if w >= 0 and e > s and rank_of[w] > 0]
+
+
+_PLANS: dict = {}  # recent plans by segments and ranks: every adapter layer of a step asks for the same one
+_MAX_PLANS = 16
+
+
+def _plan(seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, device) -> tuple[list, "_Rows | None"]:
+    """The long segments and the short rows of one call (see _split), cached across the layers of a step."""
+    starts, slots, rank_of = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
+    key = (tuple(starts), tuple(slots), tuple(rank_of[w] if w >= 0 else 0 for w in slots), device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _split(_segments(starts, slots, rank_of), device)
+    return plan
+
+
+# Segments of at most this many tokens (decode: one token each) are computed together in one bmm: on CPU a
+# python loop of tiny matmuls costs ~7x more when every decode token has its own adapter. Longer segments
+# (prefill) get one 2-d matmul each. The bmm runs at the largest rank r among the short rows; a row of lower
+# rank multiplies its adapter's columns beyond its rank by zero (its shrink output is masked there, and the
+# stacks only ever hold finite values: zero-initialised, written with validated weights), so they add nothing.
+# The bmm reads the adapters' weights in place when the short rows' slots are dense (a slot range at most three
+# times the rows: a gather costs a read, a write and a read per row): the tokens are scattered into a
+# [slots, depth, H] grid and the stacks' slot range is a view; the range's unused slots are read too and meet
+# zero rows of the grid. Otherwise the weights are gathered.
+_SHORT_SEGMENT = 4
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Rows whose adapters sit in slots lo .. lo+span-1, for reading those slots' weights in place at rank r:
+    row i goes to cell cell[i] of a [span * depth] grid (its slot's offset times depth, plus its index among
+    its slot's rows)."""
+
+    lo: int
+    span: int
+    depth: int
+    r: int  # the largest rank among its rows
+    cell: torch.Tensor  # [n] int64
+    cell_rows: torch.Tensor  # [span * depth] int64: the row in each grid cell (row 0 in an empty one)
+    cell_off: torch.Tensor | None  # [span, depth, r] bool: an empty cell, or a column beyond its row's rank; None if none
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The tokens of all short segments: rows [n], their slots [n] and ranks [n]; r = the largest rank.
+
+    In place (`grid` set): one grid over the slot range of every row. `bands` cover the same rows in grids
+    over disjoint slot ranges, each read at its own largest rank: with slots laid out by rank (the adapter
+    registry places them so) a band of rank-8 slots reads 8 columns, not the batch's largest rank.
+    """
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    ranks: torch.Tensor
+    r: int
+    uniform: bool  # every row has rank r
+    grid: _Grid | None  # when the weights are read in place
+    bands: tuple[_Grid, ...] | None  # with grid: the same rows, banded by slot range
+
+    def valid(self) -> torch.Tensor:  # [n, r] bool: column j < this row's rank
+        return torch.arange(self.r, device=self.rows.device) < self.ranks[:, None]
+
+
+def _split(segments, device) -> tuple[list, _Rows | None]:
+    """Long segments to compute one by one, and the short ones' rows to compute together."""
+    long = [seg for seg in segments if seg[1] - seg[0] > _SHORT_SEGMENT]
+    short = [seg for seg in segments if seg[1] - seg[0] <= _SHORT_SEGMENT]
+    if not short:
+        return long, None
+    rows = [t for s, e, _, _ in short for t in range(s, e)]
+    slots = [w for s, e, w, _ in short for _ in range(s, e)]
+    ranks = [r for s, e, _, r in short for _ in range(s, e)]
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    grid = bands = None
+    distinct = sorted({w for _, _, w, _ in short})
+    if distinct[-1] - distinct[0] + 1 <= 3 * len(rows):  # reading the range once costs less than gathering a copy per row and reading it
+        grid = _make_grid(short, device)
+        bands = tuple(_make_grid(band, device) for band in _banded(short)) if len(distinct) > 1 else (grid,)
+    return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), min(ranks) == max(ranks), grid, bands)
+
+
+def _make_grid(short, device) -> _Grid:
+    """The grid of the short segments' rows over their slot range."""
+    lo = min(w for _, _, w, _ in short)
+    span = max(w for _, _, w, _ in short) - lo + 1
+    fill: dict[int, int] = {}
+    cells, rows, ranks = [], [], []
+    for s, e, w, r in short:
+        for t in range(s, e):
+            cells.append((w - lo, fill.get(w, 0)))
+            fill[w] = fill.get(w, 0) + 1
+            rows.append(t)
+            ranks.append(r)
+    depth, r_max = max(fill.values()), max(ranks)
+    row_of, rank_of = [0] * (span * depth), [0] * (span * depth)
+    for (k, j), t, r in zip(cells, rows, ranks):
+        row_of[k * depth + j], rank_of[k * depth + j] = t, r
+    cell_off = None
+    if len(rows) < span * depth or min(ranks) < r_max:
+        cell_off = (torch.arange(r_max) >= torch.tensor(rank_of)[:, None]).view(span, depth, r_max).to(device)
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    return _Grid(lo, span, depth, r_max, as_tensor([k * depth + j for k, j in cells]), as_tensor(row_of), cell_off)
+
+
+# What one more band costs against reading more weights, in slot-rank units (one slot's A and B at one rank):
+# about six torch calls, ~65 us on the project's CPU, where a slot-rank of a q/v projection pair reads in ~0.19 us.
+_BAND_COST = 350
+
+
+def _banded(short) -> list[list]:
+    """The short segments split by slot range into bands that cost least to read at each band's own largest
+    rank: scanning the slots in order, a slot joins the current band unless starting a new one (one more band)
+    costs less than reading the whole band at the higher rank."""
+    rank_of = {w: r for _, _, w, r in short}
+    bands: list[list[int]] = []  # runs of slots, ascending
+    band_cost = band_rank = 0
+    for w in sorted(rank_of):
+        r = rank_of[w]
+        if bands:
+            lo = bands[-1][0]
+            joined = (w - lo + 1) * max(band_rank, r)
+            if joined - band_cost <= r + _BAND_COST:
+                bands[-1].append(w)
+                band_cost, band_rank = joined, max(band_rank, r)
+                continue
+        bands.append([w])
+        band_cost, band_rank = r, r
+    band_of = {w: i for i, band in enumerate(bands) for w in band}
+    out: list[list] = [[] for _ in bands]
+    for seg in short:
+        out[band_of[seg[2]]].append(seg)
+    return out
+
+
+def _in_grid(grid: _Grid, values: torch.Tensor) -> torch.Tensor:
+    """values [n, C] -> [span, depth, C], zero where no row lands."""
+    out = values.new_zeros(grid.span * grid.depth, values.shape[1])
+    return out.index_copy_(0, grid.cell, values).view(grid.span, grid.depth, -1)
+
+
+def _from_grid(grid: _Grid, values: torch.Tensor) -> torch.Tensor:
+    """values [span, depth, C] -> the rows' values [n, C]."""
+    return values.reshape(-1, values.shape[-1]).index_select(0, grid.cell)
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, H_in]
+    a: torch.Tensor,  # [P, S, R_max, H_in]
+    *,
+    seg_starts: torch.Tensor,  # [N+1] int32, e.g. [0, 3, 3, 4, 7]
+    seg_slots: torch.Tensor,  # [N] int32, e.g. [2, 0, -1, 2]
+    ranks: torch.Tensor,  # [S] int32, e.g. [8, 64, 16]
+    out: torch.Tensor,  # [P, T, R_max], written
+    bias: torch.Tensor | None = None,  # [S, R_max], only with P == 1
+    activation: str | None = None,  # one of ACTIVATIONS or None
+) -> None:
+    """Down-projection of each segment by its adapter's A, for P projections sharing the input x.
+
+    for i in range(N), w = seg_slots[i], r = ranks[w], if w >= 0:
+        out[p, s[i]:s[i+1], :r] = act(x[s[i]:s[i+1]] @ a[p, w, :r]ᵀ + bias[w, :r])   for every p < P
+    Rows of no-adapter segments and columns >= r are left as they are (nothing reads them).
+    Accumulates in x's dtype on CPU (fp32 inside the matmul); `out` may be any float dtype.
+    """
+    act = _ACTIVATION_FNS[activation] if activation is not None else None
+    long, short = _plan(seg_starts, seg_slots, ranks, x.device)
+    for s, e, w, r in long:
+        for p in range(a.shape[0]):  # one 2-d matmul per projection: a broadcast 3-d one is ~10x slower in bf16
+            h = x[s:e] @ a[p, w, :r].t()  # [e-s, r]
+            if bias is not None:
+                h = h + bias[w, :r].to(h.dtype)
+            if act is not None:
+                h = act(h)
+            out[p, s:e, :r] = h.to(out.dtype)
+    if short is None:
+        return
+    xs = x.index_select(0, short.rows).unsqueeze(2)  # [n, H_in, 1]
+    for p in range(a.shape[0]):
+        if (g := short.grid) is not None:  # the slot range of the stack, as a view: each adapter's A read once
+            h = _from_grid(g, torch.bmm(_in_grid(g, xs.squeeze(2)), a[p, g.lo : g.lo + g.span, : short.r].transpose(1, 2)))
+        else:
+            h = torch.bmm(a[p, :, : short.r].index_select(0, short.slots), xs).squeeze(2)  # [n, r]
+        if bias is not None:
+            h = h + bias[:, : short.r].index_select(0, short.slots).to(h.dtype)
+        if act is not None:
+            h = act(h)
+        target = out[p, :, : short.r]  # [T, r] view
+        if not short.uniform:  # keep what lies beyond each row's own rank
+            h = torch.where(short.valid(), h, target.index_select(0, short.rows))
+        target.index_copy_(0, short.rows, h.to(out.dtype))
+
+
+def lora_apply(
+    y: torch.Tensor,  # [T, H_out], updated in place
+    x: torch.Tensor,  # [T, H_in]
+    a: torch.Tensor,  # [1, S, R_max, H_in]
+    b: torch.Tensor,  # [S, H_out, R_max]
+    *,
+    out_offsets,  # [0, H_out]
+    seg_starts: torch.Tensor,  # [N+1] int32
+    seg_slots: torch.Tensor,  # [N] int32
+    ranks: torch.Tensor,  # [S] int32
+    scales: torch.Tensor,  # [S] float32
+) -> None:
+    """One projection's LoRA delta added into y: `lora_shrink` then `lora_expand` (P = 1, no bias, no
+    activation), with the same result, for y, x, a and b of one dtype:
+
+        y[s[i]:s[i+1]] += scales[w] · (x[s[i]:s[i+1]] @ a[0, w, :r]ᵀ) @ b[w, :, :r]ᵀ
+
+    Fused, it needs no [T, R] buffer between the two products, and when the short rows' weights are read in
+    place (see _split) the down-projection's output stays in the slot grid for the up-projection: six torch
+    ops per call instead of about sixteen, which is most of a decode step's LoRA overhead on CPU.
+    """
+    long, short = _plan(seg_starts, seg_slots, ranks, y.device)
+    if (short is not None and short.grid is None) or not y.dtype == x.dtype == a.dtype == b.dtype:
+        buf = x.new_empty(1, x.shape[0], a.shape[2])
+        lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
+        lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
+                    scales=scales)
+        return
+    scale_of = scales.tolist() if long else None
+    for s, e, w, r in long:
+        y[s:e].addmm_(x[s:e] @ a[0, w, :r].t(), b[w, :, :r].t(), alpha=scale_of[w])
+    if short is None:
+        return
+    for g in short.bands:  # each band of slots read in place at its own largest rank
+        lo, span, r = g.lo, g.span, g.r
+        xg = x.index_select(0, g.cell_rows).view(span, g.depth, -1)  # [span, depth, H_in]
+        h = torch.bmm(xg, a[0, lo : lo + span, :r].transpose(1, 2))  # [span, depth, r]
+        if g.cell_off is not None:  # empty cells and columns beyond a rank add nothing (b there is finite)
+            h.masked_fill_(g.cell_off, 0)
+        h.mul_(scales[lo : lo + span, None, None].to(h.dtype))
+        delta = torch.bmm(h, b[lo : lo + span, :, :r].transpose(1, 2))  # [span, depth, H_out]
+        y.index_add_(0, g.cell_rows, delta.view(span * g.depth, -1))  # an empty cell adds zeros to row 0
+
+
+def lora_expand(
+    y: torch.Tensor,  # [T, H_out_total], updated in place
+    buf: torch.Tensor,  # [P, T, R_max]: lora_shrink's out
+    b: torch.Tensor,  # [S, H_out_total, R_max]: the P projections' B stacked along the output dim
+    *,
+    out_offsets,  # [P+1] python ints or int32 tensor, e.g. [0, 4096, 5120, 6144] for q, k, v
+    seg_starts: torch.Tensor,  # [N+1] int32, e.g. [0, 3, 3, 4, 7]
+    seg_slots: torch.Tensor,  # [N] int32, e.g. [2, 0, -1, 2]
+    ranks: torch.Tensor,  # [S] int32, e.g. [8, 64, 16]
+    scales: torch.Tensor,  # [S] float32
+    bias: torch.Tensor | None = None,  # [S, H_out_total]
+) -> None:
+    """Up-projection of each segment by its adapter's B, added into y; projection p owns columns off[p]:off[p+1].
+
+    for i in range(N), w = seg_slots[i], r = ranks[w], if w >= 0, for p < P, cols = off[p]:off[p+1]:
+        y[s[i]:s[i+1], cols] += scales[w] · buf[p, s[i]:s[i+1], :r] @ b[w, cols, :r]ᵀ + bias[w, cols]
+    buf is cast to b's dtype before the product; rows of no-adapter segments are untouched.
+    """
+    offs = [int(o) for o in out_offsets]
+    scale_of = scales.tolist()
+    long, short = _plan(seg_starts, seg_slots, ranks, y.device)
+    for s, e, w, r in long:
+        for p in range(len(offs) - 1):
+            lo, hi = offs[p], offs[p + 1]
+            h = buf[p, s:e, :r].to(b.dtype)  # [e-s, r]
+            if y.dtype == b.dtype:  # in place: no [e-s, hi-lo] temporary (large ones cost page faults on CPU)
+                y[s:e, lo:hi].addmm_(h, b[w, lo:hi, :r].t(), alpha=scale_of[w])
+            else:
+                y[s:e, lo:hi] += torch.matmul(h, b[w, lo:hi, :r].t()).mul_(scale_of[w]).to(y.dtype)
+            if bias is not None:
+                y[s:e, lo:hi] += bias[w, lo:hi].to(y.dtype)
+    if short is None:
+        return
+    row_scales = scales.index_select(0, short.slots).to(b.dtype)[:, None]  # [n, 1]
+    valid = None if short.uniform else short.valid()
+    for p in range(len(offs) - 1):
+        lo, hi = offs[p], offs[p + 1]
+        h = buf[p, :, : short.r].index_select(0, short.rows).to(b.dtype)  # [n, r]
+        if valid is not None:  # buf beyond a row's own rank holds anything; b there holds finite values
+            h = torch.where(valid, h, 0)
+        if (g := short.grid) is not None:  # the slot range of the stack, as a view: each adapter's B read once
+            bv = b[g.lo : g.lo + g.span, lo:hi, : short.r].transpose(1, 2)  # [span, r, hi-lo]
+            delta = _from_grid(g, torch.bmm(_in_grid(g, h * row_scales), bv))  # [n, hi-lo]
+        else:
+            bg = b[:, lo:hi, : short.r].index_select(0, short.slots)  # [n, hi-lo, r]
+            delta = torch.bmm(bg, h.unsqueeze(2)).squeeze(2).mul_(row_scales)  # [n, hi-lo]
+        if bias is not None:
+            delta += bias[:, lo:hi].index_select(0, short.slots).to(delta.dtype)
+        y[:, lo:hi].index_add_(0, short.rows, delta.to(y.dtype))
