@@ -101,10 +101,12 @@ def _split(segments, device) -> tuple[list, _Rows | None]:
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
     grid = bands = None
     distinct = sorted({w for _, _, w, _ in short})
-    if distinct[-1] - distinct[0] + 1 <= 3 * len(rows):  # reading the range once costs less than gathering a copy per row and reading it
+    # in place when reading the slot range once costs less than gathering a copy per row and reading it
+    if distinct[-1] - distinct[0] + 1 <= 3 * len(rows):
         grid = _make_grid(short, device)
         bands = tuple(_make_grid(band, device) for band in _banded(short)) if len(distinct) > 1 else (grid,)
-    return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), min(ranks) == max(ranks), grid, bands)
+    uniform = min(ranks) == max(ranks)
+    return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), uniform, grid, bands)
 
 
 def _make_grid(short, device) -> _Grid:
