@@ -104,7 +104,8 @@ def _split(segments, device) -> tuple[list, _Rows | None]:
     # in place when reading the slot range once costs less than gathering a copy per row and reading it
     if distinct[-1] - distinct[0] + 1 <= 3 * len(rows):
         grid = _make_grid(short, device)
-        bands = tuple(_make_grid(band, device) for band in _banded(short)) if len(distinct) > 1 else (grid,)
+        split = _banded(short)
+        bands = (grid,) if len(split) == 1 else tuple(_make_grid(band, device) for band in split)
     uniform = min(ranks) == max(ranks)
     return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), uniform, grid, bands)
 

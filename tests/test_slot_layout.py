@@ -49,6 +49,12 @@ def inversions(ranks: list[int | None]) -> int:
     return sum(a > b for i, a in enumerate(present) for b in present[i + 1 :])
 
 
+def random_ranks(seed: int) -> list[int]:
+    """16 ranks drawn from the benchmark bank's mix (seeded)."""
+    rng = random.Random(seed)
+    return [rng.choice([8, 16, 32, 64]) for _ in range(16)]
+
+
 def test_disorder_counts_the_adapters_out_of_rank_order():
     assert _disorder([64, None, 8, None], 16) == [1, 2, 1, 1]
     assert _disorder([None, None], 8) == [0, 0]
@@ -56,9 +62,7 @@ def test_disorder_counts_the_adapters_out_of_rank_order():
 
 def test_adapters_loaded_first_fill_the_free_slots_in_rank_order_whatever_order_they_are_used_in():
     for seed in range(20):
-        rng = random.Random(seed)
-        ranks = [rng.choice([8, 16, 32, 64]) for _ in range(16)]
-        reg, device = registry(16)
+        rng, ranks, (reg, device) = random.Random(seed), random_ranks(seed), registry(16)
         for i, r in enumerate(ranks):
             reg.register(f"a{i}", lora(r), source=None)
         for i in rng.sample(range(16), 16):
@@ -69,9 +73,7 @@ def test_adapters_loaded_first_fill_the_free_slots_in_rank_order_whatever_order_
 def test_adapters_loaded_one_by_one_while_serving_still_fill_closer_to_rank_order():
     in_layout = in_arrival = 0
     for seed in range(20):
-        rng = random.Random(seed)
-        ranks = [rng.choice([8, 16, 32, 64]) for _ in range(16)]
-        reg, device = registry(16)
+        ranks, (reg, device) = random_ranks(seed), registry(16)
         for i, r in enumerate(ranks):
             reg.register(f"a{i}", lora(r), source=None)
             run_once(reg, f"a{i}")

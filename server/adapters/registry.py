@@ -223,16 +223,15 @@ class AdapterRegistry:
                 rank_at[v.ref.slot] = _lora_rank(v)
                 if v.placements == 0 and len(idle) < EVICTION_WINDOW:
                     idle.append(v)
-        victims: list[AdapterVersion | None] = [None] * len(self._free_slots) if self._free_slots else idle
-        slots = self._free_slots if self._free_slots else [v.ref.slot for v in idle]
-        if not slots:
+        candidates = [(slot, None) for slot in self._free_slots] or [(v.ref.slot, v) for v in idle]
+        if not candidates:
             return None
         rank = _lora_rank(version)
         disorder = _disorder(rank_at, rank)
         below = sum(count for r, count in self._slot_ranks.items() if r < rank)
         home = n * (below + self._slot_ranks[rank] / 2) / max(sum(self._slot_ranks.values()), 1) - 0.5
-        best = min(range(len(slots)), key=lambda i: (disorder[slots[i]], abs(slots[i] - home), i))
-        slot, victim = slots[best], victims[best]
+        # min keeps the first of equals: among idle adapters, the least recently used
+        slot, victim = min(candidates, key=lambda c: (disorder[c[0]], abs(c[0] - home)))
         if victim is not None:
             self._evict_from_device(victim)  # gives its slot back to _free_slots
             self.num_evictions += 1
