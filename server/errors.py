@@ -34,3 +34,8 @@ class Unauthenticated(QuiverError):
 
 class PermissionDenied(QuiverError):
     """Valid credentials that do not allow this."""
+
+
+class Unavailable(QuiverError):
+    """The server cannot take this call now but another try (here after a restart, or on another replica) may
+    succeed, e.g. while it drains for shutdown."""
