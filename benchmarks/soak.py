@@ -3,10 +3,17 @@
 A real gRPC server on 127.0.0.1 over the tiny test model (in this process, so its engine can be inspected).
 `clients` concurrent clients stream generations, each with a random adapter id (or the base model); 20% of
 them cancel mid-stream and 10% carry a short deadline. Every second one adapter is uploaded, replaced by
-another kind, or unloaded. The run ends after `seconds` or `max_requests`, whichever comes first. Then:
+another kind, or unloaded. Faults are mixed in: a share of the requests are hostile (a temperature so small
+it overflows a naive sampler; a token id outside the vocabulary), and every fourth churn turn uploads a bad
+adapter (a catastrophic-backtracking target pattern, weights that would overflow, malformed config values,
+a truncated weights file). Another share are probes: greedy base-model requests on fixed prompts whose
+tokens were taken before the soak, on a quiet server. The run ends after `seconds` or `max_requests`,
+whichever comes first. Then:
 
 - every request is accounted for: completed, cancelled by its client, past its deadline, or NOT_FOUND (its
-  adapter was unloaded); anything else is counted as unexpected; the server's request counter agrees, but
+  adapter was unloaded); every hostile request ends as its kind must (FAULTS); every probe completes with
+  exactly its reference tokens; every bad upload is refused with INVALID_ARGUMENT; anything else is counted
+  as unexpected; the server's request counter agrees, but
   for calls whose short deadline passed before they reached the servicer;
 - no error was logged (a servicer bug, an engine step failure, an unretrieved task exception), apart from
   gRPC core's note of a message sent as its call hit the deadline (counted apart, see _SEND_AFTER_DEADLINE);
@@ -23,6 +30,7 @@ import gc
 import json
 import logging
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,6 +57,12 @@ EXPECTED = {  # client-side outcome -> the server's status label for it
     "completed": "OK", "cancelled": "CANCELLED", "deadline_exceeded": "DEADLINE_EXCEEDED", "not_found": "NOT_FOUND",
 }
 ENGINE = dict(num_kv_blocks=512, block_size=8, adapter_slots=4, max_num_seqs=64)
+FAULTS = {  # hostile request kind -> the one outcome it may have
+    "tiny_temperature": "completed",  # sampled as (logits - max) / T: behaves as greedy, harms no one
+    "bad_token": "invalid_argument",  # a token id outside the vocabulary
+}
+PROBE_PROMPTS = ([5, 17, 33, 2, 90], [120, 7, 7, 64], list(range(10, 30)))
+PROBE_TOKENS = 12
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,8 @@ class SoakConfig:
     max_requests: int = 20_000
     cancel_fraction: float = 0.2
     deadline_fraction: float = 0.1
+    fault_fraction: float = 0.1  # requests that are hostile (FAULTS), spread evenly over its kinds
+    probe_fraction: float = 0.1  # greedy base-model requests checked against their reference tokens
     churn_every: float = 1.0  # seconds between adapter uploads / replaces / unloads
     seed: int = 0
 
@@ -66,9 +84,11 @@ class SoakReport:
     wall_seconds: float = 0.0
     requests: int = 0
     outcomes: dict = field(default_factory=dict)  # completed, cancelled, ... and unexpected:<CODE>
+    faults: dict = field(default_factory=dict)  # "<fault kind>:<outcome>" -> count
+    probes: dict = field(default_factory=dict)  # exact, differ, failed:<outcome> -> count
     server_statuses: dict = field(default_factory=dict)  # the server's quiver_requests_total by status
     tokens: int = 0
-    churn: dict = field(default_factory=dict)  # upload, replace, unload -> count; failed:<CODE> -> count
+    churn: dict = field(default_factory=dict)  # upload, replace, unload, bad_upload -> count; failed:<action>:<CODE>
     errors_logged: list = field(default_factory=list)
     grpc_sends_after_deadline: int = 0  # see _SEND_AFTER_DEADLINE
     leaks: list = field(default_factory=list)
@@ -114,11 +134,48 @@ def _upload_messages(adapter_id: str, directory: Path, *, replace: bool) -> list
     return messages
 
 
+def _bad_adapters(zoo: dict[str, Path], root: Path) -> list[Path]:
+    """Copies of the zoo's LoRA that the server must refuse, each in its own way."""
+    def config_with(**changes):
+        def change(path: Path) -> None:
+            config = json.loads((path / "adapter_config.json").read_text())
+            (path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return change
+
+    def overflow(path: Path) -> None:
+        config_with(lora_alpha=3e38)(path)
+        tensors = load_file(path / "adapter_model.safetensors")
+        save_file({k: torch.full_like(t, 3e38) if "lora_B" in k else t for k, t in tensors.items()},
+                  path / "adapter_model.safetensors")
+
+    def truncate(path: Path) -> None:
+        data = (path / "adapter_model.safetensors").read_bytes()
+        (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+    mutations = {
+        "pattern": config_with(target_modules="(.*.*)*!"),
+        "overflow": overflow,
+        "malformed": config_with(peft_type=[]),
+        "truncated": truncate,
+    }
+    dirs = []
+    for name, mutate in mutations.items():
+        path = root / name
+        shutil.copytree(zoo["lora"], path)
+        mutate(path)
+        dirs.append(path)
+    return dirs
+
+
 class _Soak:
-    def __init__(self, config: SoakConfig, running: RunningServer, zoo: dict[str, Path]) -> None:
+    def __init__(self, config: SoakConfig, running: RunningServer, zoo: dict[str, Path], bad: list[Path]) -> None:
         self.config = config
         self.running = running
         self.zoo = zoo
+        self.bad = bad
+        self.references: list[list[int]] = []  # PROBE_PROMPTS' greedy tokens on the quiet server
+        self.faults: Counter = Counter()
+        self.probes: Counter = Counter()
         self.rng = random.Random(config.seed)
         self.served: dict[str, str] = {}  # adapter id -> zoo kind, as the churn left it
         self.ever: list[str] = []  # every id ever served: clients also ask for unloaded ones
@@ -136,6 +193,9 @@ class _Soak:
             for kind in ALL:  # two ids of every kind to start with
                 for _ in range(2):
                     await self._upload(kind, replace_id=None)
+            for prompt in PROBE_PROMPTS:
+                response = await self.inference.Generate(_probe(prompt), timeout=60)
+                self.references.append(list(response.token_ids))
             self.deadline = time.monotonic() + self.config.seconds
             warm = asyncio.ensure_future(self._warm_rss())
             churn = asyncio.ensure_future(self._churn())
@@ -156,6 +216,14 @@ class _Soak:
         rng = random.Random(self.config.seed * 1000 + index)
         while self._more():
             self.started += 1
+            draw = rng.random()
+            if draw < self.config.fault_fraction:
+                kind = sorted(FAULTS)[self.started % len(FAULTS)]
+                self.faults[f"{kind}:{await self._fault(kind, rng)}"] += 1
+                continue
+            if draw < self.config.fault_fraction + self.config.probe_fraction:
+                await self._probe(rng.randrange(len(PROBE_PROMPTS)))
+                continue
             adapter_id = rng.choice(["", *self.ever])
             request = pb.GenerateRequest(
                 adapter_id=adapter_id,
@@ -167,13 +235,41 @@ class _Soak:
             timeout = rng.uniform(0.02, 0.3) if rng.random() < self.config.deadline_fraction else 60.0
             self.outcomes[await self._stream(request, cancel_after, timeout)] += 1
 
-    async def _stream(self, request: pb.GenerateRequest, cancel_after: int | None, timeout: float) -> str:
+    async def _fault(self, kind: str, rng: random.Random) -> str:
+        prompt = [rng.randrange(3, 160) for _ in range(rng.randint(1, 24))]
+        temperature = 0.0
+        if kind == "tiny_temperature":
+            temperature = 1e-40
+        elif kind == "bad_token":
+            prompt[rng.randrange(len(prompt))] = 10**6
+        request = pb.GenerateRequest(
+            adapter_id=rng.choice(["", *self.served]),
+            prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prompt)),
+            sampling=pb.SamplingParams(temperature=temperature, seed=rng.randrange(2**32)),
+            stopping=pb.StoppingCriteria(max_new_tokens=rng.randint(1, 32), ignore_eos=True),
+        )
+        outcome = await self._stream(request, None, 60.0)
+        return "completed" if outcome == "not_found" else outcome  # its adapter was unloaded meanwhile: fine too
+
+    async def _probe(self, index: int) -> None:
+        tokens: list[int] = []
+        outcome = await self._stream(_probe(PROBE_PROMPTS[index]), None, 60.0, into=tokens)
+        if outcome != "completed":
+            self.probes[f"failed:{outcome}"] += 1
+        else:
+            self.probes["exact" if tokens == self.references[index] else "differ"] += 1
+
+    async def _stream(
+        self, request: pb.GenerateRequest, cancel_after: int | None, timeout: float, *, into: list[int] | None = None
+    ) -> str:
         call = self.inference.GenerateStream(request, timeout=timeout)
         received = 0
         try:
             async for message in call:
                 received += 1
                 self.tokens += len(message.token_ids)
+                if into is not None:
+                    into.extend(message.token_ids)
                 if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                     return "completed"
                 if cancel_after is not None and received >= cancel_after:
@@ -181,18 +277,22 @@ class _Soak:
                     return "cancelled"
         except grpc.aio.AioRpcError as e:
             outcome = e.code().name.lower()
-            return outcome if outcome in EXPECTED else f"unexpected:{e.code().name}"
+            return outcome if outcome in EXPECTED or outcome in FAULTS.values() else f"unexpected:{e.code().name}"
         return "unexpected:stream ended without a finish reason"
 
     async def _churn(self) -> None:
-        actions = ("replace", "unload", "upload")
+        actions = ("replace", "unload", "upload", "bad_upload")
         turn = 0
         while self._more():
             await asyncio.sleep(self.config.churn_every)
             action = actions[turn % len(actions)]
             turn += 1
             try:
-                if action == "unload" and len(self.served) > 3:
+                if action == "bad_upload":
+                    code = await self._bad_upload(self.bad[(turn // len(actions) - 1) % len(self.bad)])
+                    if code != "INVALID_ARGUMENT":
+                        action = f"failed:bad_upload:{code}"
+                elif action == "unload" and len(self.served) > 3:
                     adapter_id = self.rng.choice(sorted(self.served))
                     await self.adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=60)
                     del self.served[adapter_id]
@@ -217,6 +317,22 @@ class _Soak:
             self.ever.append(adapter_id)
 
 
+    async def _bad_upload(self, directory: Path) -> str:
+        """Upload an adapter the server must refuse; the call's status code (INVALID_ARGUMENT expected)."""
+        try:
+            await self.adapters.UploadAdapter(iter(_upload_messages(f"bad-{directory.name}", directory, replace=False)), timeout=60)
+        except grpc.aio.AioRpcError as e:
+            return e.code().name
+        return "OK"
+
+
+def _probe(prompt: list[int]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        prompt=pb.Prompt(token_ids=pb.TokenIds(ids=prompt)),
+        stopping=pb.StoppingCriteria(max_new_tokens=PROBE_TOKENS, ignore_eos=True),
+    )
+
+
 def _server_statuses(running: RunningServer) -> Counter:
     statuses: Counter = Counter()
     for metric in running.server.metrics.registry.collect():
@@ -233,7 +349,7 @@ def run(config: SoakConfig, *, model_path: Path, zoo: dict[str, Path], work: Pat
     running = start_server(model_path, work, metrics_port=None, engine=ENGINE)
     report = SoakReport(config=asdict(config))
     try:
-        soak = _Soak(config, running, zoo)
+        soak = _Soak(config, running, zoo, _bad_adapters(zoo, work / "bad"))
         start = time.monotonic()
         # the clients run on the server's event loop: grpc.aio's completion poller is shared by the process,
         # and a second loop closed by asyncio.run could still be handed a late event ("Event loop is closed")
@@ -244,7 +360,10 @@ def run(config: SoakConfig, *, model_path: Path, zoo: dict[str, Path], work: Pat
         report.rss_warm_mb, report.rss_end_mb = round(soak.rss_warm, 1), round(_rss_mb(), 1)
         report.requests, report.tokens = soak.started, soak.tokens
         report.outcomes, report.churn = dict(soak.outcomes), dict(soak.churn)
-        report.server_statuses = dict(_server_statuses(running))
+        report.faults, report.probes = dict(soak.faults), dict(soak.probes)
+        statuses = _server_statuses(running)
+        statuses["OK"] -= len(PROBE_PROMPTS)  # the probes' references, taken before the clients started
+        report.server_statuses = dict(statuses)
     finally:
         running.stop()
         logging.getLogger().removeHandler(errors)
@@ -256,16 +375,19 @@ def run(config: SoakConfig, *, model_path: Path, zoo: dict[str, Path], work: Pat
 
 def _problems(report: SoakReport) -> list[str]:
     problems = []
-    if sum(report.outcomes.values()) != report.requests:
-        problems.append(f"{report.requests} requests started, {sum(report.outcomes.values())} accounted for")
+    accounted = sum(report.outcomes.values()) + sum(report.faults.values()) + sum(report.probes.values())
+    if accounted != report.requests:
+        problems.append(f"{report.requests} requests started, {accounted} accounted for")
     unexpected = {k: v for k, v in report.outcomes.items() if k not in EXPECTED}
+    unexpected |= {k: v for k, v in report.faults.items() if FAULTS[k.split(":")[0]] != k.split(":", 1)[1]}
+    unexpected |= {f"probe:{k}": v for k, v in report.probes.items() if k != "exact"}
     if unexpected:
         problems.append(f"unexpected outcomes: {unexpected}")
     unseen = report.requests - sum(report.server_statuses.values())  # a deadline can pass before the call reaches it
     if not 0 <= unseen <= report.outcomes.get("deadline_exceeded", 0):
         problems.append(f"the server counted {sum(report.server_statuses.values())} requests, clients {report.requests}")
     failed = {k: v for k, v in report.churn.items() if k.startswith("failed:")}
-    if failed or not all(report.churn.get(a) for a in ("upload", "replace", "unload")):
+    if failed or not all(report.churn.get(a) for a in ("upload", "replace", "unload", "bad_upload")):
         problems.append(f"adapter churn: {report.churn}")
     if report.errors_logged:
         problems.append(f"{len(report.errors_logged)} errors logged, first: {report.errors_logged[0]}")
@@ -295,6 +417,7 @@ def main() -> int:
     args.out.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2) + "\n")
     print(f"soak: {report.requests} requests by {config.clients} clients in {report.wall_seconds} s, {report.tokens} tokens")
     print(f"  outcomes: {report.outcomes}")
+    print(f"  hostile requests: {report.faults}; probes: {report.probes}")
     print(f"  server statuses: {report.server_statuses}")
     print(f"  adapter churn: {report.churn}")
     print(f"  errors logged: {len(report.errors_logged)} (gRPC sends racing a deadline: "
