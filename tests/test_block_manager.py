@@ -112,3 +112,24 @@ def test_drop_cached_forgets_idle_cached_blocks_only():
     assert bm.drop_cached() == 1 and bm.num_cached == 0 and bm.num_free == 3
     assert not bm.share_cached([], k2)  # forgotten
     assert bm.share_cached([], k1)  # held by a request: kept
+
+
+def test_a_cache_salt_is_part_of_the_root_key():
+    keys = [root_key(None), root_key(None, "alice"), root_key(None, "bob"), root_key(("a", 1), "alice"), root_key(None, "None")]
+    assert len(set(keys)) == len(keys)
+    assert root_key(("a", 1), "alice") == root_key(("a", 1), "alice") and root_key(None) == root_key(None, None)
+
+
+def test_forget_sole_unregisters_the_blocks_no_one_else_holds():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    k1, k2 = block_key(root_key(None), [1, 2]), block_key(root_key(None), [3, 4])
+    failed, other = [], []
+    assert bm.grow(failed, 4)
+    bm.register(failed[0], k1)
+    bm.register(failed[1], k2)
+    assert bm.share_cached(other, k1)  # another request shares the first block
+    assert bm.forget_sole(failed) == [failed[1]]
+    bm.release(failed)
+    assert bm.num_cached == 0 and bm.num_used == 1  # the second block is plain free: its key is gone
+    probe: list[int] = []
+    assert not bm.share_cached(probe, k2) and bm.share_cached(probe, k1)

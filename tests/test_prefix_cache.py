@@ -146,6 +146,24 @@ def test_a_tiny_pool_evicts_cached_blocks_and_preempts_yet_matches_caching_off(t
     assert cached.blocks.num_used == 0 and cached.blocks.num_free == 16
 
 
+def test_a_cache_salt_scopes_what_is_shared(tiny):
+    """Requests share cached blocks only with requests of the same salt; None is a scope of its own."""
+    engine = engine_for(tiny, num_kv_blocks=64, block_size=8)
+    prompt = _tokens(30, seed=11)  # 3 full blocks can be shared (the 4th holds its last token)
+    tokens, hits = [], []
+    for i, salt in enumerate(["alice", "alice", "bob", None, None, "bob"]):
+        before = engine.stats().prefix_cache_hit_tokens
+        engine.add_request(str(i), prompt, PARAMS, cache_salt=salt)
+        out: list[int] = []
+        while engine.has_work():
+            for o in engine.step():
+                out += o.new_token_ids
+        tokens.append(out)
+        hits.append(engine.stats().prefix_cache_hit_tokens - before)
+    assert hits == [0, 24, 0, 0, 24, 24]
+    assert all(t == tokens[0] for t in tokens)
+
+
 def _advance(scheduler: Scheduler, chunks) -> None:
     """What the engine does after a step, with a token for each sampled request."""
     sampled = [c.request for c in chunks if c.samples]

@@ -69,3 +69,69 @@ def test_finish_frees_blocks_of_waiting_and_running_requests():
     s.finish(b)  # waiting
     s.finish(a)  # running
     assert bm.num_used == 0 and not s.has_work()
+
+
+def _for(i: int, adapter: str | None) -> Request:
+    """A 3-token request for adapter (id, version 1), or for the base model."""
+    request = _req(i, 3)
+    request.kv_adapter = (adapter, 1) if adapter else None
+    return request
+
+
+def _admitted(s: Scheduler) -> list[str]:
+    """One step: the ids of the requests it started, after which each sampled request has its token."""
+    chunks = s.schedule()
+    started = [c.request.request_id for c in chunks if c.request.num_computed_tokens == 0]
+    _advance(chunks)
+    return started
+
+
+def test_a_request_that_cannot_be_placed_is_passed_over_and_the_rest_keep_their_order():
+    full = {("x", 1)}  # no room for x's adapter now
+    asked = []
+
+    def place(request: Request) -> bool:
+        asked.append(request.request_id)
+        return request.kv_adapter not in full
+
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=100, place=place)
+    for i, adapter in enumerate(["x", None, "x", "y", None]):
+        s.add(_for(i, adapter))
+    assert _admitted(s) == ["1", "3", "4"]
+    assert asked == ["0", "1", "3", "4"]  # "2" wants the same adapter version as "0": not asked again this step
+    assert [r.request_id for r in s.waiting] == ["0", "2"] and s.waiting[0].skipped_steps == 1
+    full.clear()
+    assert _admitted(s) == ["0", "2"]
+
+
+def test_a_request_passed_over_in_too_many_steps_becomes_a_barrier():
+    room = []
+    s = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=100,
+                  place=lambda r: r.kv_adapter is None or bool(room), max_skipped_steps=2)
+    s.add(_for(0, "x"))
+    started = []
+    for i in range(1, 5):  # a base-model request arrives each step
+        s.add(_for(i, None))
+        started.append(_admitted(s))
+    assert started == [["1"], ["2"], [], []]  # passed over twice; then nothing behind it starts
+    room.append(True)
+    assert _admitted(s) == ["0", "3", "4"]  # it goes first, the others in their order
+
+
+def test_a_placement_that_raises_fails_that_request_alone():
+    def place(request: Request) -> bool:
+        if request.request_id == "1":
+            raise OSError("its weights cannot be read")
+        return True
+
+    bm = BlockManager(num_blocks=64, block_size=4)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=100, place=place)
+    requests = [_for(i, "x") for i in range(3)]
+    for request in requests:
+        s.add(request)
+    assert _admitted(s) == ["0", "2"]
+    [(failed, error)] = s.take_failed()
+    assert failed is requests[1] and isinstance(error, OSError) and failed.status is Status.FINISHED
+    assert s.take_failed() == [] and not s.waiting
+    s.finish(failed)  # the engine ends it as it ends any request: nothing left to free
+    assert bm.num_used == 2

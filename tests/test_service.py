@@ -117,3 +117,26 @@ def test_submit_many_is_all_or_none(service):
         service.submit_many(good, [SamplingParams()])
     service.shutdown(timeout=30)
     assert not service.engine.has_work() and service.engine.blocks.num_used == 0
+
+
+def test_cache_salts_reach_the_engine_through_every_submit(service):
+    prompt = list(range(3, 30))  # 3 full blocks of 8 can be shared
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+
+    def hit_tokens() -> int:
+        return service._call(lambda engine: engine.stats().prefix_cache_hit_tokens).result()
+
+    async def submit_async(salt):
+        return [out async for out in await service.submit_async(prompt, params, cache_salt=salt)]
+
+    list(service.submit(prompt, params, cache_salt="a"))
+    assert hit_tokens() == 0
+    asyncio.run(submit_async("b"))
+    assert hit_tokens() == 0
+    [stream] = service.submit_many([prompt], params, cache_salts=["b"])
+    list(stream)
+    assert hit_tokens() == 24
+    list(service.submit(prompt, params, cache_salt="a"))
+    assert hit_tokens() == 48
+    with pytest.raises(InvalidArgument, match="differ in length"):
+        service.submit_many([prompt], params, cache_salts=[])

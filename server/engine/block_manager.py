@@ -17,10 +17,11 @@ from collections import OrderedDict, deque
 from typing import Sequence
 
 
-def root_key(adapter: tuple[str, int] | None) -> bytes:
-    """The key before a request's first block: its adapter (id, version), whose weights its KV depends on;
-    None for the base model."""
-    return hashlib.sha256(repr(adapter).encode()).digest()
+def root_key(adapter: tuple[str, int] | None, salt: str | None = None) -> bytes:
+    """The key before a request's first block: its adapter (id, version), whose weights its KV depends on
+    (None for the base model), and its cache salt, the scope its blocks may be shared in (None: global).
+    Requests with different salts never share a block."""
+    return hashlib.sha256(repr((adapter, salt)).encode()).digest()
 
 
 def block_key(parent: bytes, token_ids: Sequence[int]) -> bytes:
@@ -130,6 +131,15 @@ class BlockManager:
             else:
                 self._free.append(block)
         block_table.clear()
+
+    def forget_sole(self, block_table: list[int]) -> list[int]:
+        """The blocks of `block_table` that no other holder shares, unregistered from the prefix cache: their
+        KV is untrusted (e.g. not finite) and about to be cleared, and no later request may find it."""
+        sole = [block for block in block_table if self._refs[block] == 1]
+        for block in sole:
+            if block in self._key_of:
+                self._forget(block)
+        return sole
 
     def drop_cached(self) -> int:
         """Forget every cached block without holders (they become plain free blocks); returns how many.

@@ -2,6 +2,11 @@
 
 `Engine` is single-threaded: only the thread that calls `step()` may touch it. `server.engine.service`
 wraps it in a background thread with a thread-safe, async API.
+
+Failures are contained: one that belongs to one request (placing its adapter, its activations or logits
+not being finite, drawing its token) ends that request alone, with an output whose `error` says why; the
+others go on as if it had never come. A failure of the step's forward, which no request can be blamed
+for, ends the requests of that step; the engine then serves on (waiting requests are untouched).
 """
 
 import itertools
@@ -20,7 +25,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
 from server.engine.runner import ModelRunner, kv_cache_shape
 from server.engine.scheduler import Scheduler
-from server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from server.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError, ResourceExhausted
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -73,10 +78,14 @@ class Engine:
                  "on" if config.enable_prefix_caching else "off", ops.name)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
         """Validate and queue a request. Raises InvalidArgument, NotFound (adapter), AlreadyExists or
-        ResourceExhausted."""
+        ResourceExhausted. `cache_salt` is its prefix-cache scope: it shares cached KV blocks only with
+        requests of the same salt (None is a scope of its own, the global one)."""
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise InvalidArgument(f"cache_salt must be a string or None, got {type(cache_salt).__name__}")
         if request_id in self.requests:
             raise AlreadyExists(f"request id {request_id!r} is already in use")
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
@@ -91,7 +100,7 @@ class Engine:
             raise
         request = Request(
             request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
-            kv_adapter=(version.adapter_id, version.version) if version is not None else None,
+            kv_adapter=(version.adapter_id, version.version) if version is not None else None, cache_salt=cache_salt,
         )
         self.requests[request_id] = request
         if version is not None:
@@ -109,6 +118,8 @@ class Engine:
         self.adapters.unregister(adapter_id)
 
     def _place(self, request: Request) -> bool:
+        """The scheduler's `place`: False when there is no room now; what the registry raises (its version
+        cannot be made ready) ends this request alone (see Scheduler)."""
         version = self._versions.get(request.request_id)
         if version is None:
             return True
@@ -155,14 +166,27 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        """One forward over every scheduled token; returns what each sampled request produced."""
+        """One forward over every scheduled token; returns what each sampled request produced, and the last
+        output (with `error`) of each request a failure ended."""
         chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
-        sampled = self.runner.execute(chunks, self.scheduler.take_copies())
-        self.scheduler.computed(chunks)  # before any request finishes, so its blocks are cached when freed
         outputs = []
+        for request, error in self.scheduler.take_failed():
+            if not isinstance(error, QuiverError):
+                log.error("placing the adapter of request %r failed; ending it alone", request.request_id, exc_info=error)
+            outputs.append(self._fail(request, error))
+        if not chunks:
+            return outputs
+        try:
+            sampled = self.runner.execute(chunks, self.scheduler.take_copies())
+        except Exception as error:
+            log.exception("the forward of a step failed; ending its %d requests", len(chunks))
+            return outputs + [self._fail(chunk.request, error) for chunk in chunks]
+        self.scheduler.computed(chunks)  # before any request finishes, so its blocks are cached when freed
         for request, token in sampled:
+            if not isinstance(token, int):  # its own failure: its KV may hold anything, e.g. NaN
+                self._clear_kv(request)
+                outputs.append(self._fail(request, token))
+                continue
             request.output_token_ids.append(token)
             reason = self._stop_reason(request, token)
             if reason is not None:
@@ -181,6 +205,17 @@ class Engine:
         if len(request.output_token_ids) >= params.max_new_tokens or request.prefix_len + request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
         return None
+
+    def _fail(self, request: Request, error: BaseException) -> RequestOutput:
+        """End `request` alone because of `error`; its last output, which carries the error."""
+        self._finish(request, FinishReason.ABORT)
+        return _output(request, (), error=error)
+
+    def _clear_kv(self, request: Request) -> None:
+        """Zero the KV blocks only `request` holds and take them out of the prefix cache, before they are freed."""
+        blocks = self.blocks.forget_sole(request.block_table)
+        if blocks:
+            self.runner.clear_blocks(blocks)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.scheduler.finish(request)
@@ -210,13 +245,14 @@ class Engine:
 _STOP_WINDOW = 32  # output tokens decoded to look for a stop string; stop strings are shorter than this
 
 
-def _output(request: Request, new_tokens: tuple[int, ...]) -> RequestOutput:
+def _output(request: Request, new_tokens: tuple[int, ...], *, error: BaseException | None = None) -> RequestOutput:
     return RequestOutput(
         request_id=request.request_id,
         new_token_ids=new_tokens,
         finish_reason=request.finish_reason,
         num_prompt_tokens=len(request.prompt_token_ids),
         num_output_tokens=len(request.output_token_ids),
+        error=error,
     )
 
 

@@ -10,7 +10,7 @@ from server.errors import InvalidArgument
 class FinishReason(enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_new_tokens, or the model's context length
-    ABORT = "abort"  # cancelled by the client or a deadline
+    ABORT = "abort"  # cancelled by the client or a deadline, or ended by an error (RequestOutput.error)
 
 
 class Status(enum.Enum):
@@ -21,7 +21,14 @@ class Status(enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token and when to stop. `temperature == 0` is greedy."""
+    """How to pick each next token and when to stop.
+
+    `temperature == 0` is greedy (argmax). A temperature T > 0 draws from softmax((logits - max) / T),
+    computed in float32 with T held within float32's normal range: the most likely token's logit becomes
+    0 and the others' become negative. A T so small that those differences overflow (e.g. 1e-40) is
+    therefore greedy in effect: every token less likely than the top one gets probability 0 (tokens tied
+    with it exactly are drawn among uniformly). No temperature accepted here can make sampling fail.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -84,7 +91,9 @@ class Request:
     block_table: list[int] = field(default_factory=list)  # e.g. [4, 9, 2]: KV blocks in order, prefix first
     kv_adapter: tuple[str, int] | None = None  # the adapter (id, version) its KV depends on; None: the base model
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks of tokens
+    cache_salt: str | None = None  # prefix-cache scope: blocks are shared only between requests with equal salts
     num_preemptions: int = 0
+    skipped_steps: int = 0  # scheduling steps it waited because its adapter could not be placed (see Scheduler)
 
     @property
     def prefix_len(self) -> int:
@@ -106,13 +115,19 @@ class Request:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """What one engine step produced for one request: its new tokens (usually one) and, last, why it ended."""
+    """What one engine step produced for one request: its new tokens (usually one) and, last, why it ended.
+
+    `error` is set on the last output of a request that a failure of its own ended (finish reason ABORT):
+    a QuiverError saying what went wrong (e.g. FailedPrecondition for an adapter whose output was not
+    finite), or, for a bug, the exception itself (reported as INTERNAL). Other requests are not affected.
+    """
 
     request_id: str
     new_token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: BaseException | None = None
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ from kernels import KernelOps
 from server.adapters.formats import BOTTLENECK_SITES
 from server.adapters.weights import BottleneckWeights, LoraWeights
 from server.engine.request import Request
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, not_finite
 from server.engine.scheduler import ScheduledChunk
 from server.model.batch import AdapterBatch, StepBatch, StepContext
 from server.model.layers import AdapterLinear, install_adapter_layers
@@ -57,8 +57,14 @@ class ModelRunner:
             )
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk], copies: list[tuple[int, int]]) -> list[tuple[Request, int]]:
-        """Copy blocks, run the chunks; return (request, next token) for each chunk whose `samples` is true.
+    def execute(
+        self, chunks: list[ScheduledChunk], copies: list[tuple[int, int]]
+    ) -> list[tuple[Request, int | Exception]]:
+        """Copy blocks, run the chunks; return (request, outcome) for each chunk whose `samples` is true, the
+        outcome being its next token or the error that ends it (see Sampler.sample), and (request,
+        `not_finite(request)`) for every chunk whose hidden states were not finite, sampled or not: the KV it
+        wrote is untrusted. A row's hidden state depends on its own request's tokens alone, so only requests
+        whose own computation overflowed are reported.
 
         Chunks are packed grouped by weight-adapter slot, so that requests sharing an adapter form one segment.
         """
@@ -108,10 +114,14 @@ class ModelRunner:
             ).last_hidden_state[0]  # [T, hidden]
         finally:
             self.context.adapters = None
-        if not sampled:
-            return []
-        logits = self.lm_head(hidden[sample_rows]).float()  # [B_sampled, V]
-        return list(zip(sampled, self.sampler.sample(logits, sampled), strict=True))
+        finite = torch.isfinite(hidden).all()  # read after sampling, which waits for the forward anyway
+        outcomes: list[tuple[Request, int | Exception]] = []
+        if sampled:
+            logits = self.lm_head(hidden[sample_rows]).float()  # [B_sampled, V]
+            outcomes = list(zip(sampled, self.sampler.sample(logits, sampled), strict=True))
+        if not finite:
+            outcomes = _with_overflows(outcomes, chunks, starts, hidden)
+        return outcomes
 
     def _adapter_batch(self, chunks: list[ScheduledChunk], starts: list[int]) -> AdapterBatch | None:
         """One segment per run of consecutive chunks with the same weight-adapter slot; None if no chunk has one."""
@@ -158,6 +168,12 @@ class ModelRunner:
                 scale=weights.scaling, activation=weights.non_linearity,
             )
 
+    @torch.inference_mode()
+    def clear_blocks(self, blocks: list[int]) -> None:
+        """Zero the KV of `blocks` (untrusted values a failed request left), so that no later holder reads them:
+        attention may read a block's entries beyond its holder's length, masked, and 0 · NaN is NaN."""
+        self.kv_cache.index_fill_(2, torch.tensor(blocks, dtype=torch.int64, device=self.device), 0)
+
     def clear_adapter(self, slot: int) -> None:
         for layer in self.adapter_layers.values():
             layer.clear(slot)
@@ -187,6 +203,16 @@ class ModelRunner:
             use_cache=False,
             quiver_batch=batch,
         )
+
+
+def _with_overflows(
+    outcomes: list[tuple[Request, int | Exception]], chunks: list[ScheduledChunk], starts: list[int], hidden: torch.Tensor
+) -> list[tuple[Request, int | Exception]]:
+    """The rare path: `outcomes`, where every request with a hidden row [T, hidden] that is not finite ends
+    with `not_finite` instead."""
+    rows = torch.isfinite(hidden).all(dim=-1).tolist()  # [T]
+    failed = {c.request: not_finite(c.request) for c, s, e in zip(chunks, starts, starts[1:]) if not all(rows[s:e])}
+    return [(r, o) for r, o in outcomes if r not in failed] + list(failed.items())
 
 
 def _slot_of(chunk: ScheduledChunk) -> int:

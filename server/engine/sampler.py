@@ -2,34 +2,56 @@
 
 A request's generator is seeded once from its seed (or from the OS when it has none) and used only for
 that request, so its tokens do not depend on what else is in the batch.
+
+A failure of one row ends that request alone: a row holding a logit that is not finite (an adapter whose
+activations overflowed) gives `not_finite(request)` instead of a token, and so does anything raised while
+drawing its token (a bug, logged).
 """
 
+import logging
 import secrets
 
 import torch
 
 from server.engine.request import Request
+from server.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+# temperatures are used within float32's normal range: dividing by one that rounds to 0 or inf would give NaN
+_MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+_MAX_TEMPERATURE = torch.finfo(torch.float32).max
 
 
 class Sampler:
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """logits [B, V] float32, row i for requests[i] -> one token id per request."""
-        tokens = logits.argmax(dim=-1).tolist()
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
+        """logits [B, V] float32, row i for requests[i] -> per request its next token id, or the error that
+        ends it (see the module docstring). Finiteness is checked once for the whole batch."""
+        finite = torch.isfinite(logits).all(dim=-1)  # [B]
+        tokens: list = logits.argmax(dim=-1).masked_fill_(~finite, -1).tolist()
         for i, request in enumerate(requests):
-            if not request.params.greedy:
-                tokens[i] = self._draw(logits[i], request)
+            if tokens[i] < 0:
+                tokens[i] = not_finite(request)
+            elif not request.params.greedy:
+                try:
+                    tokens[i] = self._draw(logits[i], request)
+                except Exception as error:
+                    log.exception("sampling request %r failed; ending it alone", request.request_id)
+                    tokens[i] = error
         return tokens
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
     def _draw(self, logits: torch.Tensor, request: Request) -> int:
-        """logits [V] -> a token drawn from softmax(logits / T) restricted to top-k and top-p."""
+        """logits [V], all finite -> a token drawn from softmax((logits - max) / T) restricted to top-k and
+        top-p. The top token's logit is 0 and the others' at most 0 (-inf if they overflow), so no row is NaN."""
         params = request.params
-        logits = logits.cpu() / params.temperature
+        logits = logits.cpu()
+        logits = (logits - logits.max()) / min(max(params.temperature, _MIN_TEMPERATURE), _MAX_TEMPERATURE)
         if 0 < params.top_k < logits.shape[-1]:
             kth = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -48,3 +70,11 @@ class Sampler:
             g = torch.Generator().manual_seed(seed)
             self._generators[request.request_id] = g
         return g
+
+
+def not_finite(request: Request) -> FailedPrecondition:
+    """The error that ends a request whose activations or logits were not finite."""
+    source = f"adapter {request.kv_adapter[0]!r}" if request.kv_adapter is not None else "the base model"
+    return FailedPrecondition(
+        f"the output of {source} was not finite for this request (its activations overflowed), so it was ended"
+    )

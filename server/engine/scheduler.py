@@ -6,6 +6,13 @@ admitted while budget, sequence slots and KV blocks last. When a running request
 the latest-arrived running request is preempted: its blocks are freed and it goes back to the front of
 the queue, to be recomputed from its prompt and the tokens it already produced. Nothing is dropped.
 
+Admission keeps arrival order but does not let one request hold up the others: a waiting request whose
+adapter cannot be placed now (every slot held by running requests) is passed over, and the ones behind it
+that can run are admitted. So that it is not starved, once it has been passed over in more than
+`max_skipped_steps` steps it becomes a barrier: nothing behind it is admitted until it is placed (the
+running requests finish and give their adapters' room back). Lack of KV blocks, which every request
+needs, stops admission at once.
+
 Prefix caching: a request admitted (or readmitted) shares the cached blocks its tokens begin with and
 computes only the rest; after each step the full blocks a request completed are registered for others.
 """
@@ -43,10 +50,12 @@ def _never() -> bool:
 
 class Scheduler:
     """`place(request)` is asked before a request starts (or restarts) running, to put its adapter on the
-    device; it may say no (no room now). `unplace(request)` is called when it stops running. `reclaim()` is
-    asked to free KV blocks held by idle adapters (their shared prefixes) before anything is preempted or
-    left waiting for lack of blocks; it says whether it freed any. `prefix_caching` turns on sharing of
-    cached full blocks between requests whose tokens begin the same way."""
+    device; it may say no (no room now), and requests with the same `kv_adapter` get the same answer within
+    a step. If it raises, that request alone fails: it leaves the scheduler and goes with its error to
+    `take_failed()`. `unplace(request)` is called when it stops running. `reclaim()` is asked to free KV
+    blocks held by idle adapters (their shared prefixes) before anything is preempted or left waiting for
+    lack of blocks; it says whether it freed any. `prefix_caching` turns on sharing of cached full blocks
+    between requests whose tokens begin the same way (and have the same cache salt)."""
 
     def __init__(
         self,
@@ -58,6 +67,7 @@ class Scheduler:
         unplace: Callable[[Request], None] = _nothing,
         reclaim: Callable[[], bool] = _never,
         prefix_caching: bool = True,
+        max_skipped_steps: int = 32,
     ) -> None:
         self.blocks = blocks
         self.place = place
@@ -66,7 +76,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.prefix_caching = prefix_caching
+        self.max_skipped_steps = max_skipped_steps
         self.waiting: deque[Request] = deque()
+        self.failed: list[tuple[Request, Exception]] = []  # requests whose placement raised, for the engine to end
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies to do before the next forward
@@ -99,20 +111,45 @@ class Scheduler:
                 i += 1
                 continue
             break  # `request` itself was preempted: it was the last running one
+        passed: list[Request] = []  # passed over this step: put back at the front of the queue, in order
+        try:
+            self._admit(chunks, budget, passed)
+        finally:
+            self.waiting.extendleft(reversed(passed))
+        return chunks
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int, passed: list[Request]) -> None:
+        """Start waiting requests, in order, while budget, sequence slots and blocks last (see the module
+        docstring); append their first chunks to `chunks`, and the requests passed over to `passed`."""
+        unplaceable: set[tuple[str, int] | None] = set()  # kv_adapter of the requests place() said no to
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            if not self.place(request):
-                break
+            request = self.waiting.popleft()
+            if request.kv_adapter in unplaceable:
+                placed = False
+            else:
+                try:
+                    placed = self.place(request)
+                except Exception as error:  # its own failure (e.g. its adapter cannot be read): it alone ends
+                    request.status = Status.FINISHED  # out of the queue; a waiting request holds no blocks
+                    self.failed.append((request, error))
+                    continue
+            if not placed:
+                unplaceable.add(request.kv_adapter)
+                request.skipped_steps += 1
+                passed.append(request)
+                if request.skipped_steps > self.max_skipped_steps:
+                    return  # a barrier: nothing behind it starts before it
+                continue
             n = self._take_blocks(request, budget)
             if n is None:
                 self.unplace(request)
-                break
-            self.waiting.popleft()
+                self.waiting.appendleft(request)
+                return
+            request.skipped_steps = 0
             request.status = Status.RUNNING
             self.running.append(request)
             chunks.append(ScheduledChunk(request, n))
             budget -= n
-        return chunks
 
     def _take_blocks(self, request: Request, budget: int) -> int | None:
         """Give a request about to start its prefix, the cached blocks its tokens begin with, and room for a
@@ -188,9 +225,14 @@ class Scheduler:
         while len(keys) <= i:
             j = len(keys)
             assert (j + 1) * bs <= len(tokens), "only full blocks have keys"
-            parent = keys[-1] if keys else root_key(request.kv_adapter)
+            parent = keys[-1] if keys else root_key(request.kv_adapter, request.cache_salt)
             keys.append(block_key(parent, tokens[j * bs:(j + 1) * bs]))
         return keys[i]
+
+    def take_failed(self) -> list[tuple[Request, Exception]]:
+        """The requests whose placement raised since the last call (already out of the scheduler), with errors."""
+        failed, self.failed = self.failed, []
+        return failed
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []
@@ -207,7 +249,7 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def finish(self, request: Request) -> None:
-        """Remove a request that finished or was aborted, wherever it is, and free its blocks."""
+        """Remove a request that finished or was aborted, wherever it is, and free its blocks. Idempotent."""
         if request.status is Status.RUNNING:
             self.running.remove(request)
             self.unplace(request)

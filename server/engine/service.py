@@ -115,17 +115,21 @@ class EngineService:
 
     def submit(
         self, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None,
-        request_id: str | None = None,
+        request_id: str | None = None, cache_salt: str | None = None,
     ) -> RequestStream:
-        """Queue a request and return its stream. Raises the engine's typed errors for bad requests."""
-        return self._submit(prompt_token_ids, params, adapter_id, request_id, loop=None).result()
+        """Queue a request and return its stream. Raises the engine's typed errors for bad requests. A failure
+        of the request's own (see Engine) is raised, typed, to whoever iterates its stream. `cache_salt`: its
+        prefix-cache scope (see Engine.add_request)."""
+        return self._submit(prompt_token_ids, params, adapter_id, request_id, cache_salt, loop=None).result()
 
     async def submit_async(
         self, prompt_token_ids: list[int], params: SamplingParams, *, adapter_id: str | None = None,
-        request_id: str | None = None,
+        request_id: str | None = None, cache_salt: str | None = None,
     ) -> RequestStream:
         """Like `submit`, for a caller in an event loop; iterate the stream with `async for`."""
-        future = self._submit(prompt_token_ids, params, adapter_id, request_id, loop=asyncio.get_running_loop())
+        future = self._submit(
+            prompt_token_ids, params, adapter_id, request_id, cache_salt, loop=asyncio.get_running_loop()
+        )
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:  # the caller went away (a cancel, a deadline) while the submit was queued
@@ -134,23 +138,27 @@ class EngineService:
 
     def submit_many(
         self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], *,
-        adapter_ids: list[str | None] | None = None,
+        adapter_ids: list[str | None] | None = None, cache_salts: list[str | None] | None = None,
     ) -> list[RequestStream]:
         """Queue a batch of requests in one loop turn, so that they all start in the same step (submitting
         them one by one would let the loop step between them). All or none: if one is refused, none runs,
         and its typed error is raised. The streams are iterated synchronously, like `submit`'s."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         adapter_ids = adapter_ids if adapter_ids is not None else [None] * len(prompts)
-        if not len(prompts) == len(params_list) == len(adapter_ids):
-            raise InvalidArgument("prompts, params and adapter_ids differ in length")
-        requests = [(f"req-{next(self._ids)}", list(p), q, a) for p, q, a in zip(prompts, params_list, adapter_ids)]
+        cache_salts = cache_salts if cache_salts is not None else [None] * len(prompts)
+        if not len(prompts) == len(params_list) == len(adapter_ids) == len(cache_salts):
+            raise InvalidArgument("prompts, params, adapter_ids and cache_salts differ in length")
+        requests = [
+            (f"req-{next(self._ids)}", list(p), q, a, salt)
+            for p, q, a, salt in zip(prompts, params_list, adapter_ids, cache_salts)
+        ]
         streams = [RequestStream(r[0], self, None) for r in requests]
 
         def add_all(engine: Engine) -> list[RequestStream]:
             added = []
             try:
-                for request_id, prompt, request_params, adapter_id in requests:
-                    engine.add_request(request_id, prompt, request_params, adapter_id=adapter_id)
+                for request_id, prompt, request_params, adapter_id, salt in requests:
+                    engine.add_request(request_id, prompt, request_params, adapter_id=adapter_id, cache_salt=salt)
                     added.append(request_id)
             except Exception:
                 for request_id in added:
@@ -161,12 +169,12 @@ class EngineService:
 
         return self._call(add_all).result()
 
-    def _submit(self, prompt, params, adapter_id, request_id, *, loop) -> Future:
+    def _submit(self, prompt, params, adapter_id, request_id, cache_salt, *, loop) -> Future:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         stream = RequestStream(request_id, self, loop)
 
         def add(engine: Engine) -> RequestStream:
-            engine.add_request(request_id, list(prompt), params, adapter_id=adapter_id)
+            engine.add_request(request_id, list(prompt), params, adapter_id=adapter_id, cache_salt=cache_salt)
             self._streams[request_id] = stream
             return stream
 
@@ -302,7 +310,7 @@ class EngineService:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except Exception as e:  # the engine contains request and forward failures: this is a bug in its own state
             log.exception("engine step failed; aborting the requests it held")
             for request_id in list(self.engine.requests):
                 self.engine.abort(request_id)
@@ -311,8 +319,10 @@ class EngineService:
         if self._on_step is not None:
             self._on_step(outputs)
         for out in outputs:
-            stream = self._streams[out.request_id] if not out.finished else self._streams.pop(out.request_id)
-            stream._put(out)
+            if not out.finished:
+                self._streams[out.request_id]._put(out)
+            else:  # a request's own failure goes to its stream alone, raised to its reader
+                self._streams.pop(out.request_id)._put(out.error if out.error is not None else out)
 
 
 def _abort_if_added(future: Future) -> None:

@@ -1,0 +1,215 @@
+"""One bad request (a tiny temperature, an overflowing adapter, a placement that fails, an adapter with no free
+slot) or a failed forward must not stop, stall or change anyone else's work: the victims streaming beside it
+finish with exactly the tokens they get when it never came, and the bad one gets its own precise outcome."""
+
+import pytest
+import torch
+
+from server.adapters.weights import LoraModule, LoraWeights
+from server.engine.request import SamplingParams
+from server.errors import FailedPrecondition
+from tests.api.harness import make_service
+from tests.idle import wait_idle
+from tests.models import engine_for
+
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+# base-model and adapter rows of every placement: slots (LoRA, bottleneck), prefix blocks, prompt prefill
+VICTIMS = [
+    ([5, 9, 14, 3], None),
+    ([7, 8, 9, 10, 11, 12, 13], "lora"),
+    ([20, 21, 22], "prefix"),
+    ([30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40], "prompt"),
+    ([44, 45, 46, 47, 48], "bottleneck"),
+]
+BAD_PROMPT = [60, 61, 62, 63, 64, 65]
+
+
+def huge_lora(engine, factor: float, *, scale: float = 2.0, seed: int = 0) -> LoraWeights:
+    """A random rank-4 LoRA on q/o/down projections whose B entries are multiplied by `factor`."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = engine.runner.model.config
+    h = cfg.hidden_size
+    modules = {}
+    for layer in range(cfg.num_hidden_layers):
+        for leaf, d_in in (("self_attn.q_proj", h), ("self_attn.o_proj", h), ("mlp.down_proj", cfg.intermediate_size)):
+            modules[f"model.layers.{layer}.{leaf}"] = LoraModule(
+                a=torch.randn(4, d_in, generator=g) * 0.5, b=torch.randn(h, 4, generator=g) * 0.5 * factor, scale=scale
+            )
+    return LoraWeights(modules=modules)
+
+
+def drain(stream) -> tuple[list[int], BaseException | None]:
+    """Its tokens, and the error its reader got (None if it finished)."""
+    tokens: list[int] = []
+    try:
+        for out in stream:
+            tokens += out.new_token_ids
+    except Exception as error:
+        return tokens, error
+    return tokens, None
+
+
+def run(service, requests: list[tuple[list[int], str | None, SamplingParams]]) -> list[tuple[list[int], BaseException | None]]:
+    """All requests started in one step; each one's (tokens, error)."""
+    streams = service.submit_many([r[0] for r in requests], [r[2] for r in requests], adapter_ids=[r[1] for r in requests])
+    return [drain(s) for s in streams]
+
+
+def victims(params: SamplingParams = GREEDY) -> list[tuple[list[int], str | None, SamplingParams]]:
+    return [(prompt, adapter, params) for prompt, adapter in VICTIMS]
+
+
+@pytest.fixture(scope="module")
+def service(model_path, zoo):
+    # a small pool, so that the blocks a failed request held are soon handed to the victims
+    service = make_service(model_path, num_kv_blocks=40)
+    for name in ("lora", "lora-all-r4", "prefix", "prompt", "bottleneck"):
+        service.load_adapter(name, zoo[name])
+    yield service
+    service.shutdown(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def reference(service):
+    """The victims' tokens when they run alone."""
+    out = run(service, victims())
+    assert all(error is None for _, error in out)
+    return [tokens for tokens, _ in out]
+
+
+def check_victims(service, reference, got) -> None:
+    assert [error for _, error in got] == [None] * len(reference)
+    assert [tokens for tokens, _ in got] == reference
+    assert wait_idle(service) == []
+
+
+def test_a_tiny_temperature_is_greedy_and_harms_no_one(service, reference):
+    bad = [(BAD_PROMPT, None, SamplingParams(temperature=t, seed=1, top_k=k, max_new_tokens=8, ignore_eos=True))
+           for t, k in ((1e-40, 0), (1e-50, 5), (5e-324, 0))]
+    bad.append((BAD_PROMPT, "lora-all-r4", SamplingParams(temperature=1e-45, top_p=0.5, max_new_tokens=8, ignore_eos=True)))
+    got = run(service, victims() + bad)
+    check_victims(service, reference, got[: len(VICTIMS)])
+    want = [run(service, [(prompt, adapter, GREEDY)])[0] for prompt, adapter, _ in bad]
+    assert got[len(VICTIMS):] == want and all(error is None for _, error in want)
+
+
+def test_an_overflowing_adapter_fails_alone_and_leaves_no_trace(service, reference):
+    """A LoRA held in memory (trusted, not bounded) whose B entries and scale are ~1e30, so that its output
+    overflows: its request ends with FailedPrecondition naming it; the victims beside it, and after it on
+    the blocks it held, are exact."""
+    service.register_adapter("huge", huge_lora(service.engine, 1e30, scale=1e30))
+    try:
+        for _ in range(5):  # again and again: the blocks it wrote go round the small pool to the victims
+            got = run(service, victims() + [(BAD_PROMPT, "huge", GREEDY), (BAD_PROMPT[:3], "huge", GREEDY)])
+            check_victims(service, reference, got[: len(VICTIMS)])
+            for tokens, error in got[len(VICTIMS):]:
+                assert isinstance(error, FailedPrecondition) and tokens == []
+                assert "adapter 'huge'" in str(error) and "not finite" in str(error)
+            check_victims(service, reference, run(service, victims()))
+    finally:
+        service.unload_adapter("huge")
+
+
+@pytest.mark.parametrize("error", [FailedPrecondition("the adapter 'doomed' cannot be read"), RuntimeError("a bug")])
+def test_a_placement_that_raises_ends_only_its_request(service, reference, zoo, monkeypatch, error):
+    """The registry cannot make one version ready (e.g. a failed re-read): that request gets the error, typed
+    (or, for a bug, as it is: reported as INTERNAL); the base-model and adapter requests beside it go on."""
+    service.load_adapter("doomed", zoo["lora-all-r4"])
+    registry = service.engine.adapters
+    place = registry.place
+
+    def failing(version):
+        if version.adapter_id == "doomed":
+            raise error
+        return place(version)
+
+    monkeypatch.setattr(registry, "place", failing)
+    try:
+        got = run(service, [(BAD_PROMPT, "doomed", GREEDY)] + victims() + [(BAD_PROMPT, "doomed", GREEDY)])
+        assert [e for _, e in (got[0], got[-1])] == [error, error] and got[0][0] == got[-1][0] == []
+        check_victims(service, reference, got[1:-1])
+    finally:
+        monkeypatch.undo()
+        service.unload_adapter("doomed")
+
+
+def test_a_failed_forward_ends_only_its_step_and_the_engine_serves_on(model_path, zoo, monkeypatch):
+    """A forward that raises cannot be blamed on a request: the requests of that step end with the error;
+    the one still waiting (max_num_seqs=2) is untouched, and later requests get their reference tokens."""
+    service = make_service(model_path, max_num_seqs=2)
+    try:
+        for name in ("lora", "prefix"):
+            service.load_adapter(name, zoo[name])
+        requests = victims()[:3]
+        want = [run(service, [r])[0] for r in requests]
+        execute = service.engine.runner.execute
+        calls = []
+
+        def once(chunks, copies):
+            calls.append(len(chunks))
+            if len(calls) == 1:
+                raise RuntimeError("device lost")
+            return execute(chunks, copies)
+
+        monkeypatch.setattr(service.engine.runner, "execute", once)
+        got = run(service, requests)
+        assert calls[0] == 2
+        assert [(tokens, str(error)) for tokens, error in got[:2]] == [([], "device lost")] * 2
+        assert got[2] == want[2]
+        assert run(service, requests) == want
+        assert wait_idle(service) == []
+    finally:
+        service.shutdown(timeout=30)
+
+
+def test_a_request_with_no_free_slot_neither_delays_others_nor_starves(model_path, zoo):
+    """Two slots, both held by long requests for two LoRAs that a steady stream keeps busy. A bottleneck
+    request (no slot for it) must not hold up a base-model request queued after it, and must still run once
+    it has waited long enough (the stream then queues behind it), with its reference tokens."""
+    engine = engine_for(model_path, num_kv_blocks=256, block_size=8, adapter_slots=2, max_lora_rank=8,
+                        max_bottleneck_size=8)
+    for name in ("lora", "lora-all-r4", "bottleneck"):
+        engine.register_adapter(name, engine.read_adapter(zoo[name]), source=zoo[name])
+    long = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    short = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    engine.add_request("hold-a", [3, 4, 5], long, adapter_id="lora")
+    engine.add_request("hold-b", [6, 7, 8], long, adapter_id="lora-all-r4")
+    engine.step()
+    engine.add_request("blocked", [44, 45, 46, 47], short, adapter_id="bottleneck")
+    engine.add_request("base", [5, 9, 14, 3], short)
+    tokens: dict[str, list[int]] = {}
+    done: dict[str, int] = {}
+    for step in range(1, 400):
+        engine.add_request(f"stream-{step}", [9, step % 100 + 3], GREEDY, adapter_id=("lora", "lora-all-r4")[step % 2])
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                done[out.request_id] = step
+        if "blocked" in done:
+            break
+    assert done["base"] == 5  # admitted at once: one token a step
+    assert "blocked" in done, "the request without a slot was starved"
+    for request_id, prompt, adapter_id in (("blocked", [44, 45, 46, 47], "bottleneck"), ("base", [5, 9, 14, 3], None)):
+        alone = engine_for(model_path, num_kv_blocks=64, block_size=8, adapter_slots=2, max_lora_rank=8,
+                           max_bottleneck_size=8)
+        if adapter_id:
+            alone.register_adapter(adapter_id, alone.read_adapter(zoo[adapter_id]), source=zoo[adapter_id])
+        alone.add_request("0", prompt, short, adapter_id=adapter_id)
+        want = []
+        while alone.has_work():
+            want += [t for out in alone.step() for t in out.new_token_ids]
+        assert tokens[request_id] == want, request_id
+
+
+
+def test_an_overflow_in_a_prompt_chunk_ends_the_request_at_that_chunk(model_path):
+    """Chunked prefill: the first chunk samples nothing, yet its hidden states already overflowed (and so did
+    the KV it wrote); the request ends at that step, not later, and its blocks are free and clean."""
+    engine = engine_for(model_path, num_kv_blocks=16, block_size=4, max_num_batched_tokens=8, adapter_slots=1,
+                        max_lora_rank=4)
+    engine.register_adapter("huge", huge_lora(engine, 1e30, scale=1e30))
+    engine.add_request("bad", list(range(3, 33)), GREEDY, adapter_id="huge")
+    [out] = engine.step()
+    assert isinstance(out.error, FailedPrecondition) and out.finished and not engine.has_work()
+    assert engine.blocks.num_used == 0 and engine.blocks.num_cached == 0
+    assert torch.count_nonzero(engine.runner.kv_cache) == 0  # its 2 blocks were zeroed: the only ones written
