@@ -44,10 +44,12 @@ from deploy.residency import Residency
 from server.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
 from server.api.adapters import confine
 from server.api.auth import AuthInterceptor
+from server.api.cache_scope import CacheSalts, CacheScope
 from server.api.convert import adapter_message
 from server.api.errors import status_code
 from server.api.gen import adapters_pb2, inference_pb2
 from server.api.inference import InferenceServicer, server_info
+from server.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from server.api.state import ServingState
 from server.config import EngineConfig, ModelConfig
 from server.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError
@@ -130,10 +132,13 @@ class QuiverReplica:
         self._state = ServingState()
         self._state.service = self._service
         self._metrics = Metrics()
-        self._inference = InferenceServicer(state=self._state, metrics=self._metrics, max_upload_bytes=config.max_adapter_bytes)
+        salts = CacheSalts(CacheScope.PER_TOKEN, tokens_checked=config.client_token is not None)
+        self._inference = InferenceServicer(state=self._state, metrics=self._metrics, max_upload_bytes=config.max_adapter_bytes,
+                                            max_prompt_bytes=DEFAULT_MAX_PROMPT_BYTES, cache_salts=salts)
         self._store = AdapterStore(config.store_dir, max_adapter_bytes=config.max_adapter_bytes,
                                    max_adapters=config.max_stored_adapters, recover=False)
-        self._auth = AuthInterceptor(admin_token=config.admin_token, client_token=config.client_token)
+        self._auth = AuthInterceptor(admin_token=config.admin_token,
+                                     client_tokens=(config.client_token,) if config.client_token else ())
         self._events = _EventLog(config.events_dir, replica=self._replica, node=self._node)
         self._residency = Residency(self._service, store_root=config.store_dir, max_adapter_bytes=config.max_adapter_bytes,
                                     on_event=self._events.write)
@@ -157,18 +162,19 @@ class QuiverReplica:
     async def Generate(self, request: inference_pb2.GenerateRequest, grpc_context) -> inference_pb2.GenerateResponse:
         async with self._call("/quiver.v1.InferenceService/Generate", grpc_context):
             async with self._adapter(request.adapter_id):
-                return await self._inference.Generate(request, _NO_DEADLINE)
+                return await self._inference.Generate(request, _ProxyContext(grpc_context))
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest, grpc_context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         async with self._call("/quiver.v1.InferenceService/GenerateStream", grpc_context):
             async with self._adapter(request.adapter_id):
-                async for message in self._inference.GenerateStream(request, _NO_DEADLINE):
+                async for message in self._inference.GenerateStream(request, _ProxyContext(grpc_context)):
                     yield message
 
     @_status_on_context(inference_pb2.GetServerInfoResponse)
     async def GetServerInfo(self, request: inference_pb2.GetServerInfoRequest, grpc_context) -> inference_pb2.GetServerInfoResponse:
         async with self._call("/quiver.v1.InferenceService/GetServerInfo", grpc_context):
-            return server_info(self._service, max_upload_bytes=self._config.max_adapter_bytes)
+            return server_info(self._service, max_upload_bytes=self._config.max_adapter_bytes,
+                               max_prompt_bytes=DEFAULT_MAX_PROMPT_BYTES)
 
     # ---- AdapterService: the shared store is the catalogue ----------------------------------------------
 
@@ -310,15 +316,19 @@ class QuiverReplica:
         return info
 
 
-class _NoDeadline:
-    """The servicer context `InferenceServicer` reads: Serve's proxy enforces deadlines itself."""
+class _ProxyContext:
+    """The servicer context `InferenceServicer` reads: the call's metadata (its bearer token sets its
+    prefix-cache scope) and no deadline (Serve's proxy enforces deadlines itself)."""
+
+    def __init__(self, grpc_context) -> None:
+        self._metadata = tuple(grpc_context.invocation_metadata())
+
+    def invocation_metadata(self) -> tuple:
+        return self._metadata
 
     @staticmethod
     def time_remaining() -> None:
         return None
-
-
-_NO_DEADLINE = _NoDeadline()
 
 
 @contextlib.asynccontextmanager

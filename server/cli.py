@@ -17,7 +17,9 @@ from pathlib import Path
 import grpc
 
 from deploy.routing import AdapterRoutingInterceptor
+from server.api.cache_scope import CacheScope
 from server.api.gen import adapters_pb2
+from server.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from server.client import QuiverClient
 from server.config import EngineConfig
 from server.errors import QuiverError
@@ -62,14 +64,27 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port, logged)")
     g.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: any free port, logged)")
+    g.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on; it is plain HTTP without a token whatever --host, TLS and tokens say")
     g.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="every adapter directory in it is loaded at start, under its name")
     g.add_argument("--adapter-root", type=Path, action="append", default=None,
                    help="a directory LoadAdapter may read from; repeatable (default: --adapters-dir)")
     g.add_argument("--store-dir", type=Path, default=None, help="where uploaded adapters are kept (default: CACHE_DIR/store)")
     g.add_argument("--max-upload-bytes", type=int, default=1 << 30, help="largest adapter upload")
     g.add_argument("--max-stored-adapters", type=int, default=1024, help="uploaded adapters kept in the store; more uploads of new ids are refused")
+    g.add_argument("--max-concurrent-uploads", type=int, default=4, help="uploads in progress at once; more are refused (RESOURCE_EXHAUSTED)")
+    g.add_argument("--max-staged-bytes", type=int, default=2 << 30,
+                   help="bytes all uploads in progress may have staged together; a chunk beyond is refused (RESOURCE_EXHAUSTED)")
+    g.add_argument("--upload-idle-seconds", type=float, default=30.0,
+                   help="an upload that sends no message for this long is ended (RESOURCE_EXHAUSTED) and its files removed")
+    g.add_argument("--max-prompt-bytes", type=int, default=DEFAULT_MAX_PROMPT_BYTES,
+                   help="largest prompt text (chat: all messages' contents) in UTF-8 bytes, refused before tokenising (INVALID_ARGUMENT)")
+    g.add_argument("--prefix-cache-scope", default="per-token", choices=[s.value for s in CacheScope],
+                   help="which requests share cached prompt blocks: per-token (each client token its own, so no client can "
+                        "time another's prompts; one scope when there are no tokens) or global (all requests)")
     g.add_argument("--admin-token-file", type=Path, default=None, help="file holding the bearer token needed to load, upload and unload adapters")
-    g.add_argument("--client-token-file", type=Path, default=None, help="file holding the bearer token needed to generate")
+    g.add_argument("--client-token-file", type=Path, default=None,
+                   help="file holding the bearer tokens needed to generate: one client a line (blank lines and # comments ignored)")
     g.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS only)")
     g.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     g.add_argument("--grace-period", type=float, default=30.0, help="seconds calls in flight may run on after SIGTERM/SIGINT")
@@ -170,8 +185,11 @@ def _serve(args) -> None:
         host=args.host, port=args.port, metrics_port=args.metrics_port, adapters_dir=adapters_dir,
         adapter_roots=tuple(args.adapter_root or ([adapters_dir] if adapters_dir else [])),
         store_dir=args.store_dir or cache_dir / "store", max_upload_bytes=args.max_upload_bytes,
-        max_stored_adapters=args.max_stored_adapters,
-        admin_token=_read_token(args.admin_token_file), client_token=_read_token(args.client_token_file),
+        max_stored_adapters=args.max_stored_adapters, max_concurrent_uploads=args.max_concurrent_uploads,
+        max_staged_bytes=args.max_staged_bytes, upload_idle_seconds=args.upload_idle_seconds,
+        max_prompt_bytes=args.max_prompt_bytes, prefix_cache_scope=CacheScope(args.prefix_cache_scope),
+        metrics_host=args.metrics_host, admin_token=_read_token(args.admin_token_file),
+        client_tokens=read_tokens(args.client_token_file) if args.client_token_file else (),
         tls_cert=args.tls_cert, tls_key=args.tls_key, grace_seconds=args.grace_period,
     )
 
@@ -220,13 +238,24 @@ def _deploy_ray(args) -> None:
         ray.shutdown()
 
 
+def read_tokens(path: Path) -> tuple[str, ...]:
+    """The tokens in a token file: one a line, surrounding blanks stripped; blank lines and lines starting
+    with # are ignored. QuiverError if it holds none."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    tokens = tuple(line for line in lines if line and not line.startswith("#"))
+    if not tokens:
+        raise QuiverError(f"{path} holds no token")
+    return tokens
+
+
 def _read_token(path: Path | None) -> str | None:
+    """The one token of a token file (see `read_tokens`), or None without a file."""
     if path is None:
         return None
-    token = path.read_text().strip()
-    if not token:
-        raise QuiverError(f"{path} holds no token")
-    return token
+    tokens = read_tokens(path)
+    if len(tokens) > 1:
+        raise QuiverError(f"{path} holds {len(tokens)} tokens; this one takes exactly one")
+    return tokens[0]
 
 
 def _generate(client: QuiverClient, args) -> None:

@@ -8,6 +8,10 @@ the old adapter to `.previous.<id>` and keeps it there until the new one is serv
 back, so an id always holds the old or the new adapter, whole. Ids are plain names (`validate_adapter_id`),
 so an id can never name a path outside the root.
 
+Uploads in progress share two budgets: how many may be staged at once (`max_uploads`) and how many bytes
+all of them together may have staged (`max_staged_bytes`); a staged adapter holds its share from `stage`
+until it is committed or discarded. Error messages name adapters by id, never by a path on the server.
+
     root/
       my-lora/adapter_config.json, adapter_model.safetensors
       .previous.my-lora/...         the adapter a replace in progress displaced
@@ -18,9 +22,10 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
-from server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -46,34 +51,44 @@ def validate_file_name(name: str) -> str:
 
 
 class StagedAdapter:
-    """An upload being written. Write files with `write`, then `commit` them to the store or `discard` them."""
+    """An upload being written. Write files with `write`, then `commit` them to the store or `discard` them.
+    `write`, `finish` and `discard` may run on different threads (one at a time: each holds a lock)."""
 
     def __init__(self, store: "AdapterStore", adapter_id: str) -> None:
         self.adapter_id = adapter_id
         self.path = Path(tempfile.mkdtemp(dir=store.root / _STAGING, prefix=f"{adapter_id}."))
         self.num_bytes = 0
         self._store = store
+        self._lock = threading.Lock()
+        self._ended = False  # committed or discarded: its share of the budgets is given back
         self._open: tuple[str, object] | None = None  # (file name, open file) being appended to
         self._done: set[str] = set()
 
     def write(self, *, file_name: str, data: bytes) -> None:
-        """Append `data` to `file_name`; a file's chunks come in order and files one after another."""
+        """Append `data` to `file_name`; a file's chunks come in order and files one after another.
+        ResourceExhausted if the upload would exceed `max_adapter_bytes`, or the uploads in progress together
+        the store's `max_staged_bytes`."""
         validate_file_name(file_name)
-        self.num_bytes += len(data)
-        if self.num_bytes > self._store.max_adapter_bytes:
-            raise ResourceExhausted(f"the upload exceeds the server's limit of {self._store.max_adapter_bytes} bytes")
-        if self._open is None or self._open[0] != file_name:
-            self._close()
-            if file_name in self._done:
-                raise InvalidArgument(f"file {file_name!r} was sent in two separate runs of chunks")
-            if len(self._done) >= self._store.max_files:
-                raise InvalidArgument(f"an adapter has at most {self._store.max_files} files")
-            self._open = (file_name, open(self.path / file_name, "xb"))
-        self._open[1].write(data)
+        with self._lock:
+            if self._ended:
+                raise FailedPrecondition(f"the upload of {self.adapter_id!r} has already ended")
+            if self.num_bytes + len(data) > self._store.max_adapter_bytes:
+                raise ResourceExhausted(f"the upload exceeds the server's limit of {self._store.max_adapter_bytes} bytes")
+            self._store._reserve(len(data))
+            self.num_bytes += len(data)
+            if self._open is None or self._open[0] != file_name:
+                self._close()
+                if file_name in self._done:
+                    raise InvalidArgument(f"file {file_name!r} was sent in two separate runs of chunks")
+                if len(self._done) >= self._store.max_files:
+                    raise InvalidArgument(f"an adapter has at most {self._store.max_files} files")
+                self._open = (file_name, open(self.path / file_name, "xb"))
+            self._open[1].write(data)
 
     def finish(self) -> Path:
         """Flush and fsync every file; the staged directory is then complete (still staged)."""
-        self._close()
+        with self._lock:
+            self._close()
         if not self._done:
             raise InvalidArgument("the upload has no files")
         _fsync_dir(self.path)
@@ -84,8 +99,16 @@ class StagedAdapter:
         return self._store._commit(self, replace=replace)
 
     def discard(self) -> None:
-        self._close()
+        """Remove the staged files (after any write in progress on another thread)."""
+        with self._lock:
+            self._close()
+            self._end()
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._store._release(self)
 
     def _close(self) -> None:
         if self._open is not None:
@@ -99,15 +122,22 @@ class StagedAdapter:
 
 class AdapterStore:
     def __init__(
-        self, root: Path, *, max_adapter_bytes: int, max_files: int = 16, max_adapters: int | None = None, recover: bool = True,
+        self, root: Path, *, max_adapter_bytes: int, max_files: int = 16, max_adapters: int | None = None,
+        max_uploads: int | None = None, max_staged_bytes: int | None = None, recover: bool = True,
     ) -> None:
         """`max_adapters`: the most adapters the store holds (None: no limit); uploads of new ids beyond it are refused.
-        `recover=False` skips the clean-up at open, for a store that other live servers share (Ray replicas):
-        their uploads and replaces in progress are not leftovers."""
+        `max_uploads`: adapters staged at once; `max_staged_bytes`: bytes staged by all of them together (None:
+        no limit). `recover=False` skips the clean-up at open, for a store that other live servers share (Ray
+        replicas): their uploads and replaces in progress are not leftovers."""
         self.root = Path(root)
         self.max_adapter_bytes = max_adapter_bytes
         self.max_files = max_files
         self.max_adapters = max_adapters
+        self.max_uploads = max_uploads
+        self.max_staged_bytes = max_staged_bytes
+        self.num_staged = 0  # adapters staged now
+        self.staged_bytes = 0  # bytes they hold
+        self._budget = threading.Lock()
         (self.root / _STAGING).mkdir(parents=True, exist_ok=True)
         if recover:
             self._recover()
@@ -131,7 +161,21 @@ class AdapterStore:
             )
 
     def stage(self, adapter_id: str) -> StagedAdapter:
-        return StagedAdapter(self, validate_adapter_id(adapter_id))
+        """Start staging an upload; ResourceExhausted if `max_uploads` are staged already."""
+        validate_adapter_id(adapter_id)
+        with self._budget:
+            if self.max_uploads is not None and self.num_staged >= self.max_uploads:
+                raise ResourceExhausted(
+                    f"{self.num_staged} uploads are in progress, the most this server takes at once "
+                    "(its --max-concurrent-uploads); retry later"
+                )
+            self.num_staged += 1
+        try:
+            return StagedAdapter(self, adapter_id)
+        except BaseException:
+            with self._budget:
+                self.num_staged -= 1
+            raise
 
     def delete(self, adapter_id: str) -> None:
         """Remove a stored adapter (renamed away first, so it is gone at once even if removal is cut short)."""
@@ -154,6 +198,20 @@ class AdapterStore:
             previous.rename(self.path(adapter_id))
             _fsync_dir(self.root)
 
+    def _reserve(self, num_bytes: int) -> None:
+        with self._budget:
+            if self.max_staged_bytes is not None and self.staged_bytes + num_bytes > self.max_staged_bytes:
+                raise ResourceExhausted(
+                    f"the uploads in progress would stage more than the server's limit of {self.max_staged_bytes} bytes "
+                    "(its --max-staged-bytes); retry later"
+                )
+            self.staged_bytes += num_bytes
+
+    def _release(self, staged: StagedAdapter) -> None:
+        with self._budget:
+            self.num_staged -= 1
+            self.staged_bytes -= staged.num_bytes
+
     def _commit(self, staged: StagedAdapter, *, replace: bool) -> Path:
         target = self.path(staged.adapter_id)
         try:
@@ -168,6 +226,8 @@ class AdapterStore:
         except BaseException:
             staged.discard()
             raise
+        with staged._lock:
+            staged._end()
         _fsync_dir(self.root)
         return target
 

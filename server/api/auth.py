@@ -1,9 +1,10 @@
 """Bearer-token auth: `authorization: Bearer <token>` metadata, compared in constant time.
 
 Each method needs a role. ADMIN methods (loading, uploading, unloading adapters) need the admin token
-when one is configured; CLIENT methods (generation, listing, server info) need the client token or the
-admin token when a client token is configured; OPEN methods (health, reflection) need nothing. With only a
-client token, it is needed for every method; with no token, every method is open.
+when one is configured; CLIENT methods (generation, listing, server info) need one of the client tokens or
+the admin token when client tokens are configured; OPEN methods (health, reflection) need nothing. With only
+client tokens, one is needed for every method; with no token, every method is open. Several client tokens
+make several clients, e.g. each with its own prefix-cache scope (server/api/cache_scope.py).
 """
 
 import contextlib
@@ -37,9 +38,9 @@ def role_for(method: str) -> Role:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, *, admin_token: str | None, client_token: str | None) -> None:
+    def __init__(self, *, admin_token: str | None, client_tokens: tuple[str, ...]) -> None:
         self._admin = admin_token.encode() if admin_token else None
-        self._client = client_token.encode() if client_token else None
+        self._clients = tuple(t.encode() for t in client_tokens)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -62,20 +63,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _check(self, role: Role, metadata) -> None:
         if role is Role.OPEN:
             return
-        needed = self._admin if role is Role.ADMIN and self._admin is not None else self._client
-        if needed is None:
+        needed = (self._admin,) if role is Role.ADMIN and self._admin is not None else self._clients
+        if not needed:
             return
-        token = _bearer(metadata)
+        token = bearer_token(metadata)
         if token is None:
             raise Unauthenticated("this method needs a bearer token: send 'authorization: Bearer <token>' metadata")
-        if _equal(token, needed) or (role is Role.CLIENT and self._admin is not None and _equal(token, self._admin)):
+        if _one_of(token, needed) or (role is Role.CLIENT and self._admin is not None and _equal(token, self._admin)):
             return
-        if role is Role.ADMIN and self._client is not None and _equal(token, self._client):
-            raise PermissionDenied("the client token does not allow managing adapters; use the admin token")
+        if role is Role.ADMIN and _one_of(token, self._clients):
+            raise PermissionDenied("a client token does not allow managing adapters; use the admin token")
         raise Unauthenticated("the bearer token is not valid for this server")
 
 
-def _bearer(metadata) -> bytes | None:
+def bearer_token(metadata) -> bytes | None:
+    """The token of a call's `authorization: Bearer <token>` metadata, if it has one."""
     for key, value in metadata:
         if key == "authorization":
             scheme, _, token = (value.decode() if isinstance(value, bytes) else value).partition(" ")
@@ -85,3 +87,8 @@ def _bearer(metadata) -> bytes | None:
 
 def _equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
+
+
+def _one_of(token: bytes, tokens: tuple[bytes, ...]) -> bool:
+    """Compared with every token, in constant time each: the time taken does not say which one matched."""
+    return any([_equal(token, t) for t in tokens])

@@ -1,5 +1,6 @@
 """InferenceService: Generate, GenerateStream and GetServerInfo over the engine service."""
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -8,6 +9,7 @@ import grpc
 
 import server
 from server.adapters.store import validate_adapter_id
+from server.api.cache_scope import CacheSalts
 from server.api.convert import FINISH_REASONS, sampling_params
 from server.api.detokenize import TextStream
 from server.api.errors import status_code
@@ -31,10 +33,16 @@ class _Piece:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, *, state: ServingState, metrics: Metrics, max_upload_bytes: int) -> None:
+    def __init__(
+        self, *, state: ServingState, metrics: Metrics, max_upload_bytes: int, max_prompt_bytes: int, cache_salts: CacheSalts
+    ) -> None:
+        """`max_prompt_bytes`: the largest prompt text tokenised (see prompts.py); `cache_salts`: each request's
+        prefix-cache scope."""
         self._state = state
         self._metrics = metrics
         self._max_upload_bytes = max_upload_bytes
+        self._max_prompt_bytes = max_prompt_bytes
+        self._cache_salts = cache_salts
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
@@ -58,19 +66,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             yield message
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
-        return server_info(self._state.engine(), max_upload_bytes=self._max_upload_bytes)
+        return server_info(self._state.engine(), max_upload_bytes=self._max_upload_bytes, max_prompt_bytes=self._max_prompt_bytes)
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[_Piece]:
-        """Run one request; its stream is aborted in the engine if the call ends early (cancel, deadline)."""
+        """Run one request; its stream is aborted in the engine if the call ends early (cancel, deadline).
+        The prompt is tokenised in a worker thread: the event loop serves every other call meanwhile."""
         async with self._state.admit() as service:
             timer = self._metrics.request(self._state.kind_label(request.adapter_id))
             status = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the client went away
             try:
                 tokenizer = service.engine.tokenizer
                 adapter_id = validate_adapter_id(request.adapter_id) if request.adapter_id else None
-                ids = prompt_token_ids(request.prompt, tokenizer)
                 params = sampling_params(request.sampling, request.stopping)
-                stream = await service.submit_async(ids, params, adapter_id=adapter_id)
+                salt = self._cache_salts.salt(request, context.invocation_metadata() or ())
+                ids = await asyncio.to_thread(prompt_token_ids, request.prompt, tokenizer, max_bytes=self._max_prompt_bytes)
+                stream = await service.submit_async(ids, params, adapter_id=adapter_id, cache_salt=salt)
                 timer.admitted(num_prompt_tokens=len(ids))
                 text = TextStream(tokenizer, stop_strings=params.stop_strings)
                 try:
@@ -101,7 +111,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 timer.finished(status.name)
 
 
-def server_info(service: EngineService, *, max_upload_bytes: int) -> pb.GetServerInfoResponse:
+def server_info(service: EngineService, *, max_upload_bytes: int, max_prompt_bytes: int) -> pb.GetServerInfoResponse:
     engine = service.engine
     config = engine.config
     model = engine.runner.model
@@ -127,5 +137,6 @@ def server_info(service: EngineService, *, max_upload_bytes: int) -> pb.GetServe
             max_lora_rank=config.max_lora_rank,
             max_bottleneck_size=config.max_bottleneck_size,
             max_upload_bytes=max_upload_bytes,
+            max_prompt_bytes=max_prompt_bytes,
         ),
     )

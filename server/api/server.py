@@ -23,10 +23,12 @@ from prometheus_client import start_http_server
 from server.adapters.store import AdapterStore
 from server.api.adapters import AdapterServicer
 from server.api.auth import AuthInterceptor
+from server.api.cache_scope import CacheSalts, CacheScope
 from server.api.decode import DecodeInterceptor
 from server.api.errors import ErrorInterceptor
 from server.api.gen import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 from server.api.inference import InferenceServicer
+from server.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from server.api.state import ServingState
 from server.engine.request import RequestOutput
 from server.engine.service import EngineService
@@ -46,13 +48,19 @@ class ServerConfig:
     store_dir: Path  # uploaded adapters, kept across restarts
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (see QuiverServer.port)
-    metrics_port: int | None = 9464  # the Prometheus endpoint; 0: any free port; None: none
+    metrics_port: int | None = 9464  # the Prometheus endpoint (plain HTTP, no token); 0: any free port; None: none
+    metrics_host: str = "127.0.0.1"  # where the Prometheus endpoint listens (not `host`: it has no auth)
     adapters_dir: Path | None = None  # every adapter directory in it is loaded at start, under its name
     adapter_roots: tuple[Path, ...] = ()  # where LoadAdapter may read from
     max_upload_bytes: int = 1 << 30
     max_stored_adapters: int | None = 1024  # uploaded adapters kept in the store; None: no limit
+    max_concurrent_uploads: int = 4  # uploads in progress at once; more are refused at their header
+    max_staged_bytes: int = 2 << 30  # bytes all uploads in progress may have staged together
+    upload_idle_seconds: float = 30.0  # an upload that sends nothing for this long is ended
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # prompt text refused beyond this, before it is tokenised
+    prefix_cache_scope: CacheScope = CacheScope.PER_TOKEN  # requests share cached blocks within a token's scope
     admin_token: str | None = None  # needed for LoadAdapter, UploadAdapter, UnloadAdapter
-    client_token: str | None = None  # needed for the other quiver.v1 calls
+    client_tokens: tuple[str, ...] = ()  # one of them (or the admin token) needed for the other quiver.v1 calls
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     grace_seconds: float = 30.0  # how long calls in flight may run on after a shutdown starts
@@ -62,11 +70,15 @@ class QuiverServer:
     def __init__(self, config: ServerConfig) -> None:
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
+        if config.max_staged_bytes < config.max_upload_bytes:
+            raise ValueError(f"--max-staged-bytes ({config.max_staged_bytes}) is below --max-upload-bytes "
+                             f"({config.max_upload_bytes}): no upload of the largest size could finish")
         self.config = config
         self.metrics = Metrics()
         self.state = ServingState()
         self.store = AdapterStore(
-            config.store_dir, max_adapter_bytes=config.max_upload_bytes, max_adapters=config.max_stored_adapters
+            config.store_dir, max_adapter_bytes=config.max_upload_bytes, max_adapters=config.max_stored_adapters,
+            max_uploads=config.max_concurrent_uploads, max_staged_bytes=config.max_staged_bytes,
         )
         self.health = health_aio.HealthServicer()
         self.port: int | None = None  # the gRPC port, once started
@@ -80,19 +92,21 @@ class QuiverServer:
 
     async def start(self) -> None:
         state, config = self.state, self.config
+        server_dirs = (config.store_dir, *config.adapter_roots, *([config.adapters_dir] if config.adapters_dir else []))
         self._grpc = grpc.aio.server(
             interceptors=[
-                ErrorInterceptor(),
-                AuthInterceptor(admin_token=config.admin_token, client_token=config.client_token),
+                ErrorInterceptor(server_dirs=server_dirs),
+                AuthInterceptor(admin_token=config.admin_token, client_tokens=config.client_tokens),
                 DecodeInterceptor(),
             ],
         )
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(state=state, metrics=self.metrics, max_upload_bytes=config.max_upload_bytes), self._grpc
-        )
-        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
-            AdapterServicer(state=state, store=self.store, roots=config.adapter_roots, metrics=self.metrics), self._grpc
-        )
+        salts = CacheSalts(config.prefix_cache_scope, tokens_checked=bool(config.client_tokens))
+        inference = InferenceServicer(state=state, metrics=self.metrics, max_upload_bytes=config.max_upload_bytes,
+                                      max_prompt_bytes=config.max_prompt_bytes, cache_salts=salts)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, self._grpc)
+        adapters = AdapterServicer(state=state, store=self.store, roots=config.adapter_roots, metrics=self.metrics,
+                                   upload_idle_seconds=config.upload_idle_seconds)
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(adapters, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self._grpc
@@ -106,10 +120,10 @@ class QuiverServer:
             self.port = self._grpc.add_insecure_port(address)
         await self._grpc.start()
         if config.metrics_port is not None:
-            self._http, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            self._http, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=self.metrics.registry)
             self.metrics_port = self._http.server_port
-        log.info("listening on %s:%d (%s); metrics on %s", config.host, self.port,
-                 "TLS" if config.tls_cert else "plaintext", self.metrics_port or "none")
+        log.info("listening on %s:%d (%s); metrics on %s", config.host, self.port, "TLS" if config.tls_cert else "plaintext",
+                 f"{config.metrics_host}:{self.metrics_port} (plain HTTP, no token)" if self._http else "none")
 
     async def attach(self, service: EngineService) -> None:
         """The model is loaded: restore adapters, then report SERVING."""

@@ -5,7 +5,7 @@ import contextlib
 from typing import AsyncIterator
 
 from server.engine.service import EngineService
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, Unavailable
 from server.metrics import BASE
 
 
@@ -26,9 +26,10 @@ class ServingState:
 
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[EngineService]:
-        """Hold one call that uses the engine; refused while draining, waited for by `wait_idle`."""
+        """Hold one call that uses the engine; refused with Unavailable while draining (a retry on another
+        server, or on this one after its restart, may succeed), waited for by `wait_idle`."""
         if self._draining:
-            raise FailedPrecondition("the server is shutting down and takes no new calls")
+            raise Unavailable("the server is shutting down and takes no new calls; retry on another server or after its restart")
         service = self.engine()
         self._in_flight += 1
         self._idle.clear()
