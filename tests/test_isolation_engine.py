@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from server.adapters.weights import LoraModule, LoraWeights
-from server.engine.request import SamplingParams
+from server.engine.request import Request, SamplingParams
+from server.engine.sampler import Sampler
 from server.errors import FailedPrecondition
 from tests.api.harness import make_service
 from tests.idle import wait_idle
@@ -25,7 +26,7 @@ BAD_PROMPT = [60, 61, 62, 63, 64, 65]
 
 
 def huge_lora(engine, factor: float, *, scale: float = 2.0, seed: int = 0) -> LoraWeights:
-    """A random rank-4 LoRA on q/o/down projections whose B entries are multiplied by `factor`."""
+    """A random rank-4 LoRA on q/o/down projections, its B entries multiplied by `factor`, its scale `scale`."""
     g = torch.Generator().manual_seed(seed)
     cfg = engine.runner.model.config
     h = cfg.hidden_size
@@ -55,8 +56,8 @@ def run(service, requests: list[tuple[list[int], str | None, SamplingParams]]) -
     return [drain(s) for s in streams]
 
 
-def victims(params: SamplingParams = GREEDY) -> list[tuple[list[int], str | None, SamplingParams]]:
-    return [(prompt, adapter, params) for prompt, adapter in VICTIMS]
+def victims() -> list[tuple[list[int], str | None, SamplingParams]]:
+    return [(prompt, adapter, GREEDY) for prompt, adapter in VICTIMS]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,24 @@ def check_victims(service, reference, got) -> None:
     assert [error for _, error in got] == [None] * len(reference)
     assert [tokens for tokens, _ in got] == reference
     assert wait_idle(service) == []
+
+
+def test_the_sampler_ends_non_finite_rows_alone_and_samples_huge_finite_ones():
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([
+        [3e38, 3e38, -3e38, 1.0],  # finite, though its sum overflows
+        [0.0, nan, 1.0, 2.0],
+        [1.0, -inf, 3.0, 2.0],
+        [2e38, 3e38, -3e38, 0.0],  # a tiny temperature over the widest finite spread
+        [0.5, 0.25, 2.0, 1.0],
+    ])
+    temperatures = [0.0, 0.0, 0.7, 1e-40, 1e-300]
+    requests = [Request(str(i), [1], SamplingParams(temperature=t, seed=i), kv_adapter=("x", 1) if i == 2 else None)
+                for i, t in enumerate(temperatures)]
+    got = Sampler().sample(logits, requests)
+    assert got[0] == 0 and got[3] == 1 and got[4] == 2
+    assert isinstance(got[1], FailedPrecondition) and "the base model" in str(got[1])
+    assert isinstance(got[2], FailedPrecondition) and "adapter 'x'" in str(got[2])
 
 
 def test_a_tiny_temperature_is_greedy_and_harms_no_one(service, reference):
