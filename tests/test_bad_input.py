@@ -3,10 +3,12 @@ says what to change; after each, the server still gives the same tokens for the 
 adapters, serves the same adapters, keeps no upload leftovers, and holds nothing beyond idle (tests/idle.py).
 
 The server's KV pool (48 blocks of 8 = 384 tokens) is smaller than its 512-token context, so a huge
-max_new_tokens is refused instead of being cut at the context length; its --max-lora-rank is 16.
+max_new_tokens is refused instead of being cut at the context length; its --max-lora-rank is 16, its
+--max-prompt-bytes 10,000; it takes 2 uploads at once, 150,000 bytes staged, 4 s idle. No message names a
+directory of the server (its adapter root, its store).
 """
 
-import json
+import contextlib
 import os
 import pickle
 import shutil
@@ -14,16 +16,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from server.api.gen import adapters_pb2 as apb
 from server.api.gen import inference_pb2 as pb
 from server.client import QuiverClient
+from tests.adapter_mutations import (
+    CONFIG, WEIGHTS, absurd_header_length, both, corrupt_header, edit_config, edit_tensors, link_files_out, lora_rank,
+    remove, rename_layer, truncate, with_entry, write,
+)
 from tests.api.harness import RunningServer, start_server
 from tests.idle import wait_idle
 
@@ -35,7 +40,9 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 MAX_UPLOAD = 100_000
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+MAX_STAGED = 150_000
+IDLE_SECONDS = 4
+PROMPT_BOUND = "over the server's limit of 10,000 (--max-prompt-bytes)"
 LORA_Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"  # [8, 64] in the zoo's LoRA
 ID_RULE = "is not valid: use 1 to 128 characters"
 KV_REFUSAL = "exceeds the KV cache (384 tokens); ask for fewer"
@@ -78,89 +85,6 @@ class Ctx:
         return self.channel.stream_unary(UPLOAD)(iter(messages), timeout=30)
 
 
-# ---- adapter mutations -------------------------------------------------------------------------------------------
-
-
-def edit_config(**changes) -> Callable[[Path], None]:
-    def mutate(path: Path) -> None:
-        config = json.loads((path / CONFIG).read_text())
-        (path / CONFIG).write_text(json.dumps({**config, **changes}))
-
-    return mutate
-
-
-def edit_tensors(change: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Callable[[Path], None]:
-    def mutate(path: Path) -> None:
-        save_file(change(load_file(path / WEIGHTS)), path / WEIGHTS)
-
-    return mutate
-
-
-def both(*mutations: Callable[[Path], None]) -> Callable[[Path], None]:
-    def mutate(path: Path) -> None:
-        for m in mutations:
-            m(path)
-
-    return mutate
-
-
-def write(name: str, data: bytes) -> Callable[[Path], None]:
-    return lambda path: (path / name).write_bytes(data)
-
-
-def remove(name: str) -> Callable[[Path], None]:
-    return lambda path: (path / name).unlink()
-
-
-def with_entry(name: str, value: torch.Tensor) -> Callable[[dict], dict]:
-    def change(tensors: dict) -> dict:
-        t = tensors[name].clone()
-        t.view(-1)[0] = value
-        return {**tensors, name: t}
-
-    return change
-
-
-def lora_rank(rank: int) -> Callable[[Path], None]:
-    """The zoo LoRA re-made at `rank`, with small random weights."""
-    def change(tensors: dict) -> dict:
-        return {
-            k: (torch.randn(rank, t.shape[1]) if ".lora_A." in k else torch.randn(t.shape[0], rank)) * 0.01
-            for k, t in tensors.items()
-        }
-
-    return both(edit_tensors(change), edit_config(r=rank, lora_alpha=rank))
-
-
-def truncate(path: Path) -> None:
-    data = (path / WEIGHTS).read_bytes()
-    (path / WEIGHTS).write_bytes(data[: len(data) // 2])
-
-
-def corrupt_header(path: Path) -> None:
-    data = bytearray((path / WEIGHTS).read_bytes())
-    data[8:40] = b"\xff" * 32  # the JSON header after its 8-byte length
-    (path / WEIGHTS).write_bytes(bytes(data))
-
-
-def absurd_header_length(path: Path) -> None:
-    data = (path / WEIGHTS).read_bytes()
-    (path / WEIGHTS).write_bytes((2**62).to_bytes(8, "little") + data[8:])
-
-
-def rename_layer(change_from: str, change_to: str) -> Callable[[dict], dict]:
-    return lambda tensors: {k.replace(change_from, change_to): t for k, t in tensors.items()}
-
-
-def link_files_out(path: Path) -> None:
-    """Every file of the adapter becomes a symlink to a copy outside the root."""
-    outside = path.parent.parent / f"outside-{path.name}"
-    shutil.copytree(path, outside)
-    for f in path.iterdir():
-        f.unlink()
-        f.symlink_to(outside / f.name)
-
-
 # ---- uploads that go wrong on the wire ---------------------------------------------------------------------------
 
 
@@ -176,7 +100,7 @@ def files_of(path: Path) -> list[apb.UploadAdapterRequest]:
     return [chunk(f.name, f.read_bytes()) for f in sorted(path.iterdir())]
 
 
-def upload_messages(ctx: Ctx, messages: list) -> apb.UploadAdapterResponse:
+def upload_messages(ctx: Ctx, messages: Iterable[apb.UploadAdapterRequest]) -> apb.UploadAdapterResponse:
     return ctx.client.adapters.UploadAdapter(iter(messages), timeout=30)
 
 
@@ -226,6 +150,52 @@ def replace_refused(ctx: Ctx) -> None:
         ctx.upload(ctx.bad("rank-20", "lora", lora_rank(20)), "lora", replace=True)
     finally:
         assert {f.name: f.read_bytes() for f in (ctx.store / "lora").iterdir()} == before
+
+
+@contextlib.contextmanager
+def held_uploads(ctx: Ctx, sizes: list[int]) -> Iterator[None]:
+    """Uploads that stage `sizes` bytes each, then send nothing more; held open inside the block, then cancelled."""
+    release = threading.Event()
+
+    def messages(i: int, size: int) -> Iterator[apb.UploadAdapterRequest]:
+        yield header(f"held-{i}")
+        yield chunk("f", b"\0" * size)
+        release.wait(30)
+
+    calls = [ctx.client.adapters.UploadAdapter.future(messages(i, n), timeout=30) for i, n in enumerate(sizes)]
+    deadline = time.monotonic() + 10
+    while len(list((ctx.store / ".staging").glob("*/f"))) < len(sizes) and time.monotonic() < deadline:
+        time.sleep(0.01)  # a file is there once its first chunk is counted
+    try:
+        yield
+    finally:
+        for call in calls:
+            call.cancel()
+        release.set()
+
+
+def too_many_uploads(ctx: Ctx) -> None:
+    with held_uploads(ctx, [10, 10]):
+        upload_messages(ctx, [header("third"), *files_of(ctx.zoo["prompt"])])
+
+
+def over_staged_bytes(ctx: Ctx) -> None:
+    with held_uploads(ctx, [90_000]):  # under the upload limit; with the next 70,000 over the staged bytes
+        upload_messages(ctx, [header("second"), chunk("f", b"\0" * 70_000)])
+
+
+def idle_upload(ctx: Ctx) -> None:
+    release = threading.Event()
+
+    def messages() -> Iterator[apb.UploadAdapterRequest]:
+        yield header("idle")
+        yield chunk(CONFIG, b"{}")
+        release.wait(30)
+
+    try:
+        upload_messages(ctx, messages())
+    finally:
+        release.set()
 
 
 def zero_means_256(ctx: Ctx) -> None:
@@ -288,6 +258,14 @@ CASES = [
     Case("text field not UTF-8 on the wire", lambda c: c.raw_generate(b"\x12\x04\x0a\x02\xff\xfe"), INVALID,
          "String field had bad UTF-8"),
     Case("corrupt request bytes", lambda c: c.raw_generate(b"\xff\xff\xff"), INVALID, MALFORMED),
+    Case("text over --max-prompt-bytes", lambda c: c.generate(text="a" * 10_001), INVALID, f"10,001 bytes, {PROMPT_BOUND}"),
+    Case("4 MB text (refused before tokenising)", lambda c: c.generate(text="é" * 2_000_000), INVALID,
+         f"4,000,000 bytes, {PROMPT_BOUND}"),
+    Case("chat over --max-prompt-bytes", lambda c: c.client.generate(chat(*[pb.ChatMessage(
+        role=pb.CHAT_ROLE_USER, content="a" * 4_000)] * 3)), INVALID, f"12,000 bytes, {PROMPT_BOUND}"),
+    Case("cache_scope over 256 bytes", lambda c: c.client.generate(pb.GenerateRequest(
+        prompt=pb.Prompt(token_ids=pb.TokenIds(ids=[5])), cache_scope="s" * 257)), INVALID,
+         "cache_scope is 257 bytes; at most 256 are allowed"),
     # stopping and sampling
     Case("max_new_tokens 0 means 256", zero_means_256, OK, ""),
     Case("max_new_tokens huge", lambda c: c.generate(token_ids=[5, 6], max_new_tokens=2**32 - 1), INVALID, KV_REFUSAL),
@@ -327,6 +305,7 @@ CASES = [
          "links outside the server's adapter roots"),
     Case("load: path with NUL", lambda c: c.load("lora-ok\0"), INVALID, "contains a NUL character"),
     Case("load: no such directory", lambda c: c.load("missing"), NOT_FOUND, "no adapter directory at 'missing'"),
+    Case("load: 5,000-character path", lambda c: c.load("a" * 5_000), INVALID, "is too long for the server's filesystem"),
     # adapter files
     Case("truncated safetensors", lambda c: c.upload(c.bad("truncated", "lora", truncate)), INVALID,
          "not a valid safetensors file"),
@@ -393,6 +372,12 @@ CASES = [
          "String field had bad UTF-8"),
     Case("upload cut off half-way", cut_off, grpc.StatusCode.CANCELLED, ""),
     Case("two uploads of one id at once", two_at_once, EXISTS, "'twin' is already stored; ask for replacement"),
+    Case("more uploads at once than --max-concurrent-uploads", too_many_uploads, EXHAUSTED,
+         "2 uploads are in progress, the most this server takes at once (its --max-concurrent-uploads)"),
+    Case("uploads staging more than --max-staged-bytes", over_staged_bytes, EXHAUSTED,
+         f"would stage more than the server's limit of {MAX_STAGED} bytes (its --max-staged-bytes)"),
+    Case("upload idle for --upload-idle-seconds", idle_upload, EXHAUSTED,
+         f"the upload sent nothing for {IDLE_SECONDS} s (the server's --upload-idle-seconds)"),
 ]
 
 
@@ -404,7 +389,8 @@ def ctx(model_path, zoo, tmp_path_factory):  # noqa: F811
     for kind in ("lora", "prefix"):
         shutil.copytree(zoo[kind], root / ("lora-ok" if kind == "lora" else kind))
     (root / "escape").symlink_to(zoo["lora"])
-    running = start_server(model_path, tmp, adapter_roots=(root,), max_upload_bytes=MAX_UPLOAD,
+    running = start_server(model_path, tmp, adapter_roots=(root,), max_upload_bytes=MAX_UPLOAD, max_prompt_bytes=10_000,
+                           max_concurrent_uploads=2, max_staged_bytes=MAX_STAGED, upload_idle_seconds=IDLE_SECONDS,
                            engine=dict(num_kv_blocks=48, max_lora_rank=16))
     client = QuiverClient(running.target, timeout=60)
     client.upload_adapter("lora", zoo["lora"])
@@ -434,6 +420,7 @@ def test_bad_input_is_refused_and_leaves_the_server_as_it_was(case, ctx):
     code, details = outcome(lambda: case.call(ctx))
     assert code == case.code and case.says in details, (code, details)
     assert len(details) < 400, "a message that echoes the input back whole"
+    assert str(ctx.root.parent) not in details, "a message that names where the server keeps files"
     assert_as_before(ctx)
 
 

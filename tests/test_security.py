@@ -4,17 +4,21 @@ much a client may store. The threat model these check is docs/security.md."""
 import pickle
 import re
 import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
+from server.api.cache_scope import CacheScope
 from server.api.gen import adapters_pb2 as apb
 from server.api.gen import inference_pb2
-from server.cli import build_parser
+from server.cli import build_parser, read_tokens
 from server.client import QuiverClient
+from server.errors import QuiverError
 from tests.api.harness import health, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +71,7 @@ def _expected(method: str, token: str | None, *, admin: str | None, client: str 
 def test_every_method_checks_its_token(model_path, tmp_path, admin_token, client_token):  # noqa: F811
     """Every RPC, with no, a wrong, the client and the admin token; the call's own errors (an empty request
     is invalid for most) count as "allowed": they come after auth."""
-    running = start_server(model_path, tmp_path, admin_token=admin_token, client_token=client_token)
+    running = start_server(model_path, tmp_path, admin_token=admin_token, client_tokens=(client_token,) if client_token else ())
     try:
         with grpc.insecure_channel(running.target) as channel:
             for method, name, streaming in _methods():
@@ -287,3 +291,119 @@ def test_upload_count_limit(model_path, tmp_path, zoo):  # noqa: F811
 def test_the_cli_sets_the_count_limit():
     assert build_parser().parse_args(["serve", "--max-stored-adapters", "3"]).max_stored_adapters == 3
     assert build_parser().parse_args(["serve"]).max_stored_adapters == 1024
+
+
+# ---- several clients, and what one can learn of another's prompts ------------------------------------------------
+
+SECRET = [(7 * i) % 150 + 3 for i in range(40)]  # 5 blocks of 8 tokens: a template with a secret in it
+A, B = "client-a", "client-b"
+
+
+def _hits(running, token: str | None, *, cache_scope: str = "") -> int:
+    """Prefix-cache hit tokens of one request for SECRET sent with `token` (and `cache_scope`)."""
+    before = running.service.stats()
+    with QuiverClient(running.target, token=token) as c:
+        request = c.request(token_ids=SECRET, max_new_tokens=1)
+        request.cache_scope = cache_scope
+        c.generate(request)
+    deadline = time.monotonic() + 10  # the engine's stats are published after the step that answered
+    while running.service.stats().prefix_cache_queried_tokens < before.prefix_cache_queried_tokens + len(SECRET):
+        assert time.monotonic() < deadline, "the request was not counted"
+        time.sleep(0.01)
+    return running.service.stats().prefix_cache_hit_tokens - before.prefix_cache_hit_tokens
+
+
+def test_per_token_scope_shares_no_cached_blocks_between_clients(model_path, tmp_path):
+    """The default: client B sending client A's exact prompt (a right guess of A's secret) reuses none of A's
+    blocks, so its first token comes no sooner than for a wrong guess. The same client, or clients that name
+    the same cache_scope, do share."""
+    running = start_server(model_path, tmp_path, client_tokens=(A, B), admin_token=ADMIN)
+    try:
+        assert _hits(running, A) == 0  # cold
+        assert _hits(running, B) == 0  # A's blocks are not B's
+        assert _hits(running, ADMIN) == 0  # nor the admin's
+        assert _hits(running, A) == 32  # A's own: all but the last block, whose KV the first token needs
+        assert _hits(running, A, cache_scope="team") == 0
+        assert _hits(running, B, cache_scope="team") == 32  # one named scope, whoever sends it
+        assert _hits(running, B, cache_scope="other") == 0
+    finally:
+        running.stop()
+
+
+def test_global_scope_shares_cached_blocks_between_clients(model_path, tmp_path):
+    running = start_server(model_path, tmp_path, client_tokens=(A, B), prefix_cache_scope=CacheScope.GLOBAL)
+    try:
+        assert _hits(running, A) == 0
+        assert _hits(running, B) == 32
+        assert _hits(running, B, cache_scope="team") == 0  # a named scope is its own under either setting
+    finally:
+        running.stop()
+
+
+def test_without_client_tokens_every_caller_is_one_party(model_path, tmp_path):
+    """No client token is checked, so a bearer token proves nothing: it does not make a scope of its own."""
+    running = start_server(model_path, tmp_path)
+    try:
+        assert _hits(running, None) == 0
+        assert _hits(running, "made-up") == 32
+    finally:
+        running.stop()
+
+
+def test_a_cache_scope_name_is_bounded(model_path, tmp_path):
+    running = start_server(model_path, tmp_path)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            _hits(running, None, cache_scope="x" * 257)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 256" in e.value.details()
+        assert _hits(running, None, cache_scope="x" * 256) == 0
+    finally:
+        running.stop()
+
+
+def test_a_client_token_file_holds_several_clients(model_path, tmp_path):
+    tokens = tmp_path / "clients"
+    tokens.write_text(f"# one token a line\n\n  {A}  \n# {B} is not a token\n{B}\n")
+    args = build_parser().parse_args(["serve", "--client-token-file", str(tokens)])
+    assert read_tokens(args.client_token_file) == (A, B)
+    assert args.prefix_cache_scope == "per-token" and args.metrics_host == "127.0.0.1"
+    (tmp_path / "empty").write_text("# none\n\n")
+    with pytest.raises(QuiverError, match="holds no token"):
+        read_tokens(tmp_path / "empty")
+    running = start_server(model_path, tmp_path, client_tokens=read_tokens(tokens))
+    try:
+        for token in (A, B):
+            with QuiverClient(running.target, token=token) as c:
+                assert c.generate(c.request(token_ids=[5, 6], max_new_tokens=2, ignore_eos=True)).usage.completion_tokens == 2
+        for token in (None, f"# {B} is not a token", "one token a line"):
+            with QuiverClient(running.target, token=token) as c:
+                with pytest.raises(grpc.RpcError) as e:
+                    c.list_adapters()
+                assert e.value.code() == UNAUTHENTICATED
+    finally:
+        running.stop()
+
+
+# ---- the metrics endpoint ----------------------------------------------------------------------------------------
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+@pytest.mark.parametrize("metrics_host, outside", [(None, False), ("0.0.0.0", True)])
+def test_metrics_listen_on_loopback_unless_asked(model_path, tmp_path, metrics_host, outside):
+    """/metrics is plain HTTP without a token: it listens on 127.0.0.1 even when gRPC listens on every
+    interface, unless --metrics-host says otherwise. 127.0.0.2 stands for another interface's address."""
+    config = {"metrics_host": metrics_host} if metrics_host else {}
+    running = start_server(model_path, tmp_path, host="0.0.0.0", **config)
+    try:
+        assert _reachable("127.0.0.2", running.server.port)  # gRPC: every interface
+        assert _reachable("127.0.0.1", running.server.metrics_port)
+        assert _reachable("127.0.0.2", running.server.metrics_port) == outside
+    finally:
+        running.stop()

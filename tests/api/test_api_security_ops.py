@@ -26,7 +26,7 @@ def _code(call) -> grpc.StatusCode:
 
 
 def test_tokens_guard_generation_and_adapter_management(model_path, tmp_path, zoo):
-    running = start_server(model_path, tmp_path, admin_token="admin-secret", client_token="client-secret",
+    running = start_server(model_path, tmp_path, admin_token="admin-secret", client_tokens=("client-secret",),
                            adapter_roots=(zoo["lora"].parent,))
     request = QuiverClient.request(text="a", max_new_tokens=2, ignore_eos=True)
     try:
