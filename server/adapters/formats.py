@@ -16,6 +16,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
+from server.adapters import bounds
+from server.adapters.config_values import ConfigValues, read_config, short
+from server.adapters.lora_targets import LoraTargets
 from server.adapters.weights import (
     ACTIVATIONS,
     AdapterKind,
@@ -119,23 +122,21 @@ def load_adapter(path: Path, base: PretrainedConfig, *, module_names: set[str] |
     module_names: the base model's module names (as `named_modules()` gives them); adapters may only act on
     decoder linear layers that are among them. None: the standard Llama-family layout implied by `base`.
     """
-    root = _adapter_dir(path)
-    config_file = _inside(root, CONFIG_FILE)
-    weights_file = _weights_file(root)
-    config = _read_config(config_file)
+    config_file, weights_file = adapter_files(path)
+    config = read_config(config_file)
     task_type = config.get("task_type")
     if task_type not in _TASK_TYPES:
-        raise InvalidArgument(f"{config_file}: task_type {task_type!r} is not served; Quiver serves CAUSAL_LM adapters")
+        raise config.refuse(f"task_type {short(task_type)} is not served; Quiver serves CAUSAL_LM adapters")
     peft_type = config.get("peft_type")
-    parse = _PARSERS.get(peft_type)
+    parse = _PARSERS.get(peft_type) if isinstance(peft_type, str) else None
     if parse is None:
-        raise InvalidArgument(f"{config_file}: unknown peft_type {peft_type!r}; expected one of {sorted(_PARSERS)}")
+        raise config.refuse(f"unknown peft_type {short(peft_type)}; expected one of {sorted(_PARSERS)}")
     shapes = BaseShapes.of(base)
     linears = shapes.linear_shapes()
     if module_names is not None:
         linears = {name: shape for name, shape in linears.items() if name in module_names}
     with _Tensors(weights_file) as tensors:
-        return parse(_Config(config, config_file), tensors, shapes, linears)
+        return parse(config, tensors, shapes, linears)
 
 
 def save_bottleneck(path: Path, *, weights: BottleneckWeights, base_model_name_or_path: str | None = None) -> None:
@@ -174,56 +175,46 @@ def save_bottleneck(path: Path, *, weights: BottleneckWeights, base_model_name_o
 # ---- files -------------------------------------------------------------------------------------------------------
 
 
-def _adapter_dir(path: Path) -> Path:
+def adapter_files(path: Path) -> tuple[Path, Path]:
+    """The config and weights files of the adapter directory `path`, checked: both exist and, symlinks
+    resolved, lie inside it; pickled weights are refused. Messages name files relative to the directory."""
     root = Path(path).resolve()
     if not root.is_dir():
-        raise InvalidArgument(f"{path}: adapter directory does not exist")
-    return root
+        raise InvalidArgument(f"adapter directory {Path(path).name!r} does not exist")
+    if not (root / WEIGHTS_FILE).exists():
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InvalidArgument(
+                f"{pickles[0]}: pickled weights are refused (unpickling can run arbitrary code); "
+                f"re-save the adapter with safe_serialization=True to get {WEIGHTS_FILE}"
+            )
+    return _inside(root, CONFIG_FILE), _inside(root, WEIGHTS_FILE)
 
 
 def _inside(root: Path, name: str) -> Path:
     """root/name, which must exist and, symlinks resolved, stay inside root."""
     file = root / name
     if not file.is_file():
-        raise InvalidArgument(f"{file}: missing")
-    target = file.resolve()
-    if not target.is_relative_to(root):
-        raise InvalidArgument(f"{file}: a symlink to {target}, outside the adapter directory")
+        raise InvalidArgument(f"{name}: missing")
+    if not file.resolve().is_relative_to(root):
+        raise InvalidArgument(f"{name}: a symlink to a file outside the adapter directory")
     return file
 
 
-def _weights_file(root: Path) -> Path:
-    if not (root / WEIGHTS_FILE).exists():
-        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise InvalidArgument(
-                f"{root / pickles[0]}: pickled weights are refused (unpickling can run arbitrary code); "
-                f"re-save the adapter with safe_serialization=True to get {WEIGHTS_FILE}"
-            )
-    return _inside(root, WEIGHTS_FILE)
-
-
-def _read_config(file: Path) -> dict:
-    try:
-        config = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidArgument(f"{file}: malformed JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise InvalidArgument(f"{file}: must hold a JSON object, not {type(config).__name__}")
-    return config
-
-
 class _Tensors:
-    """The tensors of one safetensors file; each is checked (shape, dtype, finite) as it is read."""
+    """The tensors of one safetensors file; each is checked (shape, dtype, bounded entries) as it is read.
+    Messages name the file by its name (`self.name`)."""
 
     def __init__(self, file: Path):
-        self.file = file
+        self.file, self.name = file, file.name
 
     def __enter__(self) -> "_Tensors":
         try:
             self._handle = safe_open(str(self.file), framework="pt", device="cpu")
         except SafetensorError as e:
-            raise InvalidArgument(f"{self.file}: not a valid safetensors file ({e})") from e
+            raise InvalidArgument(f"{self.name}: not a valid safetensors file ({e})") from e
+        except OSError as e:
+            raise InvalidArgument(f"{self.name}: cannot be read ({e.strerror})") from e
         self.names = set(self._handle.keys())
         return self
 
@@ -233,9 +224,9 @@ class _Tensors:
     def expect_names(self, expected: set[str]) -> None:
         missing, extra = sorted(expected - self.names), sorted(self.names - expected)
         if missing:
-            raise InvalidArgument(f"{self.file}: missing tensors {_few(missing)}")
+            raise InvalidArgument(f"{self.name}: missing tensors {_few(missing)}")
         if extra:
-            raise InvalidArgument(f"{self.file}: unexpected tensors {_few(extra)}")
+            raise InvalidArgument(f"{self.name}: unexpected tensors {_few(extra)}")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle.get_slice(name).get_shape())
@@ -244,170 +235,76 @@ class _Tensors:
         saved = self.shape(name)
         if saved != shape:
             raise InvalidArgument(
-                f"{self.file}: tensor {name} has shape {list(saved)}, this base model needs {list(shape)}"
+                f"{self.name}: tensor {name} has shape {list(saved)}, this base model needs {list(shape)}"
             )
         dtype = self._handle.get_slice(name).get_dtype()
         if dtype not in _DTYPES:
-            raise InvalidArgument(f"{self.file}: tensor {name} is {dtype}; expected one of {sorted(_DTYPES)}")
+            raise InvalidArgument(f"{self.name}: tensor {name} is {dtype}; expected one of {sorted(_DTYPES)}")
         tensor = self._handle.get_tensor(name)
-        if not _finite(tensor):
-            raise InvalidArgument(f"{self.file}: tensor {name} holds non-finite values (NaN or inf)")
+        problem = bounds.entries_problem(tensor)
+        if problem is not None:
+            raise InvalidArgument(f"{self.name}: tensor {name} {problem}")
         return tensor
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf in `tensor`. A NaN or inf makes the sum non-finite, so a finite sum settles it in one
-    reduction (an elementwise isfinite on bf16 costs ~6x more, most of an adapter read); a non-finite sum of
-    finite values (overflow) is told apart by the elementwise check."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def _few(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-# ---- config values ---------------------------------------------------------------------------------------------
-
-
-class _Config:
-    """One adapter_config.json, with typed getters whose errors name the file and the key."""
-
-    def __init__(self, values: dict, file: Path):
-        self.values, self.file = values, file
-
-    def get(self, key: str, default=None):
-        return self.values.get(key, default)
-
-    def refuse(self, problem: str) -> InvalidArgument:
-        return InvalidArgument(f"{self.file}: {problem}")
-
-    def integer(self, key: str, *, default: int | None = None, minimum: int = 1) -> int:
-        value = self.values.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise self.refuse(f"{key} must be an integer >= {minimum}, got {value!r}")
-        return value
-
-    def number(self, key: str, *, default: float | None = None) -> float:
-        value = self.values.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise self.refuse(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-
-    def layers(self, key: str, num_layers: int) -> list[int] | None:
-        """An optional layer index or list of them, each in range."""
-        value = self.values.get(key)
-        if value is None or value == []:
-            return None
-        layers = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(layers, list) or not all(isinstance(x, int) and 0 <= x < num_layers for x in layers):
-            raise self.refuse(f"{key} must be layer indices in 0..{num_layers - 1}, got {value!r}")
-        return layers
-
-    def only_known(self, known: set[str], *, what: str) -> None:
-        """Refuse any option outside `known` that is switched on: it would change what the adapter computes."""
-        for key, value in self.values.items():
-            if key not in known and value not in (None, False, "") and value != [] and value != {}:
-                raise self.refuse(f"{what} option {key}={value!r} is not supported")
-
-
 # ---- LoRA ------------------------------------------------------------------------------------------------------
 
 
-def _parse_lora(config: _Config, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> LoraWeights:
+def _parse_lora(config: ConfigValues, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> LoraWeights:
     for key, feature in _LORA_UNSERVABLE.items():
         if config.get(key) not in (None, False, [], {}):
-            raise config.refuse(f"{feature} ({key}={config.get(key)!r}) cannot be served exactly; train without it")
+            raise config.refuse(f"{feature} ({key}={short(config.get(key))}) cannot be served exactly; train without it")
     config.only_known(_LORA_KEYS, what="LoRA")
     if config.get("bias", "none") != "none":
-        raise config.refuse(f"bias={config.get('bias')!r} trains base biases, which cannot be served; use bias='none'")
+        raise config.refuse(f"bias={short(config.get('bias'))} trains base biases, which cannot be served; use bias='none'")
     init = config.get("init_lora_weights", True)
     if init not in _LORA_PLAIN_INITS:
         raise config.refuse(
-            f"init_lora_weights={init!r} pairs the adapter with modified base weights; save it with "
+            f"init_lora_weights={short(init)} pairs the adapter with modified base weights; save it with "
             "path_initial_model_for_weight_conversion to get a plain LoRA"
         )
-    selected = {name for name in linears if _lora_selects(config, name, shapes.num_layers)}
+    targets = LoraTargets(config, num_layers=shapes.num_layers)
+    selected = {name for name in linears if targets.selects(name)}
     for name in sorted(tensors.names):
         owner = _OWNER_KEY.fullmatch(name.removeprefix(SAVED_PREFIX))
         if owner is not None and owner["module"] not in linears:
             raise InvalidArgument(
-                f"{tensors.file}: {name} adapts {owner['module']!r}; Quiver serves LoRA only on the base model's "
+                f"{tensors.name}: {name} adapts {owner['module']!r}; Quiver serves LoRA only on the base model's "
                 f"decoder linear layers ({DECODER_LAYERS}.N.{{q,k,v,o,gate,up,down}}_proj)"
             )
         if not name.startswith(SAVED_PREFIX) or _LORA_KEY.fullmatch(name.removeprefix(SAVED_PREFIX)) is None:
-            raise InvalidArgument(f"{tensors.file}: {name!r} is not a LoRA tensor (<module>.lora_A/lora_B.weight)")
+            raise InvalidArgument(f"{tensors.name}: {name!r} is not a LoRA tensor (<module>.lora_A/lora_B.weight)")
     if not selected:
-        raise config.refuse(f"target_modules {config.get('target_modules')!r} selects no decoder linear layer")
+        raise config.refuse(f"target_modules {short(config.get('target_modules'))} selects no decoder linear layer")
     expected = {f"{SAVED_PREFIX}{module}.lora_{ab}.weight" for module in selected for ab in "AB"}
     tensors.expect_names(expected)
     use_rslora = config.get("use_rslora", False) is True
     modules = {}
     for module in sorted(selected, key=_natural):
-        rank, alpha = _lora_rank_alpha(config, module)
+        rank, alpha = targets.rank_alpha(module)
         in_features, out_features = linears[module]
         if rank > min(in_features, out_features):
             raise config.refuse(f"rank {rank} of {module} exceeds min(in, out) = {min(in_features, out_features)}")
-        modules[module] = LoraModule(
-            a=tensors.read(f"{SAVED_PREFIX}{module}.lora_A.weight", (rank, in_features)),
-            b=tensors.read(f"{SAVED_PREFIX}{module}.lora_B.weight", (out_features, rank)),
-            scale=alpha / math.sqrt(rank) if use_rslora else alpha / rank,
-        )
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        if abs(scale) > bounds.MAX_SCALE:
+            raise config.refuse(f"the LoRA scale of {module} is {scale:.3g}, above the bound of {bounds.MAX_SCALE:g}")
+        a = tensors.read(f"{SAVED_PREFIX}{module}.lora_A.weight", (rank, in_features))
+        b = tensors.read(f"{SAVED_PREFIX}{module}.lora_B.weight", (out_features, rank))
+        _check_gain(tensors, module, bounds.gain(scale, b, a))
+        modules[module] = LoraModule(a=a, b=b, scale=scale)
     return LoraWeights(modules=modules)
 
 
-def _lora_selects(config: _Config, name: str, num_layers: int) -> bool:
-    """PEFT's `check_target_module_exists` (peft/tuners/tuners_utils.py), for the modules Quiver can adapt."""
-    exclude = config.get("exclude_modules")
-    if isinstance(exclude, str) and _regex(config, "exclude_modules", exclude).fullmatch(name):
-        return False
-    if isinstance(exclude, list) and (name in exclude or any(name.endswith(f".{e}") for e in exclude)):
-        return False
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        if config.get("layers_to_transform") is not None or config.get("layers_pattern") is not None:
-            raise config.refuse("layers_to_transform/layers_pattern cannot be used when target_modules is a string")
-        return targets.lower() == "all-linear" or _regex(config, "target_modules", targets).fullmatch(name) is not None
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise config.refuse(f"target_modules must be a list of names, a regex or 'all-linear', got {targets!r}")
-    if name in targets:
-        return True
-    if not any(name.endswith(f".{t}") for t in targets):
-        return False
-    layers = config.layers("layers_to_transform", num_layers)
-    if layers is None:
-        return True
-    patterns = config.get("layers_pattern") or []
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
-    match = next((m for m in (_regex(config, "layers_pattern", r).match(name) for r in regexes) if m), None)
-    return match is not None and int(match["idx"]) in layers
-
-
-def _lora_rank_alpha(config: _Config, module: str) -> tuple[int, float]:
-    """`r` and `lora_alpha`, each overridden by the first `rank_pattern`/`alpha_pattern` key that matches a
-    dot-separated tail of the module name (PEFT's `get_pattern_key`, peft/utils/other.py)."""
-    rank, alpha = config.integer("r"), config.number("lora_alpha", default=8)
-    rank_key = _pattern_key(config, "rank_pattern", module)
-    alpha_key = _pattern_key(config, "alpha_pattern", module)
-    if rank_key is not None:
-        rank = _Config(config.get("rank_pattern"), config.file).integer(rank_key)
-    if alpha_key is not None:
-        alpha = _Config(config.get("alpha_pattern"), config.file).number(alpha_key)
-    return rank, alpha
-
-
-def _pattern_key(config: _Config, option: str, module: str) -> str | None:
-    patterns = config.get(option) or {}
-    if not isinstance(patterns, dict):
-        raise config.refuse(f"{option} must be an object, got {patterns!r}")
-    return next((key for key in patterns if _regex(config, option, rf"(.*\.)?({key})$").match(module)), None)
-
-
-def _regex(config: _Config, option: str, pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise config.refuse(f"{option} holds an invalid regular expression {pattern!r} ({e})") from e
+def _check_gain(tensors: _Tensors, module: str, gain: float) -> None:
+    if not gain <= bounds.MAX_GAIN:
+        raise InvalidArgument(
+            f"{tensors.name}: the adapter on {module} can multiply its input by up to {gain:.3g} (scale·‖B‖·‖A‖), "
+            f"above the bound of {bounds.MAX_GAIN:g} (docs/adapters.md)"
+        )
 
 
 def _natural(name: str) -> tuple:
@@ -419,18 +316,17 @@ def _natural(name: str) -> tuple:
 _BOTTLENECK_KEYS = _COMMON_KEYS | {"bottleneck_size", "non_linearity", "target_sites", "layers_to_transform", "scaling"}
 
 
-def _parse_bottleneck(config: _Config, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> BottleneckWeights:
+def _parse_bottleneck(config: ConfigValues, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> BottleneckWeights:
     config.only_known(_BOTTLENECK_KEYS, what="BOTTLENECK")
     size = config.integer("bottleneck_size")
     if size > shapes.hidden:
         raise config.refuse(f"bottleneck_size {size} exceeds the hidden size {shapes.hidden}")
-    non_linearity = config.get("non_linearity")
-    if non_linearity not in ACTIVATIONS:
-        raise config.refuse(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
+    non_linearity = config.string("non_linearity", ACTIVATIONS)
+    scaling = config.number("scaling", default=1.0, bound=bounds.MAX_SCALE)
     sites = config.get("target_sites", sorted(BOTTLENECK_SITES))
-    distinct = isinstance(sites, list) and len(set(map(str, sites))) == len(sites)
-    if not distinct or not sites or not set(sites) <= set(BOTTLENECK_SITES):
-        raise config.refuse(f"target_sites must be distinct values of {sorted(BOTTLENECK_SITES)}, got {sites!r}")
+    known = isinstance(sites, list) and all(isinstance(s, str) and s in BOTTLENECK_SITES for s in sites)
+    if not known or not sites or len(set(sites)) != len(sites):
+        raise config.refuse(f"target_sites must be distinct values of {sorted(BOTTLENECK_SITES)}, got {short(sites)}")
     layers = config.layers("layers_to_transform", shapes.num_layers) or range(shapes.num_layers)
     keys = {}
     for layer in layers:
@@ -441,19 +337,16 @@ def _parse_bottleneck(config: _Config, tensors: _Tensors, shapes: BaseShapes, li
             keys[module] = f"{SAVED_PREFIX}{DECODER_LAYERS}.{layer}.{site}_adapter"
     tensors.expect_names({f"{key}.{part}" for key in keys.values() for part in _BOTTLENECK_PARTS})
     h = shapes.hidden
-    return BottleneckWeights(
-        sites={
-            module: BottleneckSite(
-                down=tensors.read(f"{key}.down.weight", (size, h)),
-                down_bias=tensors.read(f"{key}.down.bias", (size,)),
-                up=tensors.read(f"{key}.up.weight", (h, size)),
-                up_bias=tensors.read(f"{key}.up.bias", (h,)),
-            )
-            for module, key in keys.items()
-        },
-        non_linearity=non_linearity,
-        scaling=config.number("scaling", default=1.0),
-    )
+    sites = {}
+    for module, key in keys.items():
+        sites[module] = site = BottleneckSite(
+            down=tensors.read(f"{key}.down.weight", (size, h)),
+            down_bias=tensors.read(f"{key}.down.bias", (size,)),
+            up=tensors.read(f"{key}.up.weight", (h, size)),
+            up_bias=tensors.read(f"{key}.up.bias", (h,)),
+        )
+        _check_gain(tensors, module, bounds.gain(scaling, site.up, site.down))
+    return BottleneckWeights(sites=sites, non_linearity=non_linearity, scaling=scaling)
 
 
 _BOTTLENECK_PARTS = ("down.weight", "down.bias", "up.weight", "up.bias")
@@ -468,11 +361,11 @@ _P_TUNING_KEYS = _PROMPT_KEYS | {"encoder_reparameterization_type", "encoder_hid
 _P_TUNING_KEYS |= {"encoder_dropout"}
 
 
-def _virtual_tokens(config: _Config, tensors: _Tensors, *, known: set[str], what: str) -> int:
+def _virtual_tokens(config: ConfigValues, tensors: _Tensors, *, known: set[str], what: str) -> int:
     """Checks shared by the prompt-learning kinds; returns num_virtual_tokens."""
     config.only_known(known, what=what)
     if config.get("modules_to_save"):
-        raise config.refuse(f"modules_to_save={config.get('modules_to_save')!r} cannot be served exactly")
+        raise config.refuse(f"modules_to_save={short(config.get('modules_to_save'))} cannot be served exactly")
     if config.get("num_transformer_submodules", 1) not in (None, 1):
         raise config.refuse("num_transformer_submodules must be 1 (a decoder-only model)")
     n = config.integer("num_virtual_tokens")
@@ -483,13 +376,13 @@ def _virtual_tokens(config: _Config, tensors: _Tensors, *, known: set[str], what
     return n
 
 
-def _parse_prefix(config: _Config, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> PrefixWeights:
+def _parse_prefix(config: ConfigValues, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> PrefixWeights:
     n = _virtual_tokens(config, tensors, known=_PREFIX_KEYS, what="PREFIX_TUNING")
     L, kvh, d = shapes.num_layers, shapes.kv_heads, shapes.head_dim
     wanted = {"num_layers": L, "num_attention_heads": kvh, "token_dim": kvh * d}
     for key, value in wanted.items():
         if config.get(key) != value:
-            raise config.refuse(f"{key} is {config.get(key)!r}, this base model needs {value} (another architecture?)")
+            raise config.refuse(f"{key} is {short(config.get(key))}, this base model needs {value} (another architecture?)")
     flat = tensors.read("prompt_embeddings", (n, L * 2 * kvh * d))  # [n, L*2*kv_heads*head_dim]
     prefix = flat.view(n, L, 2, kvh, d).permute(1, 2, 0, 3, 4).contiguous()  # [L, 2, n, kv_heads, head_dim]
     kind = AdapterKind.PREFIX_TUNING if config.get("prefix_projection") is True else AdapterKind.P_TUNING_V2
@@ -497,11 +390,11 @@ def _parse_prefix(config: _Config, tensors: _Tensors, shapes: BaseShapes, linear
 
 
 def _prompt_parser(kind: AdapterKind, known: set[str]) -> Callable[..., PromptWeights]:
-    def parse(config: _Config, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> PromptWeights:
+    def parse(config: ConfigValues, tensors: _Tensors, shapes: BaseShapes, linears: dict) -> PromptWeights:
         n = _virtual_tokens(config, tensors, known=known, what=kind.value)
         if config.get("token_dim", shapes.hidden) != shapes.hidden:
             token_dim = config.get("token_dim")
-            raise config.refuse(f"token_dim is {token_dim!r}, this base model's hidden size is {shapes.hidden}")
+            raise config.refuse(f"token_dim is {short(token_dim)}, this base model's hidden size is {shapes.hidden}")
         return PromptWeights(kind=kind, embeddings=tensors.read("prompt_embeddings", (n, shapes.hidden)))
 
     return parse

@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from server.adapters.bounds import MAX_ENTRY, MAX_GAIN, MAX_SCALE
 from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_bottleneck
 from server.adapters.weights import AdapterKind, BottleneckSite, BottleneckWeights
 from server.errors import InvalidArgument
@@ -247,10 +248,15 @@ def prefix_dir(bases, tmp_path) -> Path:
 
 
 def refused(adapter: Path, base: Path, *fragments: str, **kwargs) -> None:
+    """InvalidArgument with every fragment in its message, which names no server path (files are named
+    relative to the adapter directory)."""
     with pytest.raises(InvalidArgument) as error:
         load_adapter(adapter, base_config(base), **kwargs)
+    message = str(error.value)
     for fragment in fragments:
-        assert fragment in str(error.value), str(error.value)
+        assert fragment in message, message
+    for server_path in {str(adapter.parent), str(adapter.resolve().parent)}:
+        assert server_path not in message, message
 
 
 @pytest.mark.parametrize("pickle", ["adapter_model.bin", "adapter.pt"])
@@ -355,16 +361,45 @@ def test_refuses_infinite_values(bases, lora_dir, value):
     refused(lora_dir, bases["llama"], "k_proj.lora_A.weight", "non-finite")
 
 
-def test_accepts_finite_values_whose_sum_overflows(bases, lora_dir):
+def test_refuses_finite_entries_beyond_the_bound(bases, lora_dir):
     name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 
     def huge(t):
-        t[name][:2, 0] = torch.finfo(torch.float32).max  # finite, but their sum is inf
+        t[name][:2, 0] = -torch.finfo(torch.float32).max  # finite, but their sum is -inf
         t[name] = t[name].float()
 
     edit_tensors(lora_dir, huge)
-    weights = load_adapter(lora_dir, base_config(bases["llama"]))
-    assert weights.modules["model.layers.0.self_attn.q_proj"].b[0, 0] == torch.finfo(torch.float32).max
+    refused(lora_dir, bases["llama"], f"{WEIGHTS_FILE}: tensor {name} has an entry of magnitude 3.4e+38",
+            f"above the bound of {MAX_ENTRY:g}")
+
+
+def test_refuses_the_overflowing_lora_of_the_issue(bases, lora_dir):
+    """lora_alpha=3e38 with B entries ±3e38: accepted before, and it overflows any dtype."""
+    edit_config(lora_dir, lora_alpha=3e38)
+    refused(lora_dir, bases["llama"], CONFIG_FILE, "the LoRA scale of model.layers.0.self_attn.k_proj is 7.5e+37",
+            f"above the bound of {MAX_SCALE:g}")
+    edit_config(lora_dir, lora_alpha=8)
+    edit_tensors(lora_dir, lambda t: t.update({k: torch.where(v > 0, 3e38, -3e38) for k, v in t.items() if "lora_B" in k}))
+    refused(lora_dir, bases["llama"], WEIGHTS_FILE, "lora_B.weight has an entry of magnitude 3e+38")
+
+
+def test_refuses_a_lora_whose_gain_exceeds_the_bound(bases, lora_dir):
+    """Every entry within bounds, but together they can multiply a layer's input by more than MAX_GAIN."""
+    edit_tensors(lora_dir, lambda t: t.update({k: torch.full_like(v, 2.0) for k, v in t.items()}))
+    # scale 8/4 = 2, ‖B‖ = 4 · 2, ‖A‖ = 64 · 2: a gain of 2048
+    refused(lora_dir, bases["llama"], WEIGHTS_FILE, "the adapter on model.layers.0.self_attn.k_proj can multiply",
+            "up to 2.05e+03", f"above the bound of {MAX_GAIN:g}")
+    edit_tensors(lora_dir, lambda t: t.update({k: torch.full_like(v, 1.0) for k, v in t.items()}))  # 512: served
+    assert load_adapter(lora_dir, base_config(bases["llama"])).modules
+
+
+def test_bottleneck_bounds(bases, tmp_path):
+    weights = random_bottleneck(layers=(0,), modules=("mlp.down_proj",))
+    save_bottleneck(tmp_path, weights=weights)
+    edit_config(tmp_path, scaling=-2e3)
+    refused(tmp_path, bases["llama"], CONFIG_FILE, f"|scaling| <= {MAX_SCALE:g}", "-2000")
+    edit_config(tmp_path, scaling=1e3)
+    refused(tmp_path, bases["llama"], WEIGHTS_FILE, "the adapter on model.layers.0.mlp.down_proj can multiply")
 
 
 def test_refuses_integer_tensors(bases, lora_dir):
@@ -450,7 +485,7 @@ def test_refuses_bottleneck_missing_a_layer(bases, tmp_path):
 
 def test_refuses_invalid_target_regex(bases, lora_dir):
     edit_config(lora_dir, target_modules=r".*(q_proj")
-    refused(lora_dir, bases["llama"], CONFIG_FILE, "target_modules holds an invalid regular expression")
+    refused(lora_dir, bases["llama"], CONFIG_FILE, "target_modules holds '.*(q_proj', which is not a valid regular expression")
 
 
 def test_refuses_layers_to_transform_with_string_targets(bases, lora_dir):
@@ -462,3 +497,44 @@ def test_module_names_from_the_loaded_model(bases, lora_dir):
     model = AutoModelForCausalLM.from_pretrained(bases["llama"])
     weights = load_adapter(lora_dir, model.config, module_names={name for name, _ in model.named_modules()})
     assert len(weights.modules) == 4
+
+
+@pytest.fixture
+def bottleneck_dir(tmp_path) -> Path:
+    save_bottleneck(tmp_path / "bottleneck", weights=random_bottleneck(layers=(0, 1), modules=("mlp.down_proj",)))
+    return tmp_path / "bottleneck"
+
+
+@pytest.mark.parametrize(
+    "kind,changes,message",
+    [
+        ("lora", dict(peft_type=[]), "unknown peft_type []"),
+        ("lora", dict(peft_type={"LORA": 1}), "unknown peft_type {'LORA': 1}"),
+        ("bottleneck", dict(non_linearity=["gelu"]), "non_linearity must be one of"),
+        ("bottleneck", dict(target_sites=[["attn"], "mlp"]), "target_sites must be distinct values"),
+        ("bottleneck", dict(scaling=10**400), "|scaling| <= 1000"),
+        ("lora", dict(lora_alpha=10**400), "lora_alpha must be a finite number, got 1000000"),
+        ("lora", dict(alpha_pattern={"q_proj": -(10**400)}), "q_proj must be a finite number"),
+        ("lora", dict(exclude_modules=[["o_proj"]]), "exclude_modules must be a list of names"),
+        ("lora", dict(layers_to_transform=[0], layers_pattern=[1]), "layers_pattern must be a string or a list"),
+    ],
+)
+def test_refuses_malformed_config_values(bases, lora_dir, bottleneck_dir, kind, changes, message):
+    adapter = {"lora": lora_dir, "bottleneck": bottleneck_dir}[kind]
+    edit_config(adapter, **changes)
+    refused(adapter, bases["llama"], CONFIG_FILE, message)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (b'{"peft_type": "LORA", "r": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"peft_type": "LORA", "r": 1' + b"0" * 5_000 + b"}", "malformed JSON (Exceeds the limit"),
+        (b'{"peft_type": "LORA", "revision": "' + b"x" * (1 << 20) + b'"}', "larger than 1048576 bytes"),
+        (b'{"peft_type": "\xff"}', "not UTF-8"),
+    ],
+    ids=["deep", "digits", "huge", "latin1"],
+)
+def test_refuses_malformed_config_files(bases, lora_dir, text, message):
+    (lora_dir / CONFIG_FILE).write_bytes(text)
+    refused(lora_dir, bases["llama"], f"{CONFIG_FILE}: ", message)
