@@ -37,6 +37,10 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_bottleneck_size: int = 64
     host_cache_bytes: int = 2 << 30  # parsed adapter weights kept in host memory
+    # where adapter versions keep snapshots of the files they were loaded from (read again from there after the
+    # host cache dropped them); None: the system's temporary directory. Each engine makes its own directory
+    # under it, deleted at exit; one left by a crash is deleted by the next engine started with the same one
+    adapter_snapshot_dir: Path | None = None
     enable_prefix_caching: bool = True  # requests share the KV blocks of the tokens they begin with
 
     def __post_init__(self) -> None:

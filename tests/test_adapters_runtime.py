@@ -1,10 +1,12 @@
 """Loading, replacing and unloading adapters while requests run; slots, host memory and KV blocks return to idle."""
 
+import shutil
+
 import pytest
 import torch
 
 from server.engine.request import SamplingParams
-from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tests.adapter_zoo import greedy_reference, reference_model, save_zoo
 from tests.models import eager, engine_for, save_tiny
 
@@ -134,3 +136,24 @@ def test_idle_prefix_adapters_give_their_blocks_back_when_requests_need_them(set
             break
     assert len(out) == 10 and engine.adapters.num_evictions >= 1
     assert out == greedy_reference(eager(model_path), list(range(3, 33)), 10)[0]
+
+
+@pytest.mark.parametrize("change", ["deleted", "another-kind"])
+def test_a_version_whose_directory_changed_cannot_be_placed_and_changes_nothing(setup, tmp_path, change):
+    """A version registered with a plain directory as its source (no snapshot), dropped from host memory, whose
+    directory is then deleted or holds another adapter: `place` raises FailedPrecondition naming the version and
+    no server path, and takes no slot or block."""
+    model_path, dirs = setup
+    engine = _engine(model_path, host_cache_bytes=1)
+    path = tmp_path / "x"
+    shutil.copytree(dirs["lora"], path)
+    version = _load(engine, "x", path)
+    shutil.rmtree(path)
+    if change == "another-kind":
+        shutil.copytree(dirs["bottleneck"], path)
+    registry = engine.adapters
+    assert version.weights is None  # dropped from host memory: it must be read again
+    with pytest.raises(FailedPrecondition, match=rf"adapter 'x' \(version {version.version}\)") as error:
+        registry.place(version)
+    assert str(tmp_path) not in str(error.value)
+    assert version.ref is None and sorted(registry._free_slots) == [0, 1] and engine.blocks.num_used == 0

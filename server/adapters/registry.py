@@ -12,8 +12,11 @@ keeps the slots in order of LoRA rank (see `_slot_for`).
 
 Requests pin an adapter *version* from submission to finish (`pin`/`unpin`), and its device placement
 while they run (`place`/`unplace`). Unloading or replacing an id retires the old version: new requests
-see the new one (or NotFound), running ones finish on the version they pinned, and a retired version's
-memory is freed when its last pin goes. Only the engine thread calls this class.
+see the new one (or NotFound), requests already submitted finish on the version they pinned, and a retired
+version's memory (and its snapshot) is freed when its last pin goes. A version loaded from a directory is
+read again from a private snapshot of the files it was loaded from (`server/adapters/snapshots.py`), so no
+unload, replace or deletion of the directory changes what its requests run. Only the engine thread calls
+this class (`snapshots.take` is the exception: any thread may call it).
 """
 
 import itertools
@@ -25,10 +28,11 @@ from typing import Callable, Protocol
 
 import torch
 
+from server.adapters.snapshots import Snapshot, Snapshots
 from server.adapters.weights import AdapterKind, AdapterWeights, BottleneckWeights, LoraWeights, PrefixWeights, PromptWeights
 from server.engine.block_manager import BlockManager
 from server.engine.request import AdapterRef
-from server.errors import AlreadyExists, InvalidArgument, NotFound
+from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, QuiverError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class AdapterVersion:
     adapter_id: str
     version: int
     kind: AdapterKind
-    source: Path | None  # where to read the weights again after a host eviction; None: never evicted
+    source: Snapshot | Path | None  # where to read the weights again after a host eviction; None: never evicted
     weights: AdapterWeights | None
     nbytes: int
     num_params: int
@@ -77,11 +81,15 @@ class AdapterRegistry:
         blocks: BlockManager,
         read: Callable[[Path], AdapterWeights],
         host_cache_bytes: int,
+        snapshot_dir: Path | None = None,
     ) -> None:
+        """`read(directory)` parses an adapter directory; `snapshot_dir`: where `snapshots` keeps its files
+        (None: the system's temporary directory)."""
         self.device = device
         self.blocks = blocks
         self.read = read
         self.host_cache_bytes = host_cache_bytes
+        self.snapshots = Snapshots(snapshot_dir)
         self.current: dict[str, AdapterVersion] = {}  # id -> the version new requests get
         self._versions = itertools.count(1)
         self._free_slots = list(range(device.num_adapter_slots))
@@ -93,8 +101,12 @@ class AdapterRegistry:
 
     # ---- ids ----------------------------------------------------------------------------------------
 
-    def register(self, adapter_id: str, weights: AdapterWeights, *, source: Path | None, replace: bool = False) -> AdapterVersion:
-        """Make `adapter_id` serve `weights`. Raises AlreadyExists unless `replace`."""
+    def register(
+        self, adapter_id: str, weights: AdapterWeights, *, source: Snapshot | Path | None, replace: bool = False
+    ) -> AdapterVersion:
+        """Make `adapter_id` serve `weights`, read from `source`: a snapshot (from `snapshots.take`), which the
+        version then owns and releases when it is dropped; a directory, read again as it is then; None: the
+        weights stay in host memory. Raises AlreadyExists unless `replace` (the caller keeps the snapshot)."""
         old = self.current.get(adapter_id)
         if old is not None and not replace:
             raise AlreadyExists(f"adapter {adapter_id!r} is already loaded; ask for replacement to load it again")
@@ -147,6 +159,8 @@ class AdapterRegistry:
         self._evict_from_device(version)
         self._on_host.pop(version, None)
         version.weights = None
+        if isinstance(version.source, Snapshot):
+            version.source.release()
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -169,7 +183,8 @@ class AdapterRegistry:
 
     def place(self, version: AdapterVersion) -> AdapterRef | None:
         """When a request starts running: put its adapter on the device (evicting unused ones) and hold it
-        there. None when there is no room now (every slot or block is held by running requests)."""
+        there. None when there is no room now (every slot or block is held by running requests). Raises
+        FailedPrecondition, and changes nothing, if the version's weights must be read again and cannot be."""
         if version.ref is None and not self._put_on_device(version):
             return None
         version.placements += 1
@@ -266,13 +281,30 @@ class AdapterRegistry:
 
     def _host_weights(self, version: AdapterVersion) -> AdapterWeights:
         if version.weights is None:
-            assert version.source is not None, "a version without a source is never dropped from host memory"
-            version.weights = self.read(version.source)
+            version.weights = self._read_again(version)
             self.num_reads += 1
             self._on_host[version] = None
             self._trim_host(keep=version)
         self._on_host.move_to_end(version)
         return version.weights
+
+    def _read_again(self, version: AdapterVersion) -> AdapterWeights:
+        """The version's weights from its source, which must still hold what it was loaded from."""
+        source = version.source
+        assert source is not None, "a version without a source is never dropped from host memory"
+        what = f"adapter {version.adapter_id!r} (version {version.version})"
+        try:
+            if isinstance(source, Snapshot):
+                source.verify()
+                source = source.path
+            weights = self.read(source)
+        except QuiverError as e:
+            raise FailedPrecondition(f"{what} cannot be read again: {e}") from e
+        except OSError as e:
+            raise FailedPrecondition(f"{what} cannot be read again ({e.strerror})") from e
+        if weights.kind is not version.kind or weights.describe() != version.summary:
+            raise FailedPrecondition(f"{what}: its files now hold another adapter ({weights.describe()}); load it again")
+        return weights
 
     def _trim_host(self, keep: AdapterVersion | None = None) -> None:
         """Drop host copies (oldest first) of adapters that can be read again, until within budget."""

@@ -202,9 +202,19 @@ class EngineService:
         return completions
 
     def load_adapter(self, adapter_id: str, path: Path, *, replace: bool = False) -> AdapterInfo:
-        """Read and validate the adapter directory here (off the engine thread), then serve it as `adapter_id`.
+        """Snapshot the adapter directory, read and validate the snapshot here (off the engine thread), then
+        serve it as a new version of `adapter_id`. The version is read again only from its snapshot, so
+        whatever later happens to `path` (an unload, a replace committed into it, its deletion), requests that
+        pinned the version run it (an in-place edit of a hard-linked file is refused: FailedPrecondition).
         Raises InvalidArgument for a bad directory, AlreadyExists unless `replace`."""
-        return self.register_adapter(adapter_id, self.read_adapter(path), source=path, replace=replace)
+        snapshot = self.engine.adapters.snapshots.take(path)
+        try:
+            weights = self.read_adapter(snapshot.path)
+            snapshot.verify()  # not edited while it was read
+            return self.register_adapter(adapter_id, weights, source=snapshot, replace=replace)
+        except Exception:
+            snapshot.release()
+            raise
 
     def read_adapter(self, path: Path) -> AdapterWeights:
         """Read and validate an adapter directory on the caller's thread (raises InvalidArgument). A big one
