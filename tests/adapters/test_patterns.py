@@ -162,7 +162,7 @@ SLOW_CONFIGS = {
 
 @pytest.mark.parametrize("option", SLOW_CONFIGS)
 def test_a_backtracking_pattern_is_refused_within_the_budget_without_holding_the_gil(option, monkeypatch):
-    monkeypatch.setattr(patterns, "MATCH_BUDGET_S", 1.0)
+    monkeypatch.setattr(patterns, "MATCH_BUDGET_S", 2.0)
     ticks = []
     done = threading.Event()
 
@@ -176,7 +176,7 @@ def test_a_backtracking_pattern_is_refused_within_the_budget_without_holding_the
     started = time.monotonic()
     try:
         targets = LoraTargets(ConfigValues({"r": 4, **SLOW_CONFIGS[option]}, CONFIG_FILE), num_layers=NUM_LAYERS)
-        with pytest.raises(InvalidArgument, match=f"^{CONFIG_FILE}: {option}: matching .* took longer than 1 s"):
+        with pytest.raises(InvalidArgument, match=f"^{CONFIG_FILE}: {option}: matching .* took longer than 2 s"):
             for name in LINEARS:
                 if targets.selects(name):
                     targets.rank_alpha(name)
@@ -184,15 +184,16 @@ def test_a_backtracking_pattern_is_refused_within_the_budget_without_holding_the
         done.set()
         ticker.join()
     took = time.monotonic() - started
-    assert 1.0 <= took < 20
+    assert 2.0 <= took < 30
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert len(ticks) > 20 and max(gaps) < 0.5, (len(ticks), max(gaps))
+    assert len(ticks) > 20 and max(gaps) < 1.0, (len(ticks), max(gaps))  # holding the GIL: >= 2 s
 
 
 def test_a_backtracking_pattern_loaded_while_victims_stream(model_path, zoo, tmp_path, monkeypatch):
     """The load fails with InvalidArgument after the budget; meanwhile the engine keeps stepping and the
     requests streaming through it get exactly the tokens they get without the load."""
-    monkeypatch.setattr(patterns, "MATCH_BUDGET_S", 4.0)
+    budget = 8.0
+    monkeypatch.setattr(patterns, "MATCH_BUDGET_S", budget)
     steps: list[float] = []
     service = make_service(model_path, on_step=lambda outputs: steps.append(time.monotonic()))
     try:
@@ -228,11 +229,11 @@ def test_a_backtracking_pattern_loaded_while_victims_stream(model_path, zoo, tmp
         took = ended - started
         assert isinstance(outcome.get("error"), InvalidArgument), outcome
         assert str(outcome["error"]).startswith(f"{CONFIG_FILE}: target_modules: matching")
-        assert 4.0 <= took < 60
+        assert budget <= took < 60
         assert rounds and all(r == reference for r in rounds)
         marks = [started, *(t for t in steps if started < t < ended), ended]  # the engine steps while the load runs
         gaps = [b - a for a, b in zip(marks, marks[1:])]
-        assert len(marks) > 20 and max(gaps) < 2.0, (len(marks), max(gaps))
+        assert len(marks) > 10 and max(gaps) < budget / 2, (len(marks), max(gaps))  # holding the GIL: >= budget
         assert "bad" not in {info.adapter_id for info in service.list_adapters()}
     finally:
         service.shutdown()
