@@ -115,7 +115,10 @@ def _compile(pattern: str, *, refuse) -> regex.Pattern:
     for sre_flag, regex_flag in _REGEX_FLAGS.items():
         if parsed.state.flags & sre_flag:
             flags |= regex_flag
-    return regex.compile(text, flags=flags)
+    try:
+        return regex.compile(text, flags=flags)
+    except regex.error as e:  # no pattern of `re`'s is known to get here
+        raise refuse(f"cannot be matched in bounded time ({e})") from None
 
 
 def _group_names(groupdict: dict[str, int]) -> dict[int, str]:
