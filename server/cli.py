@@ -254,7 +254,7 @@ def _read_token(path: Path | None) -> str | None:
         return None
     tokens = read_tokens(path)
     if len(tokens) > 1:
-        raise QuiverError(f"{path} holds {len(tokens)} tokens; this one takes exactly one")
+        raise QuiverError(f"{path} holds {len(tokens)} tokens; one is expected here")
     return tokens[0]
 
 

@@ -79,7 +79,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 adapter_id = validate_adapter_id(request.adapter_id) if request.adapter_id else None
                 params = sampling_params(request.sampling, request.stopping)
                 salt = self._cache_salts.salt(request, context.invocation_metadata() or ())
-                ids = await asyncio.to_thread(prompt_token_ids, request.prompt, tokenizer, max_bytes=self._max_prompt_bytes)
+                ids = await asyncio.to_thread(prompt_token_ids, request.prompt, tokenizer, max_bytes=self._max_prompt_bytes,
+                                              max_model_len=service.engine.max_model_len)
                 stream = await service.submit_async(ids, params, adapter_id=adapter_id, cache_salt=salt)
                 timer.admitted(num_prompt_tokens=len(ids))
                 text = TextStream(tokenizer, stop_strings=params.stop_strings)

@@ -1,7 +1,8 @@
 """A request's prompt (text, token ids or chat messages) → the token ids the engine runs.
 
 Tokenising costs time in proportion to the text (seconds for megabytes), so callers run `prompt_token_ids`
-off the event loop, and the text's size is bounded before any of it is tokenised.
+off the event loop, and the text's size is bounded before any of it is tokenised. A prompt longer than the
+context is refused here too, before the engine thread would spend time checking every one of its tokens.
 """
 
 from typing import TYPE_CHECKING
@@ -17,10 +18,19 @@ DEFAULT_MAX_PROMPT_BYTES = 1 << 20  # twice a 128k-token context of English text
 _ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant"}
 
 
-def prompt_token_ids(prompt: pb.Prompt, tokenizer: "PreTrainedTokenizerBase", *, max_bytes: int) -> list[int]:
-    """Raises InvalidArgument for an empty or malformed prompt, or a text (or chat messages' contents,
-    together) over `max_bytes` UTF-8 bytes, checked before tokenising; FailedPrecondition for chat without
-    a template."""
+def prompt_token_ids(
+    prompt: pb.Prompt, tokenizer: "PreTrainedTokenizerBase", *, max_bytes: int, max_model_len: int
+) -> list[int]:
+    """Raises InvalidArgument for an empty or malformed prompt, a text (or chat messages' contents, together)
+    over `max_bytes` UTF-8 bytes (checked before tokenising), or one of `max_model_len` tokens or more;
+    FailedPrecondition for chat without a template."""
+    ids = _token_ids(prompt, tokenizer, max_bytes=max_bytes)
+    if len(ids) >= max_model_len:
+        raise InvalidArgument(f"the prompt has {len(ids)} tokens; the context holds {max_model_len} (prompt + output)")
+    return ids
+
+
+def _token_ids(prompt: pb.Prompt, tokenizer: "PreTrainedTokenizerBase", *, max_bytes: int) -> list[int]:
     kind = prompt.WhichOneof("kind")
     if kind == "token_ids":
         return list(prompt.token_ids.ids)

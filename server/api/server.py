@@ -2,8 +2,8 @@
 
     start()   listen; health says NOT_SERVING; calls that need the model get FAILED_PRECONDITION
     attach()  the model is loaded: restore adapters (start-up directory, upload store); health says SERVING
-    stop()    health says NOT_SERVING; new calls are refused; calls in flight get `grace_seconds` to
-              finish, then are cancelled; the engine stops
+    stop()    health says NOT_SERVING; new calls are refused with UNAVAILABLE; calls in flight get
+              `grace_seconds` to finish, then are cancelled; the engine stops
 """
 
 import asyncio

@@ -42,7 +42,9 @@ def test_serve_drains_on_sigterm_and_exits_0(model_path, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", str(model_path), "--device", "cpu", "--port", "0",
          "--metrics-port", "0", "--store-dir", str(tmp_path / "store"),
-         "--kv-cache-bytes", str(1 << 20)],
+         "--kv-cache-bytes", str(1 << 20), "--max-prompt-bytes", "5000", "--prefix-cache-scope", "global",
+         "--max-concurrent-uploads", "2", "--max-staged-bytes", str(3 << 30), "--upload-idle-seconds", "5",
+         "--metrics-host", "127.0.0.1"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     try:
@@ -56,6 +58,7 @@ def test_serve_drains_on_sigterm_and_exits_0(model_path, tmp_path):
         target = f"127.0.0.1:{port}"
         assert health(target) == health_pb2.HealthCheckResponse.SERVING
         with QuiverClient(target) as c:
+            assert c.server_info().limits.max_prompt_bytes == 5000
             stream = c.generate_stream(c.request(token_ids=[3, 4], max_new_tokens=300, ignore_eos=True))
             next(stream)
             process.send_signal(signal.SIGTERM)

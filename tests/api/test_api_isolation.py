@@ -45,6 +45,7 @@ def test_huge_prompts_stall_no_stream_and_no_health_check(model_path, tmp_path):
     bad = {"4 MB": "a" * 4_000_000, "3.8 MB": "a" * 3_800_000}  # over the bound; under it (tokenised, then too long)
     try:
         with QuiverClient(running.target, timeout=120) as c:
+            assert c.server_info().limits.max_prompt_bytes == 3_900_000
             requests = [c.request(token_ids=p, max_new_tokens=40, ignore_eos=True) for p in VICTIMS]
             reference = [list(c.generate(r).token_ids) for r in requests]  # each alone, before any bad prompt
             outcomes: dict[str, tuple[grpc.StatusCode, str]] = {}
