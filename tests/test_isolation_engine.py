@@ -232,3 +232,35 @@ def test_an_overflow_in_a_prompt_chunk_ends_the_request_at_that_chunk(model_path
     assert isinstance(out.error, FailedPrecondition) and out.finished and not engine.has_work()
     assert engine.blocks.num_used == 0 and engine.blocks.num_cached == 0
     assert torch.count_nonzero(engine.runner.kv_cache) == 0  # its 2 blocks were zeroed: the only ones written
+
+
+@pytest.mark.parametrize("fault", ["not finite", "raises"])
+def test_a_prompt_adapter_whose_prefill_fails_ends_only_its_requests(service, reference, zoo, monkeypatch, fault):
+    """A prompt adapter's shared prefix is computed when it is placed. If its virtual tokens' KV is not finite
+    (embeddings held in memory, trusted, with a NaN) or the prefill raises, its requests end with the error,
+    its blocks go back to the pool zeroed (the victims reuse them: 40 blocks), and the others are exact."""
+    weights = service.engine.read_adapter(zoo["prompt"])
+    if fault == "not finite":
+        embeddings = weights.embeddings.clone()
+        embeddings[2, 5] = float("nan")
+        weights = type(weights)(kind=weights.kind, embeddings=embeddings)
+    else:
+        prefill = service.engine.runner.prefill_embeddings
+
+        def failing(embeddings, blocks):
+            prefill(embeddings, blocks)
+            raise FailedPrecondition("the prefill failed half-way")
+
+        monkeypatch.setattr(service.engine.runner, "prefill_embeddings", failing)
+    service.register_adapter("bad-prompt", weights)
+    try:
+        for _ in range(3):
+            got = run(service, [(BAD_PROMPT, "bad-prompt", GREEDY)] + victims())
+            assert got[0][0] == [] and isinstance(got[0][1], FailedPrecondition)
+            if fault == "not finite":
+                assert "adapter 'bad-prompt'" in str(got[0][1]) and "not finite" in str(got[0][1])
+            check_victims(service, reference, got[1:])
+        assert bool(torch.isfinite(service.engine.runner.kv_cache).all())
+    finally:
+        monkeypatch.undo()
+        service.unload_adapter("bad-prompt")

@@ -51,6 +51,8 @@ class AdapterDevice(Protocol):
     def clear_adapter(self, slot: int) -> None: ...
     def write_prefix(self, prefix: torch.Tensor, blocks: list[int]) -> None: ...
     def prefill_embeddings(self, embeddings: torch.Tensor, blocks: list[int]) -> None: ...
+    def blocks_finite(self, blocks: list[int]) -> bool: ...
+    def clear_blocks(self, blocks: list[int]) -> None: ...
 
 
 @dataclass(eq=False)
@@ -205,22 +207,41 @@ class AdapterRegistry:
             while not self.blocks.grow(blocks, n):
                 if not self._evict_one():
                     return False
-            if isinstance(weights, PrefixWeights):
-                self.device.write_prefix(weights.prefix, blocks)
-            else:
-                assert isinstance(weights, PromptWeights)
-                self.device.prefill_embeddings(weights.embeddings, blocks)
+            try:
+                self._write_prefix(version, weights, blocks)
+            except BaseException:
+                self.device.clear_blocks(blocks)  # whatever was written must not reach the blocks' next holder
+                self.blocks.release(blocks)
+                raise
             version.blocks = blocks
             version.ref = AdapterRef(version.adapter_id, version.kind.value, prefix_blocks=tuple(blocks), prefix_len=n)
         else:
             slot = self._slot_for(version)
             if slot is None:
                 return False
-            self.device.write_adapter(slot, weights)
+            try:
+                self.device.write_adapter(slot, weights)
+            except BaseException:
+                self.device.clear_adapter(slot)
+                self._free_slots.append(slot)
+                raise
             activation = weights.non_linearity if isinstance(weights, BottleneckWeights) else None
             version.ref = AdapterRef(version.adapter_id, version.kind.value, slot=slot, activation=activation)
         self._on_device[version] = None
         return True
+
+    def _write_prefix(self, version: AdapterVersion, weights: PrefixWeights | PromptWeights, blocks: list[int]) -> None:
+        """Write a prefix or prompt adapter's shared KV into `blocks`; FailedPrecondition if it is not finite
+        (a prompt adapter whose virtual tokens overflow the base model), so that no request attends to it."""
+        if isinstance(weights, PrefixWeights):
+            self.device.write_prefix(weights.prefix, blocks)
+        else:
+            self.device.prefill_embeddings(weights.embeddings, blocks)
+        if not self.device.blocks_finite(blocks):
+            raise FailedPrecondition(
+                f"adapter {version.adapter_id!r} (version {version.version}): the keys and values of its virtual "
+                "tokens are not finite (they overflow the model's dtype), so it cannot be served"
+            )
 
     def _slot_for(self, version: AdapterVersion) -> int | None:
         """A device slot for a weight adapter, taken so that the slots stay in order of LoRA rank: the CPU path

@@ -64,7 +64,8 @@ class Engine:
         module_names = {name for name, _ in model.named_modules()}
         self.read_adapter = lambda path: load_adapter(path, model.config, module_names=module_names)
         self.adapters = AdapterRegistry(
-            device=self.runner, blocks=self.blocks, read=self.read_adapter, host_cache_bytes=config.host_cache_bytes
+            device=self.runner, blocks=self.blocks, read=self.read_adapter, host_cache_bytes=config.host_cache_bytes,
+            snapshot_dir=config.adapter_snapshot_dir,
         )
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,

@@ -175,6 +175,12 @@ class ModelRunner:
         attention may read a block's entries beyond its holder's length, masked, and 0 · NaN is NaN."""
         self.kv_cache.index_fill_(2, torch.tensor(blocks, dtype=torch.int64, device=self.device), 0)
 
+    @torch.inference_mode()
+    def blocks_finite(self, blocks: list[int]) -> bool:
+        """Whether every KV entry of `blocks` is finite (checked once when an adapter prefix is written)."""
+        ids = torch.tensor(blocks, dtype=torch.int64, device=self.device)
+        return bool(torch.isfinite(self.kv_cache.index_select(2, ids)).all())
+
     def clear_adapter(self, slot: int) -> None:
         for layer in self.adapter_layers.values():
             layer.clear(slot)

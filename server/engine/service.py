@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from server.adapters.snapshots import Snapshot
 from server.adapters.weights import AdapterWeights
 from server.engine import openmp
 from server.engine.engine import Engine, EngineStats
@@ -225,7 +226,7 @@ class EngineService:
             openmp.release_thread_pool()
 
     def register_adapter(
-        self, adapter_id: str, weights: AdapterWeights, *, source: Path | None = None, replace: bool = False
+        self, adapter_id: str, weights: AdapterWeights, *, source: Snapshot | Path | None = None, replace: bool = False
     ) -> AdapterInfo:
         """Serve weights already parsed (e.g. made in memory). Without a `source` they stay in host memory
         for as long as they are served, whatever the host cache's budget. Raises AlreadyExists unless `replace`."""
