@@ -47,12 +47,15 @@ def _record_chunks(engine) -> list[tuple[str, int, int]]:
     return seen
 
 
-def _run_in_turn(engine, runs: list[tuple[list[int], str | None]]) -> tuple[list[list[int]], list[int]]:
-    """Each (prompt, adapter id) alone, one after the other: its tokens and its prefix-cache hit tokens."""
+def _run_in_turn(
+    engine, runs: list[tuple[list[int], str | None]], *, salts: list[str | None] | None = None
+) -> tuple[list[list[int]], list[int]]:
+    """Each (prompt, adapter id) alone, one after the other, with its cache salt (`salts`, default None): its
+    tokens and its prefix-cache hit tokens."""
     tokens, hits = [], []
     for i, (prompt, adapter_id) in enumerate(runs):
         before = engine.stats().prefix_cache_hit_tokens
-        engine.add_request(str(i), prompt, PARAMS, adapter_id=adapter_id)
+        engine.add_request(str(i), prompt, PARAMS, adapter_id=adapter_id, cache_salt=salts[i] if salts else None)
         out: list[int] = []
         while engine.has_work():
             for o in engine.step():
@@ -150,16 +153,8 @@ def test_a_cache_salt_scopes_what_is_shared(tiny):
     """Requests share cached blocks only with requests of the same salt; None is a scope of its own."""
     engine = engine_for(tiny, num_kv_blocks=64, block_size=8)
     prompt = _tokens(30, seed=11)  # 3 full blocks can be shared (the 4th holds its last token)
-    tokens, hits = [], []
-    for i, salt in enumerate(["alice", "alice", "bob", None, None, "bob"]):
-        before = engine.stats().prefix_cache_hit_tokens
-        engine.add_request(str(i), prompt, PARAMS, cache_salt=salt)
-        out: list[int] = []
-        while engine.has_work():
-            for o in engine.step():
-                out += o.new_token_ids
-        tokens.append(out)
-        hits.append(engine.stats().prefix_cache_hit_tokens - before)
+    salts = ["alice", "alice", "bob", None, None, "bob"]
+    tokens, hits = _run_in_turn(engine, [(prompt, None)] * len(salts), salts=salts)
     assert hits == [0, 24, 0, 0, 24, 24]
     assert all(t == tokens[0] for t in tokens)
 
