@@ -9,6 +9,7 @@
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -179,12 +180,14 @@ def _serve(args) -> None:
 
     cache_dir = args.cache_dir or default_cache_dir()
     model_config = ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
-    engine_config = _engine_config(args)
+    store_dir = args.store_dir or cache_dir / "store"
+    # versions' snapshots beside the store, on its file system: hard links, not copies, of uploaded adapters
+    engine_config = dataclasses.replace(_engine_config(args), adapter_snapshot_dir=store_dir / ".snapshots")
     adapters_dir = args.adapters_dir if args.adapters_dir.is_dir() else None
     config = ServerConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port, adapters_dir=adapters_dir,
         adapter_roots=tuple(args.adapter_root or ([adapters_dir] if adapters_dir else [])),
-        store_dir=args.store_dir or cache_dir / "store", max_upload_bytes=args.max_upload_bytes,
+        store_dir=store_dir, max_upload_bytes=args.max_upload_bytes,
         max_stored_adapters=args.max_stored_adapters, max_concurrent_uploads=args.max_concurrent_uploads,
         max_staged_bytes=args.max_staged_bytes, upload_idle_seconds=args.upload_idle_seconds,
         max_prompt_bytes=args.max_prompt_bytes, prefix_cache_scope=CacheScope(args.prefix_cache_scope),

@@ -11,11 +11,12 @@ an in-place edit of the original changes a hard-linked snapshot too, and is caug
 
 Layout and clean-up: each `Snapshots` (one per registry, so per engine) owns a directory
 `<parent>/quiver-snapshots-XXXXXXXX/`, with one subdirectory per snapshot. `parent` is
-`EngineConfig.adapter_snapshot_dir`, by default the system's temporary directory. A snapshot is deleted when
-its version is dropped (`Snapshot.release`, called by the registry); the engine's directory is deleted when
-its `Snapshots` is garbage collected or the process exits. A directory left by a crash is deleted by the next
-`Snapshots` made with the same parent: each live one holds an exclusive `flock` on its directory, so one that
-nobody holds is a leftover.
+`EngineConfig.adapter_snapshot_dir`, by default the system's temporary directory; `quiver serve` uses
+`STORE/.snapshots`, on the store's file system, so that uploaded adapters are linked, not copied. A snapshot
+is deleted when its version is dropped (`Snapshot.release`, called by the registry); the engine's directory is
+deleted when its `Snapshots` is garbage collected or the process exits. A directory left by a crash is deleted
+by the next `Snapshots` made with the same parent: each live one holds an exclusive `flock` on its directory,
+so one that nobody holds is a leftover.
 """
 
 import errno
