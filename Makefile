@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 
 # The gRPC modules are generated from protos/ (not committed), so they match the installed protobuf.
 PROTOS := $(wildcard protos/quiver/v1/*.proto)
-GENERATED := server/api/gen/inference_pb2.py
+GENERATED := protos/quiver/v1/inference_pb2.py
 
 install: $(STAMP) $(GENERATED)
 
@@ -40,10 +40,10 @@ test: $(STAMP) $(GENERATED)
 BENCH := offline online adapter_load memory
 
 bench: $(STAMP) $(GENERATED)
-	set -e; for b in $(BENCH); do echo "== $$b"; $(BIN)/python benchmarks/$$b.py; done
+	set -e; for b in $(BENCH); do echo "== $$b"; $(BIN)/python -m benchmarks.$$b; done
 
 bench-quick: $(STAMP) $(GENERATED)
-	set -e; for b in $(BENCH); do echo "== $$b --quick"; $(BIN)/python benchmarks/$$b.py --quick; done
+	set -e; for b in $(BENCH); do echo "== $$b --quick"; $(BIN)/python -m benchmarks.$$b --quick; done
 
 bench-serving: $(STAMP)
-	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python -m benchmarks.serving

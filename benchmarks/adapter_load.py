@@ -13,8 +13,8 @@ linear layer of the model (made with PEFT, B ~ N(0, 0.02)), 19.5 MB of fp32 safe
    the time per output token), the TPOT of the requests that ran wholly inside the window, and output
    tokens per second; and the LoadAdapter latency under that traffic.
 
-    python benchmarks/adapter_load.py --quick    # 5 tries, 30 loads under traffic: about a minute
-    python benchmarks/adapter_load.py            # 20 tries, 100 loads under traffic
+    python -m benchmarks.adapter_load --quick    # 5 tries, 30 loads under traffic: about a minute
+    python -m benchmarks.adapter_load            # 20 tries, 100 loads under traffic
 """
 
 import argparse
@@ -29,20 +29,17 @@ import time
 from pathlib import Path
 
 import grpc
+from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transformers import AutoTokenizer  # noqa: E402
-
-from benchmarks import data, machine  # noqa: E402
-from benchmarks.loadgen import Record, stream_one  # noqa: E402
-from benchmarks.server_proc import ServerProcess  # noqa: E402
-from benchmarks.stats import summary  # noqa: E402
-from server.api.gen import adapters_pb2 as apb  # noqa: E402
-from server.api.gen import adapters_pb2_grpc, inference_pb2_grpc  # noqa: E402
-from server.client import QuiverClient  # noqa: E402
-from server.config import default_cache_dir  # noqa: E402
-from server.model.loader import default_model_dir  # noqa: E402
+from benchmarks import data, machine
+from benchmarks.loadgen import Record, stream_one
+from benchmarks.server_proc import ServerProcess
+from benchmarks.stats import summary
+from quiver.client import QuiverClient
+from quiver.config import default_cache_dir
+from quiver.model.loader import default_model_dir
+from quiver.v1 import adapters_pb2 as apb
+from quiver.v1 import adapters_pb2_grpc, inference_pb2_grpc
 
 
 def timed_rpcs(client: QuiverClient, path: Path, rel: str, tries: int) -> dict:

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from server.adapters.formats import save_bottleneck
-from server.adapters.weights import BottleneckSite, BottleneckWeights
+from quiver.adapters.formats import save_bottleneck
+from quiver.adapters.weights import BottleneckSite, BottleneckWeights
 
 
 def lora_set(model_path: Path, root: Path, n: int, *, rank: int = 16, seed: int = 0) -> tuple[PeftModel, dict[str, Path]]:

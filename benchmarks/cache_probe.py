@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.server_proc import ServerProcess
-from server.client import QuiverClient
+from quiver.client import QuiverClient
 
 TOKENS = {"A": "probe-client-a", "B": "probe-client-b"}
 SCOPES = ("per-token", "global")

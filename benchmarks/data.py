@@ -36,7 +36,7 @@ def chatterbot_requests(tokenizer, n: int, *, seed: int = 0, max_output: int = 1
     """n (question, output length) pairs drawn with replacement from the chatterbot-corpus question/answer
     pairs: the question is sent as the user message, and the request generates as many tokens as the
     corpus answer has (clipped to 2..max_output), so output lengths follow the corpus's distribution."""
-    from trainer.recipes import chatterbot_qa  # reads the English corpus files (needs pyyaml)
+    from quiver.trainer.recipes import chatterbot_qa  # reads the English corpus files (needs pyyaml)
 
     task = chatterbot_qa(seed=seed)
     pairs = task.train + task.heldout

@@ -1,7 +1,7 @@
 """Does running the engine in a thread cost CPU throughput? A/B of the same engine's decode steps on the
 main thread and on a separate thread (as `EngineService` runs them), alternating, in one process.
 
-    python benchmarks/engine_thread.py             # 64 chat prompts, 6 rounds of 4 decode steps on each side
+    python -m benchmarks.engine_thread             # 64 chat prompts, 6 rounds of 4 decode steps on each side
 
 On a 2-core CPU with libgomp, a second OpenMP team (the main thread's, made when the model loaded there, plus
 the engine thread's) makes the runtime throttle its spin-waiting, so every parallel region of the engine
@@ -10,20 +10,16 @@ thread pays a wake-up; this measures how much a step loses to that (see RESULTS.
 
 import argparse
 import queue
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import data  # noqa: E402
-from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
-from server.engine import openmp  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import SamplingParams  # noqa: E402
-from server.model import attention  # noqa: E402
-from server.model.loader import load_model  # noqa: E402
+from benchmarks import data
+from quiver.config import EngineConfig, ModelConfig, default_cache_dir
+from quiver.engine import openmp
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.model import attention
+from quiver.model.loader import load_model
 
 
 def main() -> None:

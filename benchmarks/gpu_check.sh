@@ -6,19 +6,26 @@
 set -uo pipefail
 OUT="${OUT:-benchmarks/out}"
 mkdir -p "$OUT"
-export PYTHONPATH=.
+# Quiver is not installed there (no registry): the `quiver` package that pyproject.toml's package-dir maps out of
+# the repository's folders is made of links, and put on the path with the repository (for benchmarks, tests).
+PKG="$(mktemp -d)"
+mkdir "$PKG/quiver"
+ln -s "$PWD"/server/* "$PKG/quiver/"
+ln -s "$PWD/kernels" "$PWD/trainer" "$PWD/deploy" "$PKG/quiver/"
+ln -s "$PWD/protos/quiver/v1" "$PKG/quiver/v1"
+export PYTHONPATH="$PKG:$PWD"
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } > "$OUT/machine.txt" 2>&1
 timeout 200 python3 -m pytest -m gpu tests/kernels tests/test_engine_gpu.py -q -rs -p no:cacheprovider > "$OUT/pytest_gpu.log" 2>&1
 tests_rc=$?
-timeout 240 python3 benchmarks/offline.py --random-llama --requests 128 --new-tokens 32 \
+timeout 240 python3 -m benchmarks.offline --random-llama --requests 128 --new-tokens 32 \
   --adapters 0,1,64,2048 --laws uniform,zipf --slots 128 --max-num-seqs 128 --max-num-batched-tokens 4096 \
   --kv-cache-gib 24 --host-cache-mib 65536 --baseline-requests 64 --check-sample 4 --repeats 1 --cached-at '' \
   --out "$OUT/offline_gpu.json" > "$OUT/offline.log" 2>&1
 offline_rc=$?
-timeout 90 python3 benchmarks/kernels.py --no-quick --out "$OUT/kernels.json" > "$OUT/bench.log" 2>&1
+timeout 90 python3 -m benchmarks.kernels --no-quick --out "$OUT/kernels.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 cat "$OUT/machine.txt"
 echo "--- pytest -m gpu (rc=$tests_rc): $(tail -n 1 "$OUT/pytest_gpu.log")"

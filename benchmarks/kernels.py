@@ -1,6 +1,6 @@
 """Times every kernel op on realistic shapes against its torch reference; writes JSON, prints a table.
 
-    python benchmarks/kernels.py [--quick | --no-quick] [--out benchmarks/out/kernels.json]
+    python -m benchmarks.kernels [--quick | --no-quick] [--out benchmarks/out/kernels.json]
 
 On CUDA: the Triton op and the torch reference, timed with triton.testing.do_bench (median, L2 flushed
 before every repetition), the bytes each op must move (its inputs read once, outputs written once: x,
@@ -16,16 +16,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the `kernels` package.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from kernels import reference  # noqa: E402
+from quiver.kernels import reference
 
 HIDDEN, QKV, RANKS, SLOTS = 4096, (4096, 1024, 1024), (8, 16, 32, 64), 1024
 KV_HEADS, HEAD_DIM, HEADS, BLOCK = 8, 128, 32, 16
@@ -191,7 +187,7 @@ def main() -> None:
     triton_ops = None
     copy_gbps = None
     if cuda:
-        from kernels.triton_ops import TRITON_OPS
+        from quiver.kernels.triton_ops import TRITON_OPS
 
         triton_ops = TRITON_OPS
         copy_gbps = copy_bandwidth_gbps(device)

@@ -1,7 +1,7 @@
 """Load generator: replays a workload against a Quiver server over gRPC, in its own process, and records
 each request's timings as the client sees them.
 
-    python benchmarks/loadgen.py --target 127.0.0.1:50051 --workload w.json --out records.json
+    python -m benchmarks.loadgen --target 127.0.0.1:50051 --workload w.json --out records.json
 
 The workload is `{"requests": [{"at": s, "chat": str, "adapter_id": str, "max_new_tokens": n}, ...]}`:
 request i is sent `at` seconds after the start (an open loop: it does not wait for earlier requests) as a
@@ -12,17 +12,14 @@ streaming chat request that generates exactly `max_new_tokens` tokens (EOS ignor
 import argparse
 import asyncio
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.api.gen import inference_pb2_grpc  # noqa: E402
-from server.client import QuiverClient  # noqa: E402
+from quiver.client import QuiverClient
+from quiver.v1 import inference_pb2_grpc
 
 
 @dataclass

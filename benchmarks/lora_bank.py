@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from server.adapters.weights import LoraModule, LoraWeights
+from quiver.adapters.weights import LoraModule, LoraWeights
 
 RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "v_proj")  # PEFT's default target_modules for llama, mistral and qwen2

@@ -2,8 +2,8 @@
 adapter per sequence, each computed by the fused `lora_apply` and by `lora_shrink` + `lora_expand`, alternating,
 in one process (the engine on the main thread).
 
-    python benchmarks/lora_step.py                      # 64 sequences, 64 adapters r=16 on all linear layers
-    python benchmarks/lora_step.py --targets q_proj,v_proj --rank 64
+    python -m benchmarks.lora_step                      # 64 sequences, 64 adapters r=16 on all linear layers
+    python -m benchmarks.lora_step --targets q_proj,v_proj --rank 64
 
 The adapters are random (PEFT's LoraConfig, B ~ N(0, 0.02)); they are held in memory, not written out.
 """
@@ -11,23 +11,19 @@ The adapters are random (PEFT's LoraConfig, B ~ N(0, 0.02)); they are held in me
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import data  # noqa: E402
-from kernels import reference  # noqa: E402
-from server.adapters.weights import LoraModule, LoraWeights  # noqa: E402
-from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import SamplingParams  # noqa: E402
-from server.model import attention  # noqa: E402
-from server.model.layers import AdapterLinear  # noqa: E402
-from server.model.loader import load_model  # noqa: E402
+from benchmarks import data
+from quiver.adapters.weights import LoraModule, LoraWeights
+from quiver.config import EngineConfig, ModelConfig, default_cache_dir
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.kernels import reference
+from quiver.model import attention
+from quiver.model.layers import AdapterLinear
+from quiver.model.loader import load_model
 
 
 def two_ops(y, x, a, b, *, out_offsets, seg_starts, seg_slots, ranks, scales) -> None:

@@ -12,8 +12,8 @@ Then, for each row, the host cache capacity within `--budget-mib`: budget // hos
 at most `--verify-max` are checked by loading that many copies plus a few into an engine whose host cache
 has that budget and counting those still held in host memory.
 
-    python benchmarks/memory.py             # budget 2 GiB; checks rows of up to 256 adapters (~1 minute)
-    python benchmarks/memory.py --quick     # checks rows of up to 64 adapters
+    python -m benchmarks.memory             # budget 2 GiB; checks rows of up to 256 adapters (~1 minute)
+    python -m benchmarks.memory --quick     # checks rows of up to 64 adapters
 """
 
 import argparse
@@ -24,17 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import machine  # noqa: E402
-from benchmarks.adapter_sets import kind_set, lora_variants  # noqa: E402
-from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine.request import SamplingParams  # noqa: E402
-from server.engine.service import EngineService  # noqa: E402
-from server.errors import InvalidArgument  # noqa: E402
-from server.model import attention  # noqa: E402
-from server.model.loader import load_model  # noqa: E402
+from benchmarks import machine
+from benchmarks.adapter_sets import kind_set, lora_variants
+from quiver.config import EngineConfig, ModelConfig, default_cache_dir
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.engine.service import EngineService
+from quiver.errors import InvalidArgument
+from quiver.model import attention
+from quiver.model.loader import load_model
 
 QV = ["q_proj", "v_proj"]
 LORAS = {f"lora r={r} {name}": (r, targets) for name, targets in (("all-linear", "all-linear"), ("q,v", QV))

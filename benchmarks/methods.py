@@ -6,26 +6,23 @@ learning rate (trainer/methods.py) for the same number of steps of the same batc
 base model (zero-shot) are then scored in one mixed batch served by the engine, full fine-tuning by an engine
 over the fine-tuned model. Accuracy counts the first label word in the greedy answer.
 
-    python benchmarks/methods.py            # 200 steps x 8, 600 train / 150 held-out tweets per class
-    python benchmarks/methods.py --quick    # 10 steps x 4, 40 / 30 per class: the pipeline in a few minutes
+    python -m benchmarks.methods            # 200 steps x 8, 600 train / 150 held-out tweets per class
+    python -m benchmarks.methods --quick    # 10 steps x 4, 40 / 30 per class: the pipeline in a few minutes
 """
 
 import argparse
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import machine  # noqa: E402
-from trainer.base import resolve_model_path  # noqa: E402
-from trainer.evaluate import evaluate_served  # noqa: E402
-from trainer.methods import ADAPTER_METHODS, DEFAULT_LR, METHODS, MethodConfig  # noqa: E402
-from trainer.pipeline import train_and_export  # noqa: E402
-from trainer.recipes import sentiment  # noqa: E402
-from trainer.train import TrainConfig  # noqa: E402
+from benchmarks import machine
+from quiver.trainer.base import resolve_model_path
+from quiver.trainer.evaluate import evaluate_served
+from quiver.trainer.methods import ADAPTER_METHODS, DEFAULT_LR, METHODS, MethodConfig
+from quiver.trainer.pipeline import train_and_export
+from quiver.trainer.recipes import sentiment
+from quiver.trainer.train import TrainConfig
 
 ZERO_SHOT = "zero-shot"
 _MAX_LENGTH = 256

@@ -21,10 +21,10 @@ serving many adapters. A few counts (--cached-at) are run again with prefix cach
 Each configuration runs --repeats times with a new draw of adapters each time (the same prompts; new adapters
 come from disk); the fastest repetition counts, as timing noise on a shared machine only ever slows a run.
 
-    python benchmarks/offline.py                 # default model, 256 chat requests (~30 min here)
-    python benchmarks/offline.py --quick         # 64 requests, 0/1/64/512 adapters, uniform, once (~5 min)
-    python benchmarks/offline.py --data tweets   # 128 long prompts x 32 new tokens each
-    python benchmarks/offline.py --random-llama  # GPU: a random-weight ~1.1B Llama in bf16, adapters in memory
+    python -m benchmarks.offline                 # default model, 256 chat requests (~30 min here)
+    python -m benchmarks.offline --quick         # 64 requests, 0/1/64/512 adapters, uniform, once (~5 min)
+    python -m benchmarks.offline --data tweets   # 128 long prompts x 32 new tokens each
+    python -m benchmarks.offline --random-llama  # GPU: a random-weight ~1.1B Llama in bf16, adapters in memory
 """
 
 import argparse
@@ -37,16 +37,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import baselines, data, lora_bank, machine  # noqa: E402
-from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine import openmp  # noqa: E402
-from server.engine.request import SamplingParams  # noqa: E402
-from server.engine.service import EngineService  # noqa: E402
-from server.model import attention  # noqa: E402
-from server.model.loader import LoadedModel, load_model  # noqa: E402
+from benchmarks import baselines, data, lora_bank, machine
+from quiver.config import EngineConfig, ModelConfig, default_cache_dir
+from quiver.engine import openmp
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.engine.service import EngineService
+from quiver.model import attention
+from quiver.model.loader import LoadedModel, load_model
 
 # ~1.1B parameters (TinyLlama's shape): 22 layers of hidden 2048, GQA with 4 KV heads
 RANDOM_LLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

@@ -11,8 +11,8 @@ client measures them; and the highest rate at which p99 TPOT stays within `--tpo
 request completed): the last rate before the first one over the bound. Rates go up in order and stop
 after `--stop-after` rates in a row over the bound (0: run every rate).
 
-    python benchmarks/online.py --quick     # 3 rates x 25 s, one adapter per kind: about 2-3 minutes
-    python benchmarks/online.py             # up to 7 rates (0.5-8/s) x 60 s, three adapters per kind
+    python -m benchmarks.online --quick     # 3 rates x 25 s, one adapter per kind: about 2-3 minutes
+    python -m benchmarks.online             # up to 7 rates (0.5-8/s) x 60 s, three adapters per kind
 """
 
 import argparse
@@ -25,16 +25,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from benchmarks import data, machine  # noqa: E402
-from benchmarks.server_proc import ROOT, ServerProcess  # noqa: E402
-from benchmarks.stats import summary  # noqa: E402
-from server.client import QuiverClient  # noqa: E402
-from server.config import default_cache_dir  # noqa: E402
-from server.model.loader import default_model_dir  # noqa: E402
+from benchmarks import data, machine
+from benchmarks.server_proc import ROOT, ServerProcess
+from benchmarks.stats import summary
+from quiver.client import QuiverClient
+from quiver.config import default_cache_dir
+from quiver.model.loader import default_model_dir
 
 KINDS = ("lora", "bottleneck", "prefix", "ptuning-v2", "prompt", "ptuning")
 METRICS = ("ttft", "tpot", "e2e")
@@ -64,9 +62,9 @@ def workload(tokenizer, *, rate: float, seconds: float, adapters: dict[str, list
 def run_loadgen(target: str, requests: list[dict], tmp: Path, name: str, *, timeout: float) -> dict:
     (tmp / f"{name}.workload.json").write_text(json.dumps({"requests": requests}))
     out = tmp / f"{name}.records.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loadgen.py"), "--target", target,
+    subprocess.run([sys.executable, "-m", "benchmarks.loadgen", "--target", target,
                     "--workload", str(tmp / f"{name}.workload.json"), "--out", str(out), "--timeout", str(timeout)],
-                   check=True, timeout=timeout + 120)
+                   check=True, timeout=timeout + 120, cwd=ROOT)
     return json.loads(out.read_text())
 
 

@@ -1,6 +1,6 @@
 """PNG plots for the benchmarks' JSON (matplotlib, no display needed).
 
-    python benchmarks/plots.py benchmarks/out/offline.json   # writes offline.png beside it
+    python -m benchmarks.plots benchmarks/out/offline.json   # writes offline.png beside it
 """
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def plot_offline(result: dict, path: Path) -> None:

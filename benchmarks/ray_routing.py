@@ -1,7 +1,7 @@
 """Scale-out through Ray Serve (issue 9): what the proxy costs per request, and what a second replica buys.
 
-    python benchmarks/ray_routing.py            # default model (SmolLM2-135M), ~6 minutes on 2 cores
-    python benchmarks/ray_routing.py --quick    # fewer requests, ~3 minutes
+    python -m benchmarks.ray_routing            # default model (SmolLM2-135M), ~6 minutes on 2 cores
+    python -m benchmarks.ray_routing --quick    # fewer requests, ~3 minutes
 
 1. Routing overhead: the same requests, one at a time, to a plain `quiver serve` (direct gRPC) and through
    Serve's gRPC proxy to one replica, interleaved: GetServerInfo (no engine work: the bare path) and Generate
@@ -20,23 +20,21 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from benchmarks import adapter_sets, machine  # noqa: E402
-from benchmarks.server_proc import ServerProcess, free_port  # noqa: E402
-from benchmarks.stats import summary  # noqa: E402
-import grpc  # noqa: E402
+import grpc
 
-from deploy.routing import AdapterRoutingInterceptor, CallDetails  # noqa: E402
-from server.client import QuiverClient  # noqa: E402
-from server.config import default_cache_dir  # noqa: E402
-from server.model.loader import default_model_dir  # noqa: E402
+from benchmarks import adapter_sets, machine
+from benchmarks.server_proc import ServerProcess, free_port
+from benchmarks.stats import summary
+from quiver.client import QuiverClient
+from quiver.config import default_cache_dir
+from quiver.deploy.routing import AdapterRoutingInterceptor, CallDetails
+from quiver.model.loader import default_model_dir
 
 PROMPT = "Write one sentence about the sea."
 
@@ -164,8 +162,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from deploy.ray_serve import RayDeployConfig, application, start
-    from server.config import ModelConfig
+    from quiver.config import ModelConfig
+    from quiver.deploy.ray_serve import RayDeployConfig, application, start
 
     port = free_port()
     began = time.perf_counter()

@@ -27,7 +27,7 @@ class ServerProcess:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self._log = log_path.open("w")
-        command = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--metrics-port", "0", *flags]
+        command = [sys.executable, "-m", "quiver.cli", "serve", "--port", str(self.port), "--metrics-port", "0", *flags]
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
         self.log_path = log_path
 

@@ -11,14 +11,13 @@ generates exactly --new-tokens tokens greedily (EOS ignored on both sides), and 
 The engine runs with prefix caching (its default; --no-prefix-caching turns it off), cold before each
 timed run: what the requests of one run share (the chat template's system prompt) is computed once.
 
-    python benchmarks/serving.py               # 64 prompts x 64 tokens, default model
-    python benchmarks/serving.py --quick       # 16 prompts x 16 tokens
-    python benchmarks/serving.py --no-adapters # (a) only
+    python -m benchmarks.serving               # 64 prompts x 64 tokens, default model
+    python -m benchmarks.serving --quick       # 16 prompts x 16 tokens
+    python -m benchmarks.serving --no-adapters # (a) only
 """
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,17 +25,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import data, machine  # noqa: E402
-from benchmarks.baselines import timed_static  # noqa: E402
-from server.config import EngineConfig, ModelConfig, default_cache_dir  # noqa: E402
-from server.engine.engine import Engine  # noqa: E402
-from server.engine import openmp  # noqa: E402
-from server.engine.request import SamplingParams  # noqa: E402
-from server.engine.service import EngineService  # noqa: E402
-from server.model import attention  # noqa: E402
-from server.model.loader import load_model  # noqa: E402
+from benchmarks import data, machine
+from benchmarks.baselines import timed_static
+from quiver.config import EngineConfig, ModelConfig, default_cache_dir
+from quiver.engine import openmp
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.engine.service import EngineService
+from quiver.model import attention
+from quiver.model.loader import load_model
 
 KINDS = ("lora", "bottleneck", "prefix", "ptuning-v2", "prompt", "ptuning")
 

@@ -20,8 +20,8 @@ whichever comes first. Then:
 - the engine is idle: no request, pin or placement left, KV blocks only in adapter prefixes (tests/idle.py);
 - resident memory grew less than 10% from the end of the warm-up (the first quarter) to the end.
 
-    python benchmarks/soak.py                       # 64 clients, 60 s
-    python benchmarks/soak.py --seconds 20 --out /tmp/soak.json
+    python -m benchmarks.soak                       # 64 clients, 60 s
+    python -m benchmarks.soak --seconds 20 --out /tmp/soak.json
 """
 
 import argparse
@@ -42,16 +42,14 @@ import grpc
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server.api.gen import adapters_pb2 as apb  # noqa: E402
-from server.api.gen import adapters_pb2_grpc, inference_pb2_grpc  # noqa: E402
-from server.api.gen import inference_pb2 as pb  # noqa: E402
-from tests.adapter_zoo import ALL, save_zoo  # noqa: E402
-from tests.api.harness import RunningServer, start_server  # noqa: E402
-from tests.api.tiny_tokenizer import save_tokenizer  # noqa: E402
-from tests.idle import wait_idle  # noqa: E402
-from tests.models import save_tiny  # noqa: E402
+from quiver.v1 import adapters_pb2 as apb
+from quiver.v1 import adapters_pb2_grpc, inference_pb2_grpc
+from quiver.v1 import inference_pb2 as pb
+from tests.adapter_zoo import ALL, save_zoo
+from tests.api.harness import RunningServer, start_server
+from tests.api.tiny_tokenizer import save_tokenizer
+from tests.idle import wait_idle
+from tests.models import save_tiny
 
 EXPECTED = {  # client-side outcome -> the server's status label for it
     "completed": "OK", "cancelled": "CANCELLED", "deadline_exceeded": "DEADLINE_EXCEEDED", "not_found": "NOT_FOUND",

@@ -1,1 +1,1 @@
-"""Running Quiver on more than one GPU or machine (Ray Serve: `deploy.ray_serve`, imported only when used)."""
+"""Running Quiver on more than one GPU or machine (Ray Serve: `quiver.deploy.ray_serve`, imported only when used)."""

@@ -6,11 +6,11 @@ service through Serve's gRPC proxy, each request routed to a replica that alread
                                                     shared adapter store (a directory all replicas see)
 
 - Routing: the adapter id is Serve's multiplexed model id. Clients send it as `multiplexed_model_id`
-  metadata (`deploy.routing.AdapterRoutingInterceptor`; the `quiver` CLI always does). Serve prefers a
+  metadata (`quiver.deploy.routing.AdapterRoutingInterceptor`; the `quiver` CLI always does). Serve prefers a
   replica that holds the adapter; when those are all busy (`max_ongoing_requests`), the request spills to
   another replica, which loads the adapter from the store.
 - Residency: Serve's per-replica LRU of adapters decides what each engine keeps registered
-  (`deploy.residency`). Its size is tied to the engine's host cache: `host_cache_bytes // max_adapter_bytes`
+  (`quiver.deploy.residency`). Its size is tied to the engine's host cache: `host_cache_bytes // max_adapter_bytes`
   adapters, so an adapter Serve keeps on a replica is never re-read from disk.
 - Adapters: uploads (and loads of a directory under an adapter root) are written to the shared store, not
   to one replica; any replica loads an id from the store on its first request for it. A replaced adapter is
@@ -40,26 +40,26 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from deploy.residency import Residency
-from server.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
-from server.api.adapters import confine
-from server.api.auth import AuthInterceptor
-from server.api.cache_scope import CacheSalts, CacheScope
-from server.api.convert import adapter_message
-from server.api.errors import status_code
-from server.api.gen import adapters_pb2, inference_pb2
-from server.api.inference import InferenceServicer, server_info
-from server.api.prompts import DEFAULT_MAX_PROMPT_BYTES
-from server.api.state import ServingState
-from server.config import EngineConfig, ModelConfig
-from server.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError
-from server.metrics import Metrics
+from quiver.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
+from quiver.api.adapters import confine
+from quiver.api.auth import AuthInterceptor
+from quiver.api.cache_scope import CacheSalts, CacheScope
+from quiver.api.convert import adapter_message
+from quiver.api.errors import status_code
+from quiver.api.inference import InferenceServicer, server_info
+from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
+from quiver.api.state import ServingState
+from quiver.config import EngineConfig, ModelConfig
+from quiver.deploy.residency import Residency
+from quiver.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError
+from quiver.metrics import Metrics
+from quiver.v1 import adapters_pb2, inference_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICER_FUNCTIONS = [
-    "server.api.gen.inference_pb2_grpc.add_InferenceServiceServicer_to_server",
-    "server.api.gen.adapters_pb2_grpc.add_AdapterServiceServicer_to_server",
+    "quiver.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server",
+    "quiver.v1.adapters_pb2_grpc.add_AdapterServiceServicer_to_server",
 ]
 DEPLOYMENT_NAME = "Quiver"
 
@@ -118,10 +118,10 @@ class QuiverReplica:
     """One engine behind Serve's gRPC proxy. Method names are the quiver.v1 RPC names: the proxy calls them."""
 
     def __init__(self, config: RayDeployConfig) -> None:
-        from server.engine.engine import Engine
-        from server.engine.service import EngineService
-        from server.model import attention
-        from server.model.loader import load_model
+        from quiver.engine.engine import Engine
+        from quiver.engine.service import EngineService
+        from quiver.model import attention
+        from quiver.model.loader import load_model
 
         self._config = config
         self._replica = serve.get_replica_context().replica_id.unique_id

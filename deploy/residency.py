@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server.engine.service import AdapterInfo, EngineService
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from quiver.engine.service import AdapterInfo, EngineService
+from quiver.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from typing import Callable
 
 import torch
 
-from kernels import reference
+from quiver.kernels import reference
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
 class KernelOps:
-    """One backend's implementation of every op (signatures and semantics: `kernels.reference`)."""
+    """One backend's implementation of every op (signatures and semantics: `quiver.kernels.reference`)."""
 
     name: str
     store_kv: Callable
@@ -47,6 +47,6 @@ def select_ops(backend: str, device: torch.device) -> KernelOps:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return TORCH_OPS
-    from kernels import triton_ops
+    from quiver.kernels import triton_ops
 
     return triton_ops.TRITON_OPS

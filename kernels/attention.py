@@ -1,9 +1,9 @@
 """Triton paged attention for a packed batch of decode rows and chunked-prefill chunks.
 
-Semantics: `kernels.reference.paged_attention`. One program takes BLOCK_Q consecutive query tokens of one
+Semantics: `quiver.kernels.reference.paged_attention`. One program takes BLOCK_Q consecutive query tokens of one
 sequence and the GROUP query heads that share one KV head (GQA), stacked as the rows of one tile, and
 walks that sequence's KV through its block table with an online softmax in fp32 (exp2 form), reading
-each KV entry once per tile. Tiles are numbered per sequence as in `kernels.lora` (`segment_tile` over
+each KV entry once per tile. Tiles are numbered per sequence as in `quiver.kernels.lora` (`segment_tile` over
 query_starts), so the grid comes from T and B alone and the launcher never reads device data.
 """
 
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.lora import dot_config, segment_tile
+from quiver.kernels.lora import dot_config, segment_tile
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -80,7 +80,7 @@ def paged_attention(
     query_starts: torch.Tensor,  # [B+1] int32, e.g. [0, 24, 25]
     scale: float,
 ) -> torch.Tensor:  # [T, H, D]
-    """Triton `kernels.reference.paged_attention`: for sequence b with q new tokens and n = seq_lens[b],
+    """Triton `quiver.kernels.reference.paged_attention`: for sequence b with q new tokens and n = seq_lens[b],
         out[query_starts[b] + j] = softmax(scale · Q_j · K[:n - q + j + 1]ᵀ) · V[:n - q + j + 1]
     over the KV pages block_tables[b]; query head h reads kv head h // (H // KVH).
 

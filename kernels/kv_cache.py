@@ -1,6 +1,6 @@
 """Triton KV-cache writes: new tokens by slot mapping, an adapter's prefix into its blocks, block copies.
 
-Semantics and the cache layout ([L, 2, NB, BS, KVH, D], slot = block * BS + offset): `kernels.reference`.
+Semantics and the cache layout ([L, 2, NB, BS, KVH, D], slot = block * BS + offset): `quiver.kernels.reference`.
 Values are cast to the cache's dtype on store.
 """
 
@@ -36,7 +36,7 @@ def store_kv(
     v_cache: torch.Tensor,  # [NB, BS, KVH, D]
     slot_mapping: torch.Tensor,  # [T] int64 (or int32), e.g. [37, 38, 80]
 ) -> None:
-    """Triton `kernels.reference.store_kv`: k_cache.flat[slot_mapping[t]] = key[t], likewise value.
+    """Triton `quiver.kernels.reference.store_kv`: k_cache.flat[slot_mapping[t]] = key[t], likewise value.
 
     key and value may be strided views (e.g. split from a fused qkv) as long as head_dim is contiguous.
     """
@@ -83,7 +83,7 @@ def write_prefix(
     prefix: torch.Tensor,  # [L, 2, N, KVH, D]
     block_ids: torch.Tensor,  # [ceil(N / BS)] int64, e.g. [7, 9]
 ) -> None:
-    """Triton `kernels.reference.write_prefix`: prefix entry i of every layer, keys and values, lands in
+    """Triton `quiver.kernels.reference.write_prefix`: prefix entry i of every layer, keys and values, lands in
     block block_ids[i // BS] at offset i % BS. Runs once per adapter load: inputs are moved to the cache's
     device if needed."""
     _check_cache("kv_cache", kv_cache, dims=6)
@@ -121,7 +121,7 @@ def copy_blocks(
     src: torch.Tensor,  # [M] int64, e.g. [9]
     dst: torch.Tensor,  # [M] int64, e.g. [12]
 ) -> None:
-    """Triton `kernels.reference.copy_blocks`: kv_cache[:, :, dst[i]] = kv_cache[:, :, src[i]] for every i.
+    """Triton `quiver.kernels.reference.copy_blocks`: kv_cache[:, :, dst[i]] = kv_cache[:, :, src[i]] for every i.
 
     The dst blocks must be distinct and none of them a src block (copies run in parallel).
     """

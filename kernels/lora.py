@@ -1,6 +1,6 @@
 """Triton segmented LoRA shrink and expand (SGMV style), for any mix of adapters and ranks in one launch.
 
-Semantics, argument shapes and the running example: `kernels.reference.lora_shrink` / `lora_expand`.
+Semantics, argument shapes and the running example: `quiver.kernels.reference.lora_shrink` / `lora_expand`.
 
 Work split. Tokens arrive grouped in contiguous segments that share an adapter. Each segment is cut into
 tiles of BLOCK_M tokens; segment i's tiles are numbered from `s[i] // BLOCK_M + i`, a key that grows with
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference_lora import ACTIVATIONS
+from quiver.kernels.reference_lora import ACTIVATIONS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RANK_CHUNK = 16  # ranks are computed in chunks of this many (tl.dot's smallest dimension)
@@ -140,7 +140,7 @@ def lora_shrink(
     bias: torch.Tensor | None = None,  # [S, R_max], only with P == 1
     activation: str | None = None,  # one of ACTIVATIONS or None
 ) -> None:
-    """Triton `kernels.reference.lora_shrink`:
+    """Triton `quiver.kernels.reference.lora_shrink`:
     out[p, s[i]:s[i+1], :r] = act(x[s[i]:s[i+1]] @ a[p, w[i], :r]ᵀ + bias[w[i], :r]),  r = ranks[w[i]].
 
     Requires seg_starts non-decreasing with seg_starts[N] <= T; accumulates in fp32.
@@ -190,7 +190,7 @@ def lora_expand(
     scales: torch.Tensor,  # [S] float32
     bias: torch.Tensor | None = None,  # [S, H_out_total]
 ) -> None:
-    """Triton `kernels.reference.lora_expand`, for cols = off[p]:off[p+1]:
+    """Triton `quiver.kernels.reference.lora_expand`, for cols = off[p]:off[p+1]:
     y[s[i]:s[i+1], cols] += scales[w[i]] · buf[p, s[i]:s[i+1], :r] @ b[w[i], cols, :r]ᵀ + bias[w[i], cols].
 
     out_offsets must run from 0 to H_out_total; pass it as an int32 device tensor built once per layer to
@@ -233,7 +233,7 @@ def lora_apply(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out_offsets, seg_starts: torch.Tensor,
     seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
 ) -> None:
-    """Triton `kernels.reference.lora_apply`: the shrink kernel into a [1, T, R_max] buffer, then the expand one."""
+    """Triton `quiver.kernels.reference.lora_apply`: the shrink kernel into a [1, T, R_max] buffer, then the expand one."""
     buf = x.new_empty(1, x.shape[0], a.shape[2])
     lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
     lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,

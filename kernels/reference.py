@@ -1,5 +1,5 @@
 """Plain torch versions of every op: the oracle in tests and the serving path on CPU. The KV cache and
-attention ops are here; the LoRA and bottleneck ones in `kernels.reference_lora`, imported here.
+attention ops are here; the LoRA and bottleneck ones in `quiver.kernels.reference_lora`, imported here.
 
 KV cache layout, shared by every op and backend:
     kv_cache:  [L, 2, NB, BS, KVH, D]   (layer, key/value, block, offset in block, kv head, head dim)
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.reference_lora import ACTIVATIONS, lora_apply, lora_expand, lora_shrink  # noqa: F401
+from quiver.kernels.reference_lora import ACTIVATIONS, lora_apply, lora_expand, lora_shrink  # noqa: F401
 
 
 def store_kv(

@@ -1,5 +1,5 @@
 """Plain torch versions of the LoRA and bottleneck ops: the oracle in tests and the serving path on CPU
-(re-exported by `kernels.reference`, the torch backend of every op)."""
+(re-exported by `quiver.kernels.reference`, the torch backend of every op)."""
 
 from dataclasses import dataclass
 

@@ -1,14 +1,13 @@
-"""Compile protos/quiver/v1/*.proto into the Python modules of server/api/gen (run by `make protos`).
+"""Compile protos/quiver/v1/*.proto into Python modules beside them (run by `make protos`).
 
 The modules are generated, not committed, so that they always match the protobuf runtime installed next
-to the grpcio-tools that made them. protoc writes `from quiver.v1 import x_pb2`; those imports are
-rewritten to `from server.api.gen import x_pb2`, where the modules live, and so is the module name the
-message classes record (`__module__`), so that messages can be pickled (Ray Serve's proxy pickles them).
+to the grpcio-tools that made them. protoc names them after the proto package, `quiver.v1`, which is where
+the installed package puts this folder (pyproject.toml's package-dir), so they import each other, and their
+messages record their module (Ray Serve's proxy pickles them), as generated.
 
     python protos/generate.py
 """
 
-import re
 import shutil
 import sys
 import tempfile
@@ -19,9 +18,6 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent
 PACKAGE_DIR = ROOT / "quiver" / "v1"
-OUT = ROOT.parent / "server" / "api" / "gen"
-_IMPORT = re.compile(r"^from quiver\.v1 import ", re.MULTILINE)
-_MODULE = re.compile(r"'quiver\.v1\.(\w+_pb2)'")
 
 
 def generate() -> list[Path]:
@@ -35,11 +31,9 @@ def generate() -> list[Path]:
             raise SystemExit("protoc failed (see above)")
         written = []
         for made in sorted((Path(tmp) / "quiver" / "v1").iterdir()):
-            text = _MODULE.sub(r"'server.api.gen.\1'", _IMPORT.sub("from server.api.gen import ", made.read_text()))
-            target = OUT / made.name
-            tmp_target = target.with_suffix(target.suffix + ".tmp")
-            tmp_target.write_text(text)
-            shutil.move(tmp_target, target)  # readers never see half a module
+            target = PACKAGE_DIR / made.name
+            shutil.move(made, target.with_suffix(target.suffix + ".tmp"))
+            shutil.move(target.with_suffix(target.suffix + ".tmp"), target)  # readers never see half a module
             written.append(target)
     return written
 

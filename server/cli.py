@@ -17,13 +17,13 @@ from pathlib import Path
 
 import grpc
 
-from deploy.routing import AdapterRoutingInterceptor
-from server.api.cache_scope import CacheScope
-from server.api.gen import adapters_pb2
-from server.api.prompts import DEFAULT_MAX_PROMPT_BYTES
-from server.client import QuiverClient
-from server.config import EngineConfig
-from server.errors import QuiverError
+from quiver.api.cache_scope import CacheScope
+from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
+from quiver.client import QuiverClient
+from quiver.config import EngineConfig
+from quiver.deploy.routing import AdapterRoutingInterceptor
+from quiver.errors import QuiverError
+from quiver.v1 import adapters_pb2
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -171,12 +171,12 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
 
 def _serve(args) -> None:
     # The server side (torch, transformers) is imported here only: client commands start in a blink.
-    from server.api.server import ServerConfig, serve
-    from server.config import ModelConfig, default_cache_dir
-    from server.engine.engine import Engine
-    from server.engine.service import EngineService
-    from server.model import attention
-    from server.model.loader import load_model
+    from quiver.api.server import ServerConfig, serve
+    from quiver.config import ModelConfig, default_cache_dir
+    from quiver.engine.engine import Engine
+    from quiver.engine.service import EngineService
+    from quiver.model import attention
+    from quiver.model.loader import load_model
 
     cache_dir = args.cache_dir or default_cache_dir()
     model_config = ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=cache_dir)
@@ -211,8 +211,8 @@ def _deploy_ray(args) -> None:
     import ray
     from ray import serve
 
-    from deploy.ray_serve import RayDeployConfig, start
-    from server.config import ModelConfig, default_cache_dir
+    from quiver.config import ModelConfig, default_cache_dir
+    from quiver.deploy.ray_serve import RayDeployConfig, start
 
     autoscaling = None
     if args.max_replicas is not None:
@@ -303,7 +303,7 @@ def _client_command(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["train"], ["eval"]):  # the trainer's commands; the server itself never imports it
-        from trainer.cli import main as trainer_main
+        from quiver.trainer.cli import main as trainer_main
 
         return trainer_main(argv)
     args = build_parser().parse_args(argv)

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import grpc
 
-from server.api.gen import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from quiver.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 CHUNK_BYTES = 1 << 20  # upload chunk size, well under gRPC's 4 MiB message limit
 
@@ -22,7 +22,7 @@ class QuiverClient:
     ) -> None:
         """`target` is host:port; `token` is sent as a bearer token; with `tls_ca` (a PEM file of the
         certificates to trust) the connection uses TLS; `timeout` is each call's deadline in seconds;
-        `interceptors` wrap the channel (e.g. deploy.routing's, for a Ray Serve deployment)."""
+        `interceptors` wrap the channel (e.g. quiver.deploy.routing's, for a Ray Serve deployment)."""
         if tls_ca is not None:
             self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_ca.read_bytes()))
         else:

@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from server.engine.request import RequestOutput
-from server.engine.service import EngineService
-from server.errors import FailedPrecondition
+from quiver.engine.request import RequestOutput
+from quiver.engine.service import EngineService
+from quiver.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 

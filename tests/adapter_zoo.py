@@ -18,8 +18,8 @@ from peft import (
 )
 from transformers import AutoModelForCausalLM
 
-from server.adapters.formats import save_bottleneck
-from server.adapters.weights import ACTIVATIONS, BottleneckSite, BottleneckWeights
+from quiver.adapters.formats import save_bottleneck
+from quiver.adapters.weights import ACTIVATIONS, BottleneckSite, BottleneckWeights
 
 PEFT_CONFIGS = {
     "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
@@ -73,7 +73,7 @@ def reference_model(model_path: Path, name: str, adapter_dir: Path) -> torch.nn.
     base = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
     if name != "bottleneck":
         return PeftModel.from_pretrained(base, adapter_dir).eval()
-    from server.adapters.formats import load_adapter
+    from quiver.adapters.formats import load_adapter
 
     weights = load_adapter(adapter_dir, base.config)
     act = ACTIVATIONS[weights.non_linearity]

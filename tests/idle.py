@@ -8,8 +8,8 @@ memory. The snapshot is taken on the engine thread, so it is consistent.
 
 import time
 
-from server.engine.engine import Engine
-from server.engine.service import EngineService
+from quiver.engine.engine import Engine
+from quiver.engine.service import EngineService
 
 
 def leaks(service: EngineService) -> list[str]:

@@ -5,10 +5,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from server.config import EngineConfig
-from server.engine.engine import Engine
-from server.model import attention
-from server.model.loader import LoadedModel
+from quiver.config import EngineConfig
+from quiver.engine.engine import Engine
+from quiver.model import attention
+from quiver.model.loader import LoadedModel
 
 _TINY = dict(
     vocab_size=160,

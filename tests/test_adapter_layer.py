@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from kernels import TORCH_OPS
-from server.model.batch import StepContext
-from server.model.layers import AdapterLinear
+from quiver.kernels import TORCH_OPS
+from quiver.model.batch import StepContext
+from quiver.model.layers import AdapterLinear
 
 
 def test_a_slot_rewritten_at_a_lower_rank_holds_the_new_factors_and_zeros_beyond():

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
-from server.adapters.snapshots import Snapshots
-from server.adapters.store import AdapterStore
-from server.engine.block_manager import block_key, root_key
-from server.engine.request import SamplingParams
-from server.errors import FailedPrecondition
+from quiver.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
+from quiver.adapters.snapshots import Snapshots
+from quiver.adapters.store import AdapterStore
+from quiver.engine.block_manager import block_key, root_key
+from quiver.engine.request import SamplingParams
+from quiver.errors import FailedPrecondition
 from tests.adapter_zoo import greedy_reference, reference_model
 from tests.api.harness import make_service
 from tests.idle import wait_idle

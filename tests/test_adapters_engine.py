@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from server.engine.request import SamplingParams
+from quiver.engine.request import SamplingParams
 from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
 from tests.models import eager, engine_for, save_tiny
 from tests.test_engine_tiny import RecordingSampler

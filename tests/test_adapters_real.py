@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from server.config import EngineConfig, ModelConfig, default_cache_dir
-from server.engine.engine import Engine
-from server.engine.request import SamplingParams
-from server.model import attention
-from server.model.loader import load_model
+from quiver.config import EngineConfig, ModelConfig, default_cache_dir
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.model import attention
+from quiver.model.loader import load_model
 from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
 from tests.models import eager
 from tests.test_engine_tiny import RecordingSampler

@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from server.engine.request import SamplingParams
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from quiver.engine.request import SamplingParams
+from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tests.adapter_zoo import greedy_reference, reference_model, save_zoo
 from tests.models import eager, engine_for, save_tiny
 

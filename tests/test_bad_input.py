@@ -22,12 +22,24 @@ import grpc
 import pytest
 import torch
 
-from server.api.gen import adapters_pb2 as apb
-from server.api.gen import inference_pb2 as pb
-from server.client import QuiverClient
+from quiver.client import QuiverClient
+from quiver.v1 import adapters_pb2 as apb
+from quiver.v1 import inference_pb2 as pb
 from tests.adapter_mutations import (
-    CONFIG, WEIGHTS, absurd_header_length, both, corrupt_header, edit_config, edit_tensors, link_files_out, lora_rank,
-    remove, rename_layer, truncate, with_entry, write,
+    CONFIG,
+    WEIGHTS,
+    absurd_header_length,
+    both,
+    corrupt_header,
+    edit_config,
+    edit_tensors,
+    link_files_out,
+    lora_rank,
+    remove,
+    rename_layer,
+    truncate,
+    with_entry,
+    write,
 )
 from tests.api.harness import RunningServer, start_server
 from tests.idle import wait_idle

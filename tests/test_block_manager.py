@@ -1,6 +1,6 @@
 import pytest
 
-from server.engine.block_manager import BlockManager, block_key, root_key
+from quiver.engine.block_manager import BlockManager, block_key, root_key
 
 
 def test_grow_is_all_or_nothing():

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-
-from server.adapters.store import AdapterStore
-from server.api.gen import adapters_pb2 as apb
-from server.client import QuiverClient
+from quiver.adapters.store import AdapterStore
+from quiver.client import QuiverClient
+from quiver.v1 import adapters_pb2 as apb
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "adapter_model.safetensors"
@@ -35,7 +34,7 @@ class ServerProcess:
 
     def __init__(self, model: Path, store: Path, work: Path) -> None:
         self.log = work / f"server-{time.monotonic_ns()}.log"
-        command = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--store-dir", str(store),
+        command = [sys.executable, "-m", "quiver.cli", "serve", "--model", str(model), "--store-dir", str(store),
                    "--port", "0", "--metrics-port", "0", "--kv-cache-bytes", str(4 << 20),
                    "--adapters-dir", str(work / "no-adapters"), "--grace-period", "1"]
         with self.log.open("w") as log:
@@ -163,7 +162,7 @@ def test_sigkill_during_uploads_and_replaces_keeps_old_or_new(model_path, zoo, t
 _REPLACER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from server.adapters.store import AdapterStore
+    from quiver.adapters.store import AdapterStore
     store = AdapterStore(Path(sys.argv[1]), max_adapter_bytes=1 << 24)
     for i in range(100_000):
         tag = b"AB"[i % 2 : i % 2 + 1]

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from server.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.request import SamplingParams
-from server.model import attention
-from server.model.loader import LoadedModel
+from quiver.config import EngineConfig
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.model import attention
+from quiver.model.loader import LoadedModel
 from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
 from tests.models import run_staggered, save_tiny
 

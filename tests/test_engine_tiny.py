@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from server.engine.request import SamplingParams
-from server.engine.sampler import Sampler
+from quiver.engine.request import SamplingParams
+from quiver.engine.sampler import Sampler
 from tests.models import eager, engine_for, run_staggered, save_tiny
 
 PROMPT_LENS = [1, 5, 17, 33, 64, 3, 90, 12]

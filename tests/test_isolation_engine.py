@@ -5,10 +5,10 @@ finish with exactly the tokens they get when it never came, and the bad one gets
 import pytest
 import torch
 
-from server.adapters.weights import LoraModule, LoraWeights
-from server.engine.request import Request, SamplingParams
-from server.engine.sampler import Sampler
-from server.errors import FailedPrecondition
+from quiver.adapters.weights import LoraModule, LoraWeights
+from quiver.engine.request import Request, SamplingParams
+from quiver.engine.sampler import Sampler
+from quiver.errors import FailedPrecondition
 from tests.api.harness import make_service
 from tests.idle import wait_idle
 from tests.models import engine_for

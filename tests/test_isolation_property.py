@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.request import SamplingParams
-from server.errors import FailedPrecondition
+from quiver.engine.request import SamplingParams
+from quiver.errors import FailedPrecondition
 from tests.api.harness import make_service
 from tests.idle import wait_idle
 from tests.test_isolation_engine import huge_lora, run

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from server.engine import openmp
+from quiver.engine import openmp
 
 
 def _threads() -> set[str]:

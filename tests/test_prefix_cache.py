@@ -7,10 +7,10 @@ the hit counters (or the chunks the runner was given) show what was skipped.
 import pytest
 import torch
 
-from server.cli import _engine_config, build_parser
-from server.engine.block_manager import BlockManager
-from server.engine.request import Request, SamplingParams, Status
-from server.engine.scheduler import Scheduler
+from quiver.cli import _engine_config, build_parser
+from quiver.engine.block_manager import BlockManager
+from quiver.engine.request import Request, SamplingParams, Status
+from quiver.engine.scheduler import Scheduler
 from tests.models import engine_for, run_staggered, save_tiny
 
 PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)

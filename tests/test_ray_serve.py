@@ -22,11 +22,11 @@ from typing import Iterator
 import grpc
 import pytest
 
-from deploy.residency import Residency
-from deploy.routing import AdapterRoutingInterceptor, CallDetails, _with_adapter
-from server.api.gen import inference_pb2
-from server.client import QuiverClient
-from server.errors import NotFound
+from quiver.client import QuiverClient
+from quiver.deploy.residency import Residency
+from quiver.deploy.routing import AdapterRoutingInterceptor, CallDetails, _with_adapter
+from quiver.errors import NotFound
+from quiver.v1 import inference_pb2
 from tests.api.harness import SMALL_ENGINE, make_service, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")  # Ray's pydantic models
@@ -155,8 +155,8 @@ def _ray_tmpdir() -> Iterator[None]:
 
 
 def _config(model_path: Path, store: Path, events: Path, **kw):
-    from deploy.ray_serve import RayDeployConfig
-    from server.config import EngineConfig, ModelConfig
+    from quiver.config import EngineConfig, ModelConfig
+    from quiver.deploy.ray_serve import RayDeployConfig
 
     return RayDeployConfig(
         store_dir=store, model=ModelConfig(path=str(model_path), device="cpu", dtype="float32"),
@@ -205,7 +205,7 @@ def local_app(model_path, zoo, tmp_path_factory):
     import ray
     from ray import serve
 
-    from deploy.ray_serve import start
+    from quiver.deploy.ray_serve import start
 
     store, events = tmp_path_factory.mktemp("ray-store"), tmp_path_factory.mktemp("ray-events")
     port = _free_port()
@@ -355,7 +355,7 @@ def test_replicas_on_distinct_fake_gpu_nodes(model_path, zoo, reference, tmp_pat
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from deploy.ray_serve import start
+    from quiver.deploy.ray_serve import start
 
     with _ray_tmpdir():
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})

@@ -1,8 +1,8 @@
 """The scheduler alone: token budget, chunked prefill, admission order, preemption (no model needed)."""
 
-from server.engine.block_manager import BlockManager
-from server.engine.request import Request, SamplingParams, Status
-from server.engine.scheduler import Scheduler
+from quiver.engine.block_manager import BlockManager
+from quiver.engine.request import Request, SamplingParams, Status
+from quiver.engine.scheduler import Scheduler
 
 
 def _req(i: int, n: int) -> Request:

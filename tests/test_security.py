@@ -13,12 +13,12 @@ import grpc
 import pytest
 import torch
 
-from server.api.cache_scope import CacheScope
-from server.api.gen import adapters_pb2 as apb
-from server.api.gen import inference_pb2
-from server.cli import build_parser, read_tokens
-from server.client import QuiverClient
-from server.errors import QuiverError
+from quiver.api.cache_scope import CacheScope
+from quiver.cli import build_parser, read_tokens
+from quiver.client import QuiverClient
+from quiver.errors import QuiverError
+from quiver.v1 import adapters_pb2 as apb
+from quiver.v1 import inference_pb2
 from tests.api.harness import health, start_server
 
 ROOT = Path(__file__).resolve().parents[1]

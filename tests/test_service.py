@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from server.engine.request import FinishReason, SamplingParams
-from server.engine.service import EngineService
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from quiver.engine.request import FinishReason, SamplingParams
+from quiver.engine.service import EngineService
+from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from tests.models import engine_for, save_tiny
 
 

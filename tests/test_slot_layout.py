@@ -5,9 +5,9 @@ import random
 
 import torch
 
-from server.adapters.registry import EVICTION_WINDOW, AdapterRegistry, _disorder
-from server.adapters.weights import LoraModule, LoraWeights
-from server.engine.block_manager import BlockManager
+from quiver.adapters.registry import EVICTION_WINDOW, AdapterRegistry, _disorder
+from quiver.adapters.weights import LoraModule, LoraWeights
+from quiver.engine.block_manager import BlockManager
 
 
 class FakeDevice:

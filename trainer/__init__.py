@@ -1,2 +1,2 @@
 """Train the six adapter kinds (and full fine-tuning, for comparison) and export them as adapter directories
-that `server.adapters.formats` reads. The server never imports this package."""
+that `quiver.adapters.formats` reads. The server never imports this package."""

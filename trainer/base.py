@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from server.config import default_cache_dir
-from server.errors import InvalidArgument
-from server.model.loader import default_model_dir
+from quiver.config import default_cache_dir
+from quiver.errors import InvalidArgument
+from quiver.model.loader import default_model_dir
 
 
 def resolve_model_path(model: str | None) -> Path:

@@ -8,8 +8,8 @@ adapted model starts exactly equal to the base model (near-identity initialisati
 import torch
 from torch import nn
 
-from server.adapters.formats import BOTTLENECK_SITES, DECODER_LAYERS
-from server.adapters.weights import ACTIVATIONS, BottleneckSite, BottleneckWeights
+from quiver.adapters.formats import BOTTLENECK_SITES, DECODER_LAYERS
+from quiver.adapters.weights import ACTIVATIONS, BottleneckSite, BottleneckWeights
 
 
 class BottleneckAdapter(nn.Module):

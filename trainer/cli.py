@@ -11,15 +11,15 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from server.adapters.weights import ACTIVATIONS
-from server.errors import QuiverError
-from trainer.base import resolve_model_path
-from trainer.data import read_jsonl, split
-from trainer.evaluate import Evaluation, evaluate_served
-from trainer.methods import DEFAULT_LR, ENCODERS, METHODS, MethodConfig
-from trainer.pipeline import train_and_export
-from trainer.recipes import Task, chatterbot_qa, sentiment
-from trainer.train import TrainConfig, steps_for_epochs
+from quiver.adapters.weights import ACTIVATIONS
+from quiver.errors import QuiverError
+from quiver.trainer.base import resolve_model_path
+from quiver.trainer.data import read_jsonl, split
+from quiver.trainer.evaluate import Evaluation, evaluate_served
+from quiver.trainer.methods import DEFAULT_LR, ENCODERS, METHODS, MethodConfig
+from quiver.trainer.pipeline import train_and_export
+from quiver.trainer.recipes import Task, chatterbot_qa, sentiment
+from quiver.trainer.train import TrainConfig, steps_for_epochs
 
 RECIPES = ("sentiment", "chatterbot")
 _HELDOUT_FRACTION = 0.1  # of --data, when no --eval-data is given

@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import InvalidArgument
+from quiver.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from server.errors import InvalidArgument
-from trainer.data import Example
+from quiver.errors import InvalidArgument
+from quiver.trainer.data import Example
 
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 

@@ -5,16 +5,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.adapters.formats import load_adapter
-from server.adapters.weights import BottleneckWeights, LoraWeights
-from server.config import EngineConfig, ModelConfig
-from server.engine.engine import Engine
-from server.engine.request import SamplingParams
-from server.engine.service import EngineService
-from server.model import attention
-from server.model.loader import load_model
-from trainer.data import Example
-from trainer.encode import encode_prompt
+from quiver.adapters.formats import load_adapter
+from quiver.adapters.weights import BottleneckWeights, LoraWeights
+from quiver.config import EngineConfig, ModelConfig
+from quiver.engine.engine import Engine
+from quiver.engine.request import SamplingParams
+from quiver.engine.service import EngineService
+from quiver.model import attention
+from quiver.model.loader import load_model
+from quiver.trainer.data import Example
+from quiver.trainer.encode import encode_prompt
 
 
 @dataclass(frozen=True)

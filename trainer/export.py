@@ -1,12 +1,12 @@
 """Write a trained method where the server reads it: PEFT kinds with PEFT's own `save_pretrained`, the
-bottleneck adapter with `server.adapters.formats.save_bottleneck`, full fine-tuning as a whole model folder."""
+bottleneck adapter with `quiver.adapters.formats.save_bottleneck`, full fine-tuning as a whole model folder."""
 
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from server.adapters.formats import save_bottleneck
-from trainer.methods import Trainable
+from quiver.adapters.formats import save_bottleneck
+from quiver.trainer.methods import Trainable
 
 
 def export(trainable: Trainable, out: Path, *, tokenizer: PreTrainedTokenizerBase, base_path: Path) -> None:

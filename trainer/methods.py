@@ -3,6 +3,7 @@ adapter (trainer/bottleneck.py) for adapter tuning, and full fine-tuning as the 
 
 from dataclasses import dataclass
 
+import torch
 from peft import (
     LoraConfig,
     PeftModel,
@@ -12,14 +13,13 @@ from peft import (
     PromptTuningInit,
     get_peft_model,
 )
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from server.adapters.formats import DECODER_LAYERS
-from server.adapters.weights import ACTIVATIONS
-from server.errors import InvalidArgument
-from trainer.bottleneck import Bottlenecks
+from quiver.adapters.formats import DECODER_LAYERS
+from quiver.adapters.weights import ACTIVATIONS
+from quiver.errors import InvalidArgument
+from quiver.trainer.bottleneck import Bottlenecks
 
 ADAPTER_METHODS = ("lora", "adapter", "prefix", "ptuning-v2", "prompt", "ptuning")  # exported as adapters
 METHODS = (*ADAPTER_METHODS, "full")  # "full" is exported as a whole model
@@ -40,7 +40,7 @@ class MethodConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # module name suffixes, or ("all-linear",)
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     bottleneck_size: int = 16
-    non_linearity: str = "gelu"  # a key of server.adapters.weights.ACTIVATIONS
+    non_linearity: str = "gelu"  # a key of quiver.adapters.weights.ACTIVATIONS
     num_virtual_tokens: int = 16  # prefix, ptuning-v2, prompt, ptuning
     prefix_hidden: int = 256  # k: hidden size of prefix tuning's re-parametrisation MLP
     encoder: str = "mlp"  # P-tuning prompt encoder: a key of ENCODERS

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import torch
 
-from server.adapters.formats import load_adapter
-from trainer.base import load_base
-from trainer.data import Example
-from trainer.encode import encode
-from trainer.export import export
-from trainer.methods import MethodConfig, Trainable, prepare
-from trainer.train import TrainConfig, TrainResult, train
+from quiver.adapters.formats import load_adapter
+from quiver.trainer.base import load_base
+from quiver.trainer.data import Example
+from quiver.trainer.encode import encode
+from quiver.trainer.export import export
+from quiver.trainer.methods import MethodConfig, Trainable, prepare
+from quiver.trainer.train import TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True)

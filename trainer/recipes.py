@@ -7,8 +7,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.errors import FailedPrecondition, InvalidArgument
-from trainer.data import Example, split
+from quiver.errors import FailedPrecondition, InvalidArgument
+from quiver.trainer.data import Example, split
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")  # the label words, as the CSV spells the classes
 SENTIMENT_TEMPLATE = (

@@ -9,9 +9,9 @@ import torch
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from server.errors import InvalidArgument
-from trainer.encode import Encoded, collate
-from trainer.methods import Trainable
+from quiver.errors import InvalidArgument
+from quiver.trainer.encode import Encoded, collate
+from quiver.trainer.methods import Trainable
 
 _WARMUP = 0.1  # fraction of the steps
 _MAX_GRAD_NORM = 1.0

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from server.errors import InvalidArgument
+from quiver.errors import InvalidArgument
 
 MAX_CONFIG_BYTES = 1 << 20  # PEFT's configs are a few KB; a bigger file is refused before it is parsed
 

@@ -16,10 +16,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
-from server.adapters import bounds
-from server.adapters.config_values import ConfigValues, read_config, short
-from server.adapters.lora_targets import LoraTargets
-from server.adapters.weights import (
+from quiver.adapters import bounds
+from quiver.adapters.config_values import ConfigValues, read_config, short
+from quiver.adapters.lora_targets import LoraTargets
+from quiver.adapters.weights import (
     ACTIVATIONS,
     AdapterKind,
     AdapterWeights,
@@ -30,7 +30,7 @@ from server.adapters.weights import (
     PrefixWeights,
     PromptWeights,
 )
-from server.errors import InvalidArgument
+from quiver.errors import InvalidArgument
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

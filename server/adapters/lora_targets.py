@@ -4,8 +4,8 @@ PEFT's `check_target_module_exists` (peft/tuners/tuners_utils.py) and `get_patte
 restricted to the modules Quiver can adapt, with every client pattern matched by `BoundedPatterns`.
 """
 
-from server.adapters.config_values import ConfigValues, short
-from server.adapters.patterns import BoundedPatterns
+from quiver.adapters.config_values import ConfigValues, short
+from quiver.adapters.patterns import BoundedPatterns
 
 
 class LoraTargets:

@@ -22,7 +22,7 @@ import time
 
 import regex
 
-from server.adapters.config_values import ConfigValues
+from quiver.adapters.config_values import ConfigValues
 
 if sys.version_info >= (3, 11):
     from re import _parser as sre

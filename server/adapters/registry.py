@@ -28,11 +28,18 @@ from typing import Callable, Protocol
 
 import torch
 
-from server.adapters.snapshots import Snapshot, Snapshots
-from server.adapters.weights import AdapterKind, AdapterWeights, BottleneckWeights, LoraWeights, PrefixWeights, PromptWeights
-from server.engine.block_manager import BlockManager
-from server.engine.request import AdapterRef
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, QuiverError
+from quiver.adapters.snapshots import Snapshot, Snapshots
+from quiver.adapters.weights import (
+    AdapterKind,
+    AdapterWeights,
+    BottleneckWeights,
+    LoraWeights,
+    PrefixWeights,
+    PromptWeights,
+)
+from quiver.engine.block_manager import BlockManager
+from quiver.engine.request import AdapterRef
+from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, QuiverError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ EVICTION_WINDOW = 16  # when every slot is taken: the least recently used idle a
 
 
 class AdapterDevice(Protocol):
-    """What the registry needs from the model side (implemented by `server.engine.runner.ModelRunner`)."""
+    """What the registry needs from the model side (implemented by `quiver.engine.runner.ModelRunner`)."""
 
     num_adapter_slots: int
     max_lora_rank: int

@@ -28,8 +28,8 @@ import threading
 import weakref
 from pathlib import Path
 
-from server.adapters.formats import adapter_files
-from server.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from quiver.adapters.formats import adapter_files
+from quiver.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 _PREFIX = "quiver-snapshots-"
 _NEW = ".new-quiver-snapshots-"  # a directory not yet locked: never taken for a leftover

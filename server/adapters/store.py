@@ -25,7 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")

@@ -20,16 +20,22 @@ from typing import AsyncIterator, Iterator
 
 import grpc
 
-from server.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
-from server.api.convert import adapter_message
-from server.api.gen import adapters_pb2 as pb
-from server.api.gen import adapters_pb2_grpc
-from server.api.state import ServingState
-from server.engine.service import AdapterInfo, EngineService
-from server.errors import (
-    AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, QuiverError, ResourceExhausted,
+from quiver.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
+from quiver.api.convert import adapter_message
+from quiver.api.state import ServingState
+from quiver.engine.service import AdapterInfo, EngineService
+from quiver.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuiverError,
+    ResourceExhausted,
 )
-from server.metrics import Metrics
+from quiver.metrics import Metrics
+from quiver.v1 import adapters_pb2 as pb
+from quiver.v1 import adapters_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import hmac
 
 import grpc
 
-from server.api.intercept import wrap_handler
-from server.errors import PermissionDenied, Unauthenticated
+from quiver.api.intercept import wrap_handler
+from quiver.errors import PermissionDenied, Unauthenticated
 
 
 class Role(enum.Enum):

@@ -15,9 +15,9 @@ A salt is a SHA-256 of the token or the name, never the token itself.
 import enum
 import hashlib
 
-from server.api.auth import bearer_token
-from server.api.gen import inference_pb2 as pb
-from server.errors import InvalidArgument
+from quiver.api.auth import bearer_token
+from quiver.errors import InvalidArgument
+from quiver.v1 import inference_pb2 as pb
 
 MAX_SCOPE_NAME = 256
 

@@ -1,8 +1,8 @@
 """Proto messages ↔ engine objects."""
 
-from server.api.gen import adapters_pb2, inference_pb2
-from server.engine.request import FinishReason, SamplingParams
-from server.engine.service import AdapterInfo
+from quiver.engine.request import FinishReason, SamplingParams
+from quiver.engine.service import AdapterInfo
+from quiver.v1 import adapters_pb2, inference_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 256  # when StoppingCriteria.max_new_tokens is 0
 

@@ -13,8 +13,8 @@ from typing import AsyncIterator, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from server.api.intercept import FACTORIES
-from server.errors import InvalidArgument
+from quiver.api.intercept import FACTORIES
+from quiver.errors import InvalidArgument
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from server.api.intercept import wrap_handler
-from server.errors import (
+from quiver.api.intercept import wrap_handler
+from quiver.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,

@@ -7,19 +7,19 @@ from typing import AsyncIterator
 
 import grpc
 
-import server
-from server.adapters.store import validate_adapter_id
-from server.api.cache_scope import CacheSalts
-from server.api.convert import FINISH_REASONS, sampling_params
-from server.api.detokenize import TextStream
-from server.api.errors import status_code
-from server.api.gen import inference_pb2 as pb
-from server.api.gen import inference_pb2_grpc
-from server.api.prompts import prompt_token_ids
-from server.api.state import ServingState
-from server.engine.request import FinishReason
-from server.engine.service import EngineService
-from server.metrics import Metrics
+import quiver
+from quiver.adapters.store import validate_adapter_id
+from quiver.api.cache_scope import CacheSalts
+from quiver.api.convert import FINISH_REASONS, sampling_params
+from quiver.api.detokenize import TextStream
+from quiver.api.errors import status_code
+from quiver.api.prompts import prompt_token_ids
+from quiver.api.state import ServingState
+from quiver.engine.request import FinishReason
+from quiver.engine.service import EngineService
+from quiver.metrics import Metrics
+from quiver.v1 import inference_pb2 as pb
+from quiver.v1 import inference_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def server_info(service: EngineService, *, max_upload_bytes: int, max_prompt_byt
     model = engine.runner.model
     weight = next(model.parameters())
     return pb.GetServerInfoResponse(
-        version=server.__version__,
+        version=quiver.__version__,
         model=pb.ModelInfo(
             name=Path(model.config._name_or_path).name,
             model_type=model.config.model_type,

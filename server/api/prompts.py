@@ -7,8 +7,8 @@ context is refused here too, before the engine thread would spend time checking 
 
 from typing import TYPE_CHECKING
 
-from server.api.gen import inference_pb2 as pb
-from server.errors import FailedPrecondition, InvalidArgument
+from quiver.errors import FailedPrecondition, InvalidArgument
+from quiver.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:  # transformers is not imported at run time: the CLI reads DEFAULT_MAX_PROMPT_BYTES from here
     from transformers import PreTrainedTokenizerBase

@@ -20,20 +20,20 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from server.adapters.store import AdapterStore
-from server.api.adapters import AdapterServicer
-from server.api.auth import AuthInterceptor
-from server.api.cache_scope import CacheSalts, CacheScope
-from server.api.decode import DecodeInterceptor
-from server.api.errors import ErrorInterceptor
-from server.api.gen import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
-from server.api.inference import InferenceServicer
-from server.api.prompts import DEFAULT_MAX_PROMPT_BYTES
-from server.api.state import ServingState
-from server.engine.request import RequestOutput
-from server.engine.service import EngineService
-from server.errors import QuiverError
-from server.metrics import Metrics
+from quiver.adapters.store import AdapterStore
+from quiver.api.adapters import AdapterServicer
+from quiver.api.auth import AuthInterceptor
+from quiver.api.cache_scope import CacheSalts, CacheScope
+from quiver.api.decode import DecodeInterceptor
+from quiver.api.errors import ErrorInterceptor
+from quiver.api.inference import InferenceServicer
+from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
+from quiver.api.state import ServingState
+from quiver.engine.request import RequestOutput
+from quiver.engine.service import EngineService
+from quiver.errors import QuiverError
+from quiver.metrics import Metrics
+from quiver.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ import asyncio
 import contextlib
 from typing import AsyncIterator
 
-from server.engine.service import EngineService
-from server.errors import FailedPrecondition, Unavailable
-from server.metrics import BASE
+from quiver.engine.service import EngineService
+from quiver.errors import FailedPrecondition, Unavailable
+from quiver.metrics import BASE
 
 
 class ServingState:

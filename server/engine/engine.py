@@ -1,6 +1,6 @@
 """The step loop: admit requests, schedule, run, sample, detect stops, free what finished.
 
-`Engine` is single-threaded: only the thread that calls `step()` may touch it. `server.engine.service`
+`Engine` is single-threaded: only the thread that calls `step()` may touch it. `quiver.engine.service`
 wraps it in a background thread with a thread-safe, async API.
 
 Failures are contained: one that belongs to one request (placing its adapter, its activations or logits
@@ -16,17 +16,17 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from kernels import select_ops
-from server.adapters.formats import load_adapter
-from server.adapters.registry import AdapterRegistry, AdapterVersion
-from server.adapters.weights import AdapterWeights
-from server.config import EngineConfig
-from server.engine.block_manager import BlockManager
-from server.engine.request import FinishReason, Request, RequestOutput, SamplingParams
-from server.engine.runner import ModelRunner, kv_cache_shape
-from server.engine.scheduler import Scheduler
-from server.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError, ResourceExhausted
-from server.model.loader import LoadedModel
+from quiver.adapters.formats import load_adapter
+from quiver.adapters.registry import AdapterRegistry, AdapterVersion
+from quiver.adapters.weights import AdapterWeights
+from quiver.config import EngineConfig
+from quiver.engine.block_manager import BlockManager
+from quiver.engine.request import FinishReason, Request, RequestOutput, SamplingParams
+from quiver.engine.runner import ModelRunner, kv_cache_shape
+from quiver.engine.scheduler import Scheduler
+from quiver.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError, ResourceExhausted
+from quiver.kernels import select_ops
+from quiver.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from server.errors import InvalidArgument
+from quiver.errors import InvalidArgument
 
 
 class FinishReason(enum.Enum):

@@ -7,14 +7,14 @@ of its request's known tokens).
 import torch
 from transformers import PreTrainedModel
 
-from kernels import KernelOps
-from server.adapters.formats import BOTTLENECK_SITES
-from server.adapters.weights import BottleneckWeights, LoraWeights
-from server.engine.request import Request
-from server.engine.sampler import Sampler, not_finite
-from server.engine.scheduler import ScheduledChunk
-from server.model.batch import AdapterBatch, StepBatch, StepContext
-from server.model.layers import AdapterLinear, install_adapter_layers
+from quiver.adapters.formats import BOTTLENECK_SITES
+from quiver.adapters.weights import BottleneckWeights, LoraWeights
+from quiver.engine.request import Request
+from quiver.engine.sampler import Sampler, not_finite
+from quiver.engine.scheduler import ScheduledChunk
+from quiver.kernels import KernelOps
+from quiver.model.batch import AdapterBatch, StepBatch, StepContext
+from quiver.model.layers import AdapterLinear, install_adapter_layers
 
 
 def kv_cache_shape(model: PreTrainedModel, *, num_blocks: int, block_size: int) -> tuple[int, ...]:

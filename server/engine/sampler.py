@@ -13,8 +13,8 @@ import secrets
 
 import torch
 
-from server.engine.request import Request
-from server.errors import FailedPrecondition
+from quiver.engine.request import Request
+from quiver.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 

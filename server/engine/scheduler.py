@@ -21,8 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from server.engine.block_manager import BlockManager, block_key, root_key
-from server.engine.request import Request, Status
+from quiver.engine.block_manager import BlockManager, block_key, root_key
+from quiver.engine.request import Request, Status
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server.adapters.snapshots import Snapshot
-from server.adapters.weights import AdapterWeights
-from server.engine import openmp
-from server.engine.engine import Engine, EngineStats
-from server.engine.request import FinishReason, RequestOutput, SamplingParams
-from server.errors import FailedPrecondition, InvalidArgument, NotFound
+from quiver.adapters.snapshots import Snapshot
+from quiver.adapters.weights import AdapterWeights
+from quiver.engine import openmp
+from quiver.engine.engine import Engine, EngineStats
+from quiver.engine.request import FinishReason, RequestOutput, SamplingParams
+from quiver.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ transformers passes `attention_mask=None`).
 import torch
 from transformers import AttentionInterface
 
-from server.model.batch import StepBatch
+from quiver.model.batch import StepBatch
 
 ATTENTION_NAME = "quiver_paged"
 

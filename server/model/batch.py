@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import KernelOps
+from quiver.kernels import KernelOps
 
 
 @dataclass(frozen=True)

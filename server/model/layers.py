@@ -12,8 +12,8 @@ and a slot whose adapter does not touch this layer has rank 0 here, which costs 
 import torch
 from torch import nn
 
-from kernels import KernelOps
-from server.model.batch import StepContext
+from quiver.kernels import KernelOps
+from quiver.model.batch import StepContext
 
 
 class AdapterLinear(nn.Module):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from server.config import ModelConfig
-from server.errors import FailedPrecondition, InvalidArgument
+from quiver.config import ModelConfig
+from quiver.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.adapters import patterns
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
-from server.errors import InvalidArgument
+from quiver.adapters import patterns
+from quiver.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
+from quiver.errors import InvalidArgument
 from tests.adapter_zoo import ALL
 from tests.api.harness import make_service
 

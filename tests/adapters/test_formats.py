@@ -11,10 +11,10 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig,
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from server.adapters.bounds import MAX_ENTRY, MAX_GAIN, MAX_SCALE
-from server.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_bottleneck
-from server.adapters.weights import AdapterKind, BottleneckSite, BottleneckWeights
-from server.errors import InvalidArgument
+from quiver.adapters.bounds import MAX_ENTRY, MAX_GAIN, MAX_SCALE
+from quiver.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_bottleneck
+from quiver.adapters.weights import AdapterKind, BottleneckSite, BottleneckWeights
+from quiver.errors import InvalidArgument
 from tests.models import save_tiny
 
 KINDS = ("llama", "qwen2")

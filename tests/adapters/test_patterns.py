@@ -19,13 +19,13 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from server.adapters import patterns
-from server.adapters.config_values import ConfigValues
-from server.adapters.formats import CONFIG_FILE
-from server.adapters.lora_targets import LoraTargets
-from server.adapters.patterns import MAX_PATTERN_CHARS, MAX_PATTERN_SIZE, BoundedPatterns
-from server.engine.request import SamplingParams
-from server.errors import InvalidArgument
+from quiver.adapters import patterns
+from quiver.adapters.config_values import ConfigValues
+from quiver.adapters.formats import CONFIG_FILE
+from quiver.adapters.lora_targets import LoraTargets
+from quiver.adapters.patterns import MAX_PATTERN_CHARS, MAX_PATTERN_SIZE, BoundedPatterns
+from quiver.engine.request import SamplingParams
+from quiver.errors import InvalidArgument
 from tests.api.harness import make_service
 
 NUM_LAYERS = 12  # two-digit layer indices, so that "1" and "10" can be confused

@@ -8,12 +8,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.api.server import QuiverServer, ServerConfig
-from server.config import EngineConfig, ModelConfig
-from server.engine.engine import Engine
-from server.engine.service import EngineService
-from server.model import attention
-from server.model.loader import load_model
+from quiver.api.server import QuiverServer, ServerConfig
+from quiver.config import EngineConfig, ModelConfig
+from quiver.engine.engine import Engine
+from quiver.engine.service import EngineService
+from quiver.model import attention
+from quiver.model.loader import load_model
 
 SMALL_ENGINE = dict(num_kv_blocks=128, block_size=8, max_num_batched_tokens=256, adapter_slots=4)
 

@@ -7,10 +7,10 @@ import shutil
 import grpc
 import pytest
 
-from server.adapters.store import AdapterStore, validate_adapter_id
-from server.api.gen import adapters_pb2 as apb
-from server.client import QuiverClient
-from server.errors import InvalidArgument
+from quiver.adapters.store import AdapterStore, validate_adapter_id
+from quiver.client import QuiverClient
+from quiver.errors import InvalidArgument
+from quiver.v1 import adapters_pb2 as apb
 from tests.api.harness import start_server
 
 

@@ -9,9 +9,9 @@ import threading
 
 from grpc_health.v1 import health_pb2
 
-from server.api.gen import inference_pb2 as pb
-from server.cli import main
-from server.client import QuiverClient
+from quiver.cli import main
+from quiver.client import QuiverClient
+from quiver.v1 import inference_pb2 as pb
 from tests.api.harness import health, start_server
 
 
@@ -40,7 +40,7 @@ def test_client_commands(model_path, tmp_path, zoo, capsys):
 
 def test_serve_drains_on_sigterm_and_exits_0(model_path, tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(model_path), "--device", "cpu", "--port", "0",
+        [sys.executable, "-m", "quiver.cli", "serve", "--model", str(model_path), "--device", "cpu", "--port", "0",
          "--metrics-port", "0", "--store-dir", str(tmp_path / "store"),
          "--kv-cache-bytes", str(1 << 20), "--max-prompt-bytes", "5000", "--prefix-cache-scope", "global",
          "--max-concurrent-uploads", "2", "--max-staged-bytes", str(3 << 30), "--upload-idle-seconds", "5",

@@ -6,9 +6,9 @@ import random
 
 import grpc
 
-from server.api.gen import inference_pb2_grpc
-from server.client import QuiverClient
-from server.engine.request import SamplingParams
+from quiver.client import QuiverClient
+from quiver.engine.request import SamplingParams
+from quiver.v1 import inference_pb2_grpc
 from tests.adapter_zoo import ALL
 from tests.api.harness import start_server
 from tests.models import engine_for

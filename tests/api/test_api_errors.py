@@ -5,9 +5,9 @@ import time
 import grpc
 import pytest
 
-from server.api.gen import inference_pb2 as pb
-from server.api.server import ServerConfig
-from server.client import QuiverClient
+from quiver.api.server import ServerConfig
+from quiver.client import QuiverClient
+from quiver.v1 import inference_pb2 as pb
 from tests.api.harness import RunningServer, health, make_service, start_server
 
 

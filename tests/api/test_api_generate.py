@@ -7,9 +7,9 @@ import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from server.api.detokenize import TextStream
-from server.api.gen import inference_pb2 as pb
-from server.client import QuiverClient
+from quiver.api.detokenize import TextStream
+from quiver.client import QuiverClient
+from quiver.v1 import inference_pb2 as pb
 
 
 def _wait_blocks_free(running, timeout: float = 10) -> None:

@@ -7,7 +7,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.client import QuiverClient
+from quiver.client import QuiverClient
 from tests.api.harness import start_server
 
 VICTIMS = [[5 + i, 6, 7, 8, 9] for i in range(3)]

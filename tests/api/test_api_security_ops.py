@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from server.client import QuiverClient
+from quiver.client import QuiverClient
 from tests.api.harness import health, start_server
 
 

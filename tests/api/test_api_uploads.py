@@ -10,8 +10,8 @@ from typing import Iterator
 import grpc
 import pytest
 
-from server.api.gen import adapters_pb2 as apb
-from server.client import QuiverClient
+from quiver.client import QuiverClient
+from quiver.v1 import adapters_pb2 as apb
 from tests.api.harness import start_server
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,6 +1,6 @@
 """Shared test data for the kernel tests: adapter mixes, float64 oracles and error measures.
 
-Every index tensor follows `kernels.reference`'s running example, e.g. seg_starts [0, 3, 3, 4, 7],
+Every index tensor follows `quiver.kernels.reference`'s running example, e.g. seg_starts [0, 3, 3, 4, 7],
 seg_slots [2, 0, -1, 2], ranks [8, 64, 16].
 """
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from kernel_cases import ATTENTION_CASES as CASES, TOLERANCE, naive_attention, paged_batch, rel_err
+from kernel_cases import ATTENTION_CASES as CASES
+from kernel_cases import TOLERANCE, naive_attention, paged_batch, rel_err
 
-from kernels import attention
+from quiver.kernels import attention
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

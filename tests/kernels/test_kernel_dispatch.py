@@ -4,7 +4,7 @@ import dataclasses
 
 import torch
 
-from kernels import TORCH_OPS, attention, kv_cache, lora, select_ops
+from quiver.kernels import TORCH_OPS, attention, kv_cache, lora, select_ops
 
 
 def test_triton_backend_is_all_triton_launchers():

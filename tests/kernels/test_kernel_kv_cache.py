@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import kv_cache, reference
+from quiver.kernels import kv_cache, reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

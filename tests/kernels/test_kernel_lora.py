@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_cases import LORA_CASES, MIXES, TOLERANCE, make_lora, naive_expand, naive_shrink, rel_err
 
-from kernels import lora, reference
+from quiver.kernels import lora, reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -15,7 +15,7 @@ from kernel_cases import (
     rel_err,
 )
 
-from kernels import reference, reference_lora
+from quiver.kernels import reference, reference_lora
 
 
 @pytest.mark.parametrize("mix,n_proj,dtype", LORA_CASES, ids=[f"{m}-P{p}-{str(d)[6:]}" for m, p, d in LORA_CASES])

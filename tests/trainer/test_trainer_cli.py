@@ -1,8 +1,8 @@
 """`quiver train` and `quiver eval` end to end on a tiny model: exit codes, reports, and data errors."""
 
+from quiver.trainer.cli import main
+from quiver.trainer.data import write_jsonl
 from tests.trainer.trainer_fixtures import WORDS, save_tiny_with_tokenizer, toy_examples
-from trainer.cli import main
-from trainer.data import write_jsonl
 
 
 def test_train_then_eval_report_the_same_held_out_accuracy(tmp_path, capsys):

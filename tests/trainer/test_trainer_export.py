@@ -7,14 +7,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.adapters.formats import load_adapter
+from quiver.adapters.formats import load_adapter
+from quiver.trainer.encode import collate, encode, encode_prompt
+from quiver.trainer.evaluate import evaluate_served
+from quiver.trainer.methods import MethodConfig, prepare
+from quiver.trainer.pipeline import train_and_export
+from quiver.trainer.train import TrainConfig
 from tests.adapter_zoo import greedy_reference
 from tests.trainer.trainer_fixtures import save_tiny_with_tokenizer, toy_examples
-from trainer.encode import collate, encode, encode_prompt
-from trainer.evaluate import evaluate_served
-from trainer.methods import MethodConfig, prepare
-from trainer.pipeline import train_and_export
-from trainer.train import TrainConfig
 
 CONFIGS = {
     "lora": MethodConfig("lora", lora_rank=4, lora_targets=("q_proj", "v_proj", "o_proj", "down_proj"), rslora=True),

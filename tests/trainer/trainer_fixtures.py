@@ -5,8 +5,8 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from quiver.trainer.data import Example
 from tests.models import save_tiny
-from trainer.data import Example
 
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: the tiny llama's bos 1 and eos 2
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:?!'-\n"
