@@ -30,6 +30,7 @@ import torch
 
 from quiver.adapters.snapshots import Snapshot, Snapshots
 from quiver.adapters.weights import (
+    PREFIX_KINDS,
     AdapterKind,
     AdapterWeights,
     BottleneckWeights,
@@ -43,7 +44,6 @@ from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 
 log = logging.getLogger(__name__)
 
-PREFIX_KINDS = (AdapterKind.PREFIX_TUNING, AdapterKind.P_TUNING_V2, AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING)
 EVICTION_WINDOW = 16  # when every slot is taken: the least recently used idle adapters one may be evicted from
 
 

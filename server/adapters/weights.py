@@ -14,12 +14,66 @@ import torch.nn.functional as F
 
 
 class AdapterKind(enum.Enum):
+    """The six kinds Quiver serves; the one type every layer passes. Where a layer needs another spelling
+    it reads it here (`peft_type`, `proto_name`, `label`, `method`), from the table `_SPELLINGS` below."""
+
     LORA = "LORA"
     BOTTLENECK = "BOTTLENECK"
     PREFIX_TUNING = "PREFIX_TUNING"  # PEFT PREFIX_TUNING saved with prefix_projection=true
     P_TUNING_V2 = "P_TUNING_V2"  # PEFT PREFIX_TUNING saved with prefix_projection=false
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
+
+    @property
+    def peft_type(self) -> str:
+        """`peft_type` in adapter_config.json (PREFIX_TUNING and P_TUNING_V2 share one)."""
+        return _SPELLINGS[self].peft_type
+
+    @property
+    def proto_name(self) -> str:
+        """The name of this kind's value in the API's `quiver.v1.AdapterKind` enum."""
+        return _SPELLINGS[self].proto_name
+
+    @property
+    def label(self) -> str:
+        """The `adapter_kind` metrics label."""
+        return _SPELLINGS[self].label
+
+    @property
+    def method(self) -> str:
+        """The trainer's method name (`quiver train --method`)."""
+        return _SPELLINGS[self].method
+
+    @classmethod
+    def of_method(cls, method: str) -> "AdapterKind":
+        """The kind a trainer method exports; ValueError for a method that exports no adapter (e.g. "full")."""
+        for kind in cls:
+            if kind.method == method:
+                return kind
+        raise ValueError(f"{method!r} is no adapter method")
+
+
+@dataclass(frozen=True)
+class _Spellings:
+    peft_type: str
+    proto_name: str
+    label: str
+    method: str
+
+
+_SPELLINGS = {
+    AdapterKind.LORA: _Spellings("LORA", "ADAPTER_KIND_LORA", "lora", "lora"),
+    AdapterKind.BOTTLENECK: _Spellings("BOTTLENECK", "ADAPTER_KIND_BOTTLENECK", "bottleneck", "adapter"),
+    AdapterKind.PREFIX_TUNING: _Spellings("PREFIX_TUNING", "ADAPTER_KIND_PREFIX_TUNING", "prefix_tuning", "prefix"),
+    AdapterKind.P_TUNING_V2: _Spellings("PREFIX_TUNING", "ADAPTER_KIND_P_TUNING_V2", "p_tuning_v2", "ptuning-v2"),
+    AdapterKind.PROMPT_TUNING: _Spellings("PROMPT_TUNING", "ADAPTER_KIND_PROMPT_TUNING", "prompt_tuning", "prompt"),
+    AdapterKind.P_TUNING: _Spellings("P_TUNING", "ADAPTER_KIND_P_TUNING", "p_tuning", "ptuning"),
+}
+
+# The kinds served as virtual tokens ahead of the prompt (KV prefix or input embeddings), not as weight deltas.
+PREFIX_KINDS = (AdapterKind.PREFIX_TUNING, AdapterKind.P_TUNING_V2, AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING)
+# A bottleneck adapter's sites (its config's `target_sites`) -> the decoder-layer module whose output it follows.
+BOTTLENECK_SITES = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
 
 
 # The non-linearities a bottleneck adapter may name; "gelu" is the exact (erf) GELU.
