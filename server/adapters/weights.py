@@ -6,11 +6,12 @@ device casts them to the serving dtype. Module names are the base model's own fu
 """
 
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from quiver.kernels.ops import ACTIVATIONS  # noqa: F401 (the bottleneck non-linearities; re-exported here)
 
 
 class AdapterKind(enum.Enum):
@@ -74,15 +75,6 @@ _SPELLINGS = {
 PREFIX_KINDS = (AdapterKind.PREFIX_TUNING, AdapterKind.P_TUNING_V2, AdapterKind.PROMPT_TUNING, AdapterKind.P_TUNING)
 # A bottleneck adapter's sites (its config's `target_sites`) -> the decoder-layer module whose output it follows.
 BOTTLENECK_SITES = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
-
-
-# The non-linearities a bottleneck adapter may name; "gelu" is the exact (erf) GELU.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "silu": F.silu,
-    "tanh": torch.tanh,
-}
 
 
 def _num_params(tensors: Iterable[torch.Tensor]) -> int:
