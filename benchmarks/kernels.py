@@ -1,8 +1,8 @@
-"""Times every kernel op on realistic shapes against its torch reference; writes JSON, prints a table.
+"""Times every kernel op on realistic shapes against the torch backend's; writes JSON, prints a table.
 
     python -m benchmarks.kernels [--quick | --no-quick] [--out benchmarks/out/kernels.json]
 
-On CUDA: the Triton op and the torch reference, timed with triton.testing.do_bench (median, L2 flushed
+On CUDA: the Triton op and the torch backend's, timed with triton.testing.do_bench (median, L2 flushed
 before every repetition), the bytes each op must move (its inputs read once, outputs written once: x,
 the used rows of A/B, y read and written ...), the achieved GB/s and its fraction of the device's copy
 bandwidth, measured here with a large device-to-device copy (bytes read + written). Also the relative
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from quiver.kernels import reference
+from quiver.kernels import TORCH_OPS
 
 HIDDEN, QKV, RANKS, SLOTS = 4096, (4096, 1024, 1024), (8, 16, 32, 64), 1024
 KV_HEADS, HEAD_DIM, HEADS, BLOCK = 8, 128, 32, 16
@@ -134,7 +134,7 @@ def rel_err(out, ref) -> float:
 def run_case(name, op, moved, args, kwargs, *, triton_ops, copy_gbps):
     """Times one op; returns its JSON row. Inputs written in place are cloned for the accuracy check."""
     cuda = triton_ops is not None
-    torch_fn = getattr(reference, op)
+    torch_fn = getattr(TORCH_OPS, op)
     triton_fn = getattr(triton_ops, op) if cuda else None
     row = {"op": op, "case": name, "bytes": moved}
     if cuda:  # before timing: the timed loops update y in place, and a drifted bf16 y would swallow the deltas

@@ -20,7 +20,7 @@ from quiver.adapters.weights import LoraModule, LoraWeights
 from quiver.config import EngineConfig, ModelConfig, default_cache_dir
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
-from quiver.kernels import reference
+from quiver.kernels import torch_lora
 from quiver.model import attention
 from quiver.model.layers import AdapterLinear
 from quiver.model.loader import load_model
@@ -29,9 +29,9 @@ from quiver.model.loader import load_model
 def two_ops(y, x, a, b, *, out_offsets, seg_starts, seg_slots, ranks, scales) -> None:
     """lora_apply as the layer computed it before: shrink into a buffer, then expand."""
     buf = x.new_empty(1, x.shape[0], a.shape[2])
-    reference.lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
-    reference.lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots,
-                          ranks=ranks, scales=scales)
+    torch_lora.lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
+    torch_lora.lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots,
+                           ranks=ranks, scales=scales)
 
 
 def random_lora(model, targets: list[str], rank: int, seed: int) -> LoraWeights:

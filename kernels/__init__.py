@@ -3,41 +3,31 @@
 The engine asks once for a `KernelOps` and calls ops only through it. `backend="triton"` on CPU tensors
 runs the Triton kernels under Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported);
 tests use it to prove the wiring. This package imports nothing from the rest of the project.
-"""
 
-from dataclasses import dataclass
-from typing import Callable
+    ops.py              the contract: `KernelOps` (each op's typed signature and semantics), the KV cache
+                        layout, the LoRA running example, FLOAT_DTYPES and the ACTIVATIONS table
+    reference.py        the float64 oracles every backend is tested against: small and obviously right
+    torch_attention.py  the torch backend's KV cache and attention ops (the CPU serving path)
+    torch_lora.py       the torch backend's LoRA ops: slot grids, bands by rank, tuned for CPU
+    triton_ops.py       the Triton backend, from the launchers in kv_cache.py, attention.py and lora.py
+"""
 
 import torch
 
-from quiver.kernels import reference
+from quiver.kernels import torch_attention, torch_lora
+from quiver.kernels.ops import KernelOps
 
 BACKENDS = ("auto", "torch", "triton")
 
-
-@dataclass(frozen=True)
-class KernelOps:
-    """One backend's implementation of every op (signatures and semantics: `quiver.kernels.reference`)."""
-
-    name: str
-    store_kv: Callable
-    paged_attention: Callable
-    write_prefix: Callable
-    copy_blocks: Callable
-    lora_shrink: Callable
-    lora_expand: Callable
-    lora_apply: Callable  # lora_shrink then lora_expand for one projection, fused where the backend can
-
-
 TORCH_OPS = KernelOps(
     name="torch",
-    store_kv=reference.store_kv,
-    paged_attention=reference.paged_attention,
-    write_prefix=reference.write_prefix,
-    copy_blocks=reference.copy_blocks,
-    lora_shrink=reference.lora_shrink,
-    lora_expand=reference.lora_expand,
-    lora_apply=reference.lora_apply,
+    store_kv=torch_attention.store_kv,
+    paged_attention=torch_attention.paged_attention,
+    write_prefix=torch_attention.write_prefix,
+    copy_blocks=torch_attention.copy_blocks,
+    lora_shrink=torch_lora.lora_shrink,
+    lora_expand=torch_lora.lora_expand,
+    lora_apply=torch_lora.lora_apply,
 )
 
 

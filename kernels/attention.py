@@ -1,6 +1,6 @@
 """Triton paged attention for a packed batch of decode rows and chunked-prefill chunks.
 
-Semantics: `quiver.kernels.reference.paged_attention`. One program takes BLOCK_Q consecutive query tokens of one
+Semantics: `quiver.kernels.ops.PagedAttention`. One program takes BLOCK_Q consecutive query tokens of one
 sequence and the GROUP query heads that share one KV head (GQA), stacked as the rows of one tile, and
 walks that sequence's KV through its block table with an online softmax in fp32 (exp2 form), reading
 each KV entry once per tile. Tiles are numbered per sequence as in `quiver.kernels.lora` (`segment_tile` over
@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from quiver.kernels.lora import dot_config, segment_tile
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from quiver.kernels.ops import FLOAT_DTYPES
 
 
 @triton.jit
@@ -71,16 +70,10 @@ def _paged_attention_kernel(
 
 
 def paged_attention(
-    query: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [NB, BS, KVH, D]
-    v_cache: torch.Tensor,  # [NB, BS, KVH, D]
-    *,
-    block_tables: torch.Tensor,  # [B, MAXB] int32, e.g. [[0, 3, 4], [1, 2, 0]]
-    seq_lens: torch.Tensor,  # [B] int32, e.g. [40, 17]
-    query_starts: torch.Tensor,  # [B+1] int32, e.g. [0, 24, 25]
-    scale: float,
-) -> torch.Tensor:  # [T, H, D]
-    """Triton `quiver.kernels.reference.paged_attention`: for sequence b with q new tokens and n = seq_lens[b],
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, query_starts: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Triton `ops.PagedAttention`: for sequence b with q new tokens and n = seq_lens[b],
         out[query_starts[b] + j] = softmax(scale · Q_j · K[:n - q + j + 1]ᵀ) · V[:n - q + j + 1]
     over the KV pages block_tables[b]; query head h reads kv head h // (H // KVH).
 

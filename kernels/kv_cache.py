@@ -1,6 +1,6 @@
 """Triton KV-cache writes: new tokens by slot mapping, an adapter's prefix into its blocks, block copies.
 
-Semantics and the cache layout ([L, 2, NB, BS, KVH, D], slot = block * BS + offset): `quiver.kernels.reference`.
+Semantics and the cache layout ([L, 2, NB, BS, KVH, D], slot = block * BS + offset): `quiver.kernels.ops`.
 Values are cast to the cache's dtype on store.
 """
 
@@ -30,15 +30,12 @@ def _store_kv_kernel(
 
 
 def store_kv(
-    key: torch.Tensor,  # [T, KVH, D]
-    value: torch.Tensor,  # [T, KVH, D]
-    k_cache: torch.Tensor,  # [NB, BS, KVH, D]
-    v_cache: torch.Tensor,  # [NB, BS, KVH, D]
-    slot_mapping: torch.Tensor,  # [T] int64 (or int32), e.g. [37, 38, 80]
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Triton `quiver.kernels.reference.store_kv`: k_cache.flat[slot_mapping[t]] = key[t], likewise value.
+    """Triton `ops.StoreKV`: k_cache.flat[slot_mapping[t]] = key[t], likewise value.
 
-    key and value may be strided views (e.g. split from a fused qkv) as long as head_dim is contiguous.
+    key and value may be strided views (e.g. split from a fused qkv) as long as head_dim is contiguous;
+    slot_mapping may be int64 or int32.
     """
     _check_cache("k_cache", k_cache, dims=4)
     _check_cache("v_cache", v_cache, dims=4)
@@ -78,12 +75,8 @@ def _write_prefix_kernel(
     tl.store(dst, x.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def write_prefix(
-    kv_cache: torch.Tensor,  # [L, 2, NB, BS, KVH, D]
-    prefix: torch.Tensor,  # [L, 2, N, KVH, D]
-    block_ids: torch.Tensor,  # [ceil(N / BS)] int64, e.g. [7, 9]
-) -> None:
-    """Triton `quiver.kernels.reference.write_prefix`: prefix entry i of every layer, keys and values, lands in
+def write_prefix(kv_cache: torch.Tensor, prefix: torch.Tensor, block_ids: torch.Tensor) -> None:
+    """Triton `ops.WritePrefix`: prefix entry i of every layer, keys and values, lands in
     block block_ids[i // BS] at offset i % BS. Runs once per adapter load: inputs are moved to the cache's
     device if needed."""
     _check_cache("kv_cache", kv_cache, dims=6)
@@ -116,12 +109,8 @@ def _copy_blocks_kernel(cache_ptr, src_ptr, dst_ptr, stride_lk, BLOCK_NUMEL: tl.
     tl.store(base + dst * BLOCK_NUMEL, tl.load(base + src * BLOCK_NUMEL, mask=mask), mask=mask)
 
 
-def copy_blocks(
-    kv_cache: torch.Tensor,  # [L, 2, NB, BS, KVH, D]
-    src: torch.Tensor,  # [M] int64, e.g. [9]
-    dst: torch.Tensor,  # [M] int64, e.g. [12]
-) -> None:
-    """Triton `quiver.kernels.reference.copy_blocks`: kv_cache[:, :, dst[i]] = kv_cache[:, :, src[i]] for every i.
+def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Triton `ops.CopyBlocks`: kv_cache[:, :, dst[i]] = kv_cache[:, :, src[i]] for every i.
 
     The dst blocks must be distinct and none of them a src block (copies run in parallel).
     """

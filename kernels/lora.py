@@ -1,6 +1,6 @@
 """Triton segmented LoRA shrink and expand (SGMV style), for any mix of adapters and ranks in one launch.
 
-Semantics, argument shapes and the running example: `quiver.kernels.reference.lora_shrink` / `lora_expand`.
+Semantics, argument shapes and the running example: `quiver.kernels.ops` (`LoraShrink`, `LoraExpand`).
 
 Work split. Tokens arrive grouped in contiguous segments that share an adapter. Each segment is cut into
 tiles of BLOCK_M tokens; segment i's tiles are numbered from `s[i] // BLOCK_M + i`, a key that grows with
@@ -12,13 +12,14 @@ segment that streams its adapter's weights once. Ranks are walked in chunks of 1
 costs cdiv(r, 16) chunks whatever the largest rank in the batch.
 """
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from quiver.kernels.reference_lora import ACTIVATIONS
+from quiver.kernels.ops import ACTIVATIONS, FLOAT_DTYPES
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RANK_CHUNK = 16  # ranks are computed in chunks of this many (tl.dot's smallest dimension)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -130,17 +131,10 @@ def _lora_expand_kernel(
 
 
 def lora_shrink(
-    x: torch.Tensor,  # [T, H_in]
-    a: torch.Tensor,  # [P, S, R_max, H_in]
-    *,
-    seg_starts: torch.Tensor,  # [N+1] int32, e.g. [0, 3, 3, 4, 7]
-    seg_slots: torch.Tensor,  # [N] int32, e.g. [2, 0, -1, 2]
-    ranks: torch.Tensor,  # [S] int32, e.g. [8, 64, 16]
-    out: torch.Tensor,  # [P, T, R_max], written
-    bias: torch.Tensor | None = None,  # [S, R_max], only with P == 1
-    activation: str | None = None,  # one of ACTIVATIONS or None
+    x: torch.Tensor, a: torch.Tensor, *, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
+    out: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
 ) -> None:
-    """Triton `quiver.kernels.reference.lora_shrink`:
+    """Triton `ops.LoraShrink`:
     out[p, s[i]:s[i+1], :r] = act(x[s[i]:s[i+1]] @ a[p, w[i], :r]ᵀ + bias[w[i], :r]),  r = ranks[w[i]].
 
     Requires seg_starts non-decreasing with seg_starts[N] <= T; accumulates in fp32.
@@ -179,18 +173,11 @@ def lora_shrink(
 
 
 def lora_expand(
-    y: torch.Tensor,  # [T, H_out_total], updated in place
-    buf: torch.Tensor,  # [P, T, R_max]: lora_shrink's out
-    b: torch.Tensor,  # [S, H_out_total, R_max]
-    *,
-    out_offsets,  # [P+1] python ints or int32 tensor on y's device, e.g. [0, 4096, 5120, 6144]
-    seg_starts: torch.Tensor,  # [N+1] int32, e.g. [0, 3, 3, 4, 7]
-    seg_slots: torch.Tensor,  # [N] int32, e.g. [2, 0, -1, 2]
-    ranks: torch.Tensor,  # [S] int32, e.g. [8, 64, 16]
-    scales: torch.Tensor,  # [S] float32
-    bias: torch.Tensor | None = None,  # [S, H_out_total]
+    y: torch.Tensor, buf: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
+    seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> None:
-    """Triton `quiver.kernels.reference.lora_expand`, for cols = off[p]:off[p+1]:
+    """Triton `ops.LoraExpand`, for cols = off[p]:off[p+1]:
     y[s[i]:s[i+1], cols] += scales[w[i]] · buf[p, s[i]:s[i+1], :r] @ b[w[i], cols, :r]ᵀ + bias[w[i], cols].
 
     out_offsets must run from 0 to H_out_total; pass it as an int32 device tensor built once per layer to
@@ -230,10 +217,10 @@ def lora_expand(
 
 
 def lora_apply(
-    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out_offsets, seg_starts: torch.Tensor,
-    seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
+    seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
 ) -> None:
-    """Triton `quiver.kernels.reference.lora_apply`: the shrink kernel into a [1, T, R_max] buffer, then the expand one."""
+    """Triton `ops.LoraApply`: the shrink kernel into a [1, T, R_max] buffer, then the expand one."""
     buf = x.new_empty(1, x.shape[0], a.shape[2])
     lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
     lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,

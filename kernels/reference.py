@@ -1,18 +1,87 @@
-"""Plain torch versions of every op: the oracle in tests and the serving path on CPU. The KV cache and
-attention ops are here; the LoRA and bottleneck ones in `quiver.kernels.reference_lora`, imported here.
+"""The float64 oracles every backend is tested against: each op computed token by token (and head by head) in
+float64, small and obviously right, with no regard for speed. Semantics and argument shapes: `quiver.kernels.ops`.
 
-KV cache layout, shared by every op and backend:
-    kv_cache:  [L, 2, NB, BS, KVH, D]   (layer, key/value, block, offset in block, kv head, head dim)
-    k_cache = kv_cache[l, 0], v_cache = kv_cache[l, 1]:  [NB, BS, KVH, D]
-A token's *slot* is `block * BS + offset`; slot 37 with BS=16 is block 2, offset 5.
+The LoRA and attention oracles return a new float64 tensor instead of writing in place, and take each token's
+adapter slot (`per_token`, -1 for none) where the ops take segments; tests/kernels/kernel_cases.py builds both
+from one mix. The KV cache writes are copies (cast to the cache's dtype): their oracles write in place, entry by
+entry, with the ops' signatures.
 """
 
-from dataclasses import dataclass
+import math
 
 import torch
-import torch.nn.functional as F
 
-from quiver.kernels.reference_lora import ACTIVATIONS, lora_apply, lora_expand, lora_shrink  # noqa: F401
+from quiver.kernels.ops import ACTIVATIONS
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, H_in]
+    a: torch.Tensor,  # [P, S, R_max, H_in]
+    per_token: list[int],  # [T]: each token's adapter slot, -1 for none
+    ranks: list[int],  # [S]
+    bias: torch.Tensor | None = None,  # [S, R_max]
+    activation: str | None = None,  # a key of ACTIVATIONS or None
+) -> torch.Tensor:
+    """float64 [P, T, R_max]: token by token; NaN where nothing is defined (no adapter, columns >= rank)."""
+    n_proj, _, r_max, _ = a.shape
+    out = torch.full((n_proj, x.shape[0], r_max), math.nan, dtype=torch.float64)
+    for t, w in enumerate(per_token):
+        if w >= 0:
+            r = ranks[w]
+            h = a[:, w, :r].double() @ x[t].double()  # [P, r]
+            if bias is not None:
+                h = h + bias[w, :r].double()
+            out[:, t, :r] = ACTIVATIONS[activation](h) if activation is not None else h
+    return out
+
+
+def lora_expand(
+    y: torch.Tensor,  # [T, H_out_total]
+    buf: torch.Tensor,  # [P, T, R_max]
+    b: torch.Tensor,  # [S, H_out_total, R_max]
+    per_token: list[int],  # [T]: each token's adapter slot, -1 for none
+    ranks: list[int],  # [S]
+    scales: list[float],  # [S]
+    offsets: list[int],  # [P+1]: projection p owns columns offsets[p]:offsets[p+1]
+    bias: torch.Tensor | None = None,  # [S, H_out_total]
+) -> torch.Tensor:
+    """float64 [T, H_out_total]: y plus every token's delta, token by token."""
+    out = y.double().clone()
+    for t, w in enumerate(per_token):
+        if w >= 0:
+            r = ranks[w]
+            for p in range(len(offsets) - 1):
+                lo, hi = offsets[p], offsets[p + 1]
+                out[t, lo:hi] += scales[w] * (b[w, lo:hi, :r].double() @ buf[p, t, :r].double())
+                if bias is not None:
+                    out[t, lo:hi] += bias[w, lo:hi].double()
+    return out
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [NB, BS, KVH, D]
+    v_cache: torch.Tensor,  # [NB, BS, KVH, D]
+    block_tables: torch.Tensor,  # [B, MAXB]
+    seq_lens: torch.Tensor,  # [B]
+    query_starts: torch.Tensor,  # [B+1]
+    scale: float,
+) -> torch.Tensor:
+    """float64 [T, H, D]: every query row on its own, keys gathered slot by slot."""
+    n_heads, bs, kvh = query.shape[1], k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    for b, n in enumerate(seq_lens.tolist()):
+        qs, qe = query_starts[b].item(), query_starts[b + 1].item()
+        pages = block_tables[b].tolist()
+        keys = torch.stack([k_cache[pages[i // bs], i % bs] for i in range(n)]).double()  # [n, KVH, D]
+        values = torch.stack([v_cache[pages[i // bs], i % bs] for i in range(n)]).double()
+        for j in range(qe - qs):
+            visible = n - (qe - qs) + j + 1
+            for h in range(n_heads):
+                g = h // (n_heads // kvh)
+                scores = (keys[:visible, g] @ query[qs + j, h].double()) * scale
+                out[qs + j, h] = torch.softmax(scores, 0) @ values[:visible, g]
+    return out
 
 
 def store_kv(
@@ -20,137 +89,32 @@ def store_kv(
     value: torch.Tensor,  # [T, KVH, D]
     k_cache: torch.Tensor,  # [NB, BS, KVH, D]
     v_cache: torch.Tensor,  # [NB, BS, KVH, D]
-    slot_mapping: torch.Tensor,  # [T] int64, e.g. [37, 38, 80]
+    slot_mapping: torch.Tensor,  # [T]
 ) -> None:
-    """k_cache.flat[slot_mapping[t]] = key[t]; v_cache.flat[slot_mapping[t]] = value[t]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
-
-
-def paged_attention(
-    query: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [NB, BS, KVH, D]
-    v_cache: torch.Tensor,  # [NB, BS, KVH, D]
-    *,
-    block_tables: torch.Tensor,  # [B, MAXB] int32, e.g. [[0, 3, 4], [1, 2, 0]] (unused entries arbitrary)
-    seq_lens: torch.Tensor,  # [B] int32: KV entries of each sequence after this step, e.g. [40, 17]
-    query_starts: torch.Tensor,  # [B+1] int32: query rows of sequence b are query_starts[b]:query_starts[b+1]
-    scale: float,
-) -> torch.Tensor:  # [T, H, D]
-    """Causal attention of each sequence's new tokens over its paged KV (which already holds them).
-
-    For sequence b with q = query_starts[b+1] - query_starts[b] new tokens and n = seq_lens[b]:
-        out[query_starts[b] + j] = softmax(scale · Q_j · K[:n - q + j + 1]ᵀ) · V[:n - q + j + 1]
-    where K = k_cache[block_tables[b]].flatten(0, 1) and likewise V; heads are grouped (GQA): query
-    head h reads kv head h // (H // KVH).
-
-    Decode rows (q = 1) go through batched calls, a few sequences of similar length at a time; prefill
-    chunks one call each. A call gathers its sequences' blocks whole (a block is one contiguous row of
-    the cache) and attends over them token-major, without reordering them head-major first.
-    """
-    out = torch.empty_like(query)
-    plan = _attention_plan(block_tables, seq_lens, query_starts, k_cache.shape[1])
-    k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
-    kvh, dim = k_cache.shape[2:]
-    heads = query.shape[1]
-    for group in plan.decode:
-        b = group.rows.shape[0]
-        k = k_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, : group.length].transpose(1, 2)
-        v = v_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, : group.length].transpose(1, 2)
-        q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim)  # a kv head's G query heads as G rows
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=group.mask, scale=scale)
-        out.index_copy_(0, group.rows, o.reshape(b, heads, dim))
-    for chunk in plan.prefill:
-        k = k_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)  # [KVH, n, D]
-        v = v_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)
-        q = query[chunk.start : chunk.end].transpose(0, 1)  # [H, T, D]
-        o = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=chunk.mask, scale=scale, enable_gqa=True
-        )
-        out[chunk.start : chunk.end] = o.transpose(0, 1)
-    return out
-
-
-# Decode sequences per batched call. Measured on CPU (64 sequences of 90-400 entries, GQA 9/3 heads): 8 is
-# ~2x faster than 16 or 64 (the gathered KV of a small call is still in cache when attention reads it) and
-# than one call per sequence (call overhead).
-_DECODE_GROUP = 8
-
-
-@dataclass(frozen=True)
-class _DecodeGroup:
-    rows: torch.Tensor  # [b] int64: the sequences' query rows
-    blocks: torch.Tensor  # [b * n] int64: each sequence's first n blocks, n = the longest one's
-    length: int  # KV entries attended: the longest sequence's
-    mask: torch.Tensor | None  # [b, 1, 1, length] bool; None when every sequence has that length
-
-
-@dataclass(frozen=True)
-class _PrefillChunk:
-    start: int
-    end: int  # its query rows are start:end
-    blocks: torch.Tensor  # [n] int64
-    length: int  # the sequence's KV entries
-    mask: torch.Tensor  # [end - start, length] bool, causal
-
-
-@dataclass(frozen=True)
-class _AttentionPlan:
-    decode: list[_DecodeGroup]
-    prefill: list[_PrefillChunk]
-
-
-_ATTENTION_PLANS: dict = {}  # every layer of a step attends with the same metadata: it is planned once
-
-
-def _attention_plan(block_tables, seq_lens, query_starts, block_size: int) -> _AttentionPlan:
-    starts, lens, tables = query_starts.tolist(), seq_lens.tolist(), block_tables.tolist()
-    key = (tuple(starts), tuple(lens), tuple(map(tuple, tables)), block_size, str(query_starts.device))
-    plan = _ATTENTION_PLANS.get(key)
-    if plan is None:
-        if len(_ATTENTION_PLANS) >= 4:  # only the current step's plan is asked for again
-            _ATTENTION_PLANS.clear()
-        plan = _ATTENTION_PLANS[key] = _make_attention_plan(starts, lens, tables, block_size, query_starts.device)
-    return plan
-
-
-def _make_attention_plan(starts, lens, tables, bs: int, device) -> _AttentionPlan:
-    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-    q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
-    decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
-    groups = []
-    for i in range(0, len(decode), _DECODE_GROUP):  # similar lengths together: little padding to gather
-        group = decode[i : i + _DECODE_GROUP]
-        length = max(lens[b] for b in group)
-        mask = None
-        if any(lens[b] != length for b in group):
-            mask = (torch.arange(length, device=device) < as_long([lens[b] for b in group])[:, None])[:, None, None, :]
-        blocks = as_long([block for b in group for block in tables[b][: -(-length // bs)]])
-        groups.append(_DecodeGroup(as_long([starts[b] for b in group]), blocks, length, mask))
-    chunks = []
-    for b, q in enumerate(q_lens):
-        if q > 1:
-            n = lens[b]
-            causal = torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
-            chunks.append(_PrefillChunk(starts[b], starts[b + 1], as_long(tables[b][: -(-n // bs)]), n, causal))
-    return _AttentionPlan(groups, chunks)
+    """Token t's key and value land in block slot // BS, offset slot % BS, one token at a time."""
+    bs = k_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        k_cache[slot // bs, slot % bs] = key[t]
+        v_cache[slot // bs, slot % bs] = value[t]
 
 
 def write_prefix(
     kv_cache: torch.Tensor,  # [L, 2, NB, BS, KVH, D]
-    prefix: torch.Tensor,  # [L, 2, N, KVH, D]: an adapter's per-layer prefix keys (0) and values (1)
-    block_ids: torch.Tensor,  # [ceil(N / BS)] int64, e.g. [7, 9]: the blocks that will hold the prefix
+    prefix: torch.Tensor,  # [L, 2, N, KVH, D]
+    block_ids: torch.Tensor,  # [ceil(N / BS)]
 ) -> None:
-    """kv_cache[:, :, block_ids].flat[:N] = prefix: the prefix's entry i lands in block i // BS, offset i % BS."""
-    bs, n = kv_cache.shape[3], prefix.shape[2]
-    slots = (block_ids.to(kv_cache.device)[:, None] * bs + torch.arange(bs, device=kv_cache.device)).flatten()[:n]
-    kv_cache.flatten(2, 3)[:, :, slots] = prefix.to(kv_cache.dtype)
+    """Prefix entry i lands in block block_ids[i // BS], offset i % BS, one entry at a time."""
+    bs, blocks = kv_cache.shape[3], block_ids.tolist()
+    for i in range(prefix.shape[2]):
+        kv_cache[:, :, blocks[i // bs], i % bs] = prefix[:, :, i]
 
 
 def copy_blocks(
     kv_cache: torch.Tensor,  # [L, 2, NB, BS, KVH, D]
-    src: torch.Tensor,  # [M] int64, e.g. [9]
-    dst: torch.Tensor,  # [M] int64, e.g. [12]
+    src: torch.Tensor,  # [M]
+    dst: torch.Tensor,  # [M]
 ) -> None:
-    """kv_cache[:, :, dst[i]] = kv_cache[:, :, src[i]] for every i (all layers, keys and values)."""
-    kv_cache[:, :, dst.to(kv_cache.device)] = kv_cache[:, :, src.to(kv_cache.device)]
+    """Block dst[i] becomes a copy of block src[i], one block at a time (every src read before any write)."""
+    copies = [kv_cache[:, :, s].clone() for s in src.tolist()]
+    for d, block in zip(dst.tolist(), copies):
+        kv_cache[:, :, d] = block

@@ -1,9 +1,9 @@
 """The Triton backend: every op of `KernelOps` from its Triton launcher (needs the `triton` package)."""
 
-from quiver.kernels import KernelOps
 from quiver.kernels.attention import paged_attention
 from quiver.kernels.kv_cache import copy_blocks, store_kv, write_prefix
 from quiver.kernels.lora import lora_apply, lora_expand, lora_shrink
+from quiver.kernels.ops import KernelOps
 
 TRITON_OPS = KernelOps(
     name="triton",

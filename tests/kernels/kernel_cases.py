@@ -1,13 +1,11 @@
-"""Shared test data for the kernel tests: adapter mixes, float64 oracles and error measures.
+"""Shared test data for the kernel tests: adapter mixes, random inputs and error measures (the float64
+oracles they are checked against are `quiver.kernels.reference`).
 
-Every index tensor follows `quiver.kernels.reference`'s running example, e.g. seg_starts [0, 3, 3, 4, 7],
+Every index tensor follows `quiver.kernels.ops`'s running example, e.g. seg_starts [0, 3, 3, 4, 7],
 seg_slots [2, 0, -1, 2], ranks [8, 64, 16].
 """
 
-import math
-
 import torch
-import torch.nn.functional as F
 
 MIXES = ("distinct", "uniform", "zipf", "identical", "huge", "empty", "no_adapter")
 
@@ -36,9 +34,6 @@ ATTENTION_CASES = {
     "decode-many-gqa3": ([1] * 17 + [3], [33, 2, 17, 40, 5, 9, 9, 26, 0, 12, 31, 7, 22, 3, 15, 38, 11, 6],
                          6, 2, 4, 16, torch.float32),
 }
-
-_ACT64 = {None: lambda h: h, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere in out gives NaN, which fails every threshold."""
@@ -82,52 +77,6 @@ def token_slots(starts: list[int], slots: list[int], n_tokens: int) -> list[int]
     for s, e, w in zip(starts, starts[1:], slots):
         per_token[s:e] = [w] * (e - s)
     return per_token
-
-
-def naive_shrink(x, a, per_token, ranks, bias=None, activation=None) -> torch.Tensor:
-    """float64 [P, T, R_max]: token by token; NaN where nothing is defined (no adapter, columns >= rank)."""
-    n_proj, _, r_max, _ = a.shape
-    out = torch.full((n_proj, x.shape[0], r_max), math.nan, dtype=torch.float64)
-    for t, w in enumerate(per_token):
-        if w >= 0:
-            r = ranks[w]
-            h = a[:, w, :r].double() @ x[t].double()  # [P, r]
-            if bias is not None:
-                h = h + bias[w, :r].double()
-            out[:, t, :r] = _ACT64[activation](h)
-    return out
-
-
-def naive_expand(y, buf, b, per_token, ranks, scales, offsets, bias=None) -> torch.Tensor:
-    """float64 [T, H_out_total]: y plus every token's delta, token by token."""
-    out = y.double().clone()
-    for t, w in enumerate(per_token):
-        if w >= 0:
-            r = ranks[w]
-            for p in range(len(offsets) - 1):
-                lo, hi = offsets[p], offsets[p + 1]
-                out[t, lo:hi] += scales[w] * (b[w, lo:hi, :r].double() @ buf[p, t, :r].double())
-                if bias is not None:
-                    out[t, lo:hi] += bias[w, lo:hi].double()
-    return out
-
-
-def naive_attention(query, k_cache, v_cache, block_tables, seq_lens, query_starts, scale) -> torch.Tensor:
-    """float64 [T, H, D]: every query row on its own, keys gathered slot by slot."""
-    n_heads, bs, kvh = query.shape[1], k_cache.shape[1], k_cache.shape[2]
-    out = torch.zeros(query.shape, dtype=torch.float64)
-    for b, n in enumerate(seq_lens.tolist()):
-        qs, qe = query_starts[b].item(), query_starts[b + 1].item()
-        pages = block_tables[b].tolist()
-        keys = torch.stack([k_cache[pages[i // bs], i % bs] for i in range(n)]).double()  # [n, KVH, D]
-        values = torch.stack([v_cache[pages[i // bs], i % bs] for i in range(n)]).double()
-        for j in range(qe - qs):
-            visible = n - (qe - qs) + j + 1
-            for h in range(n_heads):
-                g = h // (n_heads // kvh)
-                scores = (keys[:visible, g] @ query[qs + j, h].double()) * scale
-                out[qs + j, h] = torch.softmax(scores, 0) @ values[:visible, g]
-    return out
 
 
 def paged_batch(q_lens: list[int], ctx_lens: list[int], *, n_heads: int, kv_heads: int, head_dim: int,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from kernel_cases import ATTENTION_CASES as CASES
-from kernel_cases import TOLERANCE, naive_attention, paged_batch, rel_err
+from kernel_cases import TOLERANCE, paged_batch, rel_err
 
-from quiver.kernels import attention
+from quiver.kernels import attention, reference
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,8 +24,8 @@ def check(case, *, seed, device="cpu"):
                         block_size=block_size, dtype=dtype, gen=gen, device=device)
     query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
     out = attention.paged_attention(query, k_cache, v_cache, **batch)
-    ref = naive_attention(query.cpu(), k_cache.cpu(), v_cache.cpu(), batch["block_tables"].cpu(),
-                          batch["seq_lens"].cpu(), batch["query_starts"].cpu(), batch["scale"])
+    ref = reference.paged_attention(query.cpu(), k_cache.cpu(), v_cache.cpu(), batch["block_tables"].cpu(),
+                                    batch["seq_lens"].cpu(), batch["query_starts"].cpu(), batch["scale"])
     assert out.shape == ref.shape and out.dtype == dtype
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
@@ -43,8 +43,8 @@ def test_strided_query_view():
     query = qkv[:, :4]
     out = attention.paged_attention(query, batch["k_cache"], batch["v_cache"], block_tables=batch["block_tables"],
                                     seq_lens=batch["seq_lens"], query_starts=batch["query_starts"], scale=0.3)
-    ref = naive_attention(query, batch["k_cache"], batch["v_cache"], batch["block_tables"], batch["seq_lens"],
-                          batch["query_starts"], 0.3)
+    ref = reference.paged_attention(query, batch["k_cache"], batch["v_cache"], batch["block_tables"],
+                                    batch["seq_lens"], batch["query_starts"], 0.3)
     assert rel_err(out, ref) < 1e-5
 
 

@@ -1,10 +1,14 @@
 """select_ops: Triton launchers when asked for, torch on CPU by default."""
 
 import dataclasses
+import inspect
+import typing
 
+import pytest
 import torch
 
 from quiver.kernels import TORCH_OPS, attention, kv_cache, lora, select_ops
+from quiver.kernels.ops import KernelOps
 
 
 def test_triton_backend_is_all_triton_launchers():
@@ -21,3 +25,20 @@ def test_triton_backend_is_all_triton_launchers():
 def test_auto_is_torch_on_cpu():
     assert select_ops("auto", torch.device("cpu")) is TORCH_OPS
     assert select_ops("torch", torch.device("cpu")) is TORCH_OPS
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_op_has_its_protocols_signature(backend):
+    """Each backend's ops take the parameters their `KernelOps` Protocol names, of the same kinds and defaults."""
+    ops = select_ops(backend, torch.device("cpu"))
+    hints = typing.get_type_hints(KernelOps)
+    for field in dataclasses.fields(ops):
+        if field.name == "name":
+            continue
+        expected = list(inspect.signature(hints[field.name].__call__).parameters.values())[1:]  # less self
+        got = inspect.signature(getattr(ops, field.name)).parameters.values()
+        assert _shape(got) == _shape(expected), f"{backend} {field.name}"
+
+
+def _shape(params) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in params]

@@ -1,4 +1,5 @@
-"""Triton KV-cache writes (store by slot, prefix injection, block copies) against the torch reference."""
+"""Triton KV-cache writes (store by slot, prefix injection, block copies) against the oracles in
+`quiver.kernels.reference`."""
 
 import pytest
 import torch

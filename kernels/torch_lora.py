@@ -1,22 +1,17 @@
-"""Plain torch versions of the LoRA and bottleneck ops: the oracle in tests and the serving path on CPU
-(re-exported by `quiver.kernels.reference`, the torch backend of every op)."""
+"""The torch backend's LoRA ops: the serving path on CPU (and `--kernel-backend torch`).
 
+Signatures, semantics and the running example (seg_starts [0, 3, 3, 4, 7], seg_slots [2, 0, -1, 2], ranks
+[8, 64, 16]): `quiver.kernels.ops`; tested against `quiver.kernels.reference`. Each adapter is computed at its
+own rank; short segments (decode) are computed together, reading the adapters' weights in place when their
+slots are dense, in bands of slots read at each band's own rank.
+"""
+
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-# LoRA and bottleneck adapters over segments of tokens that share an adapter (SGMV style).
-#
-# Running example used by every LoRA docstring (T = 7 tokens, N = 4 segments, S = 3 adapter slots):
-#     seg_starts = [0, 3, 3, 4, 7]   segment i holds tokens s[i]:s[i+1]; segment 1 is empty
-#     seg_slots  = [2, 0, -1, 2]     adapter slot w[i] of segment i; -1 = no adapter (token 3)
-#     ranks      = [8, 64, 16]       rank of each slot; slot 1 is unused in this batch
-# Each adapter is computed at its own rank r = ranks[w[i]]: only A[w[i], :r] and B[w[i], :, :r] are read.
-
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
-
-_ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+from quiver.kernels.ops import ACTIVATIONS
 
 
 def _segments(starts: list[int], slots: list[int], rank_of: list[int]):
@@ -175,24 +170,14 @@ def _from_grid(grid: _Grid, values: torch.Tensor) -> torch.Tensor:
 
 
 def lora_shrink(
-    x: torch.Tensor,  # [T, H_in]
-    a: torch.Tensor,  # [P, S, R_max, H_in]
-    *,
-    seg_starts: torch.Tensor,  # [N+1] int32, e.g. [0, 3, 3, 4, 7]
-    seg_slots: torch.Tensor,  # [N] int32, e.g. [2, 0, -1, 2]
-    ranks: torch.Tensor,  # [S] int32, e.g. [8, 64, 16]
-    out: torch.Tensor,  # [P, T, R_max], written
-    bias: torch.Tensor | None = None,  # [S, R_max], only with P == 1
-    activation: str | None = None,  # one of ACTIVATIONS or None
+    x: torch.Tensor, a: torch.Tensor, *, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
+    out: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
 ) -> None:
-    """Down-projection of each segment by its adapter's A, for P projections sharing the input x.
-
-    for i in range(N), w = seg_slots[i], r = ranks[w], if w >= 0:
-        out[p, s[i]:s[i+1], :r] = act(x[s[i]:s[i+1]] @ a[p, w, :r]ᵀ + bias[w, :r])   for every p < P
-    Rows of no-adapter segments and columns >= r are left as they are (nothing reads them).
-    Accumulates in x's dtype on CPU (fp32 inside the matmul); `out` may be any float dtype.
+    """Down-projection of each segment by its adapter's A, for P projections sharing the input x (shapes,
+    semantics: `ops.LoraShrink`). Accumulates in x's dtype on CPU (fp32 inside the matmul); `out` may be any
+    float dtype.
     """
-    act = _ACTIVATION_FNS[activation] if activation is not None else None
+    act = ACTIVATIONS[activation] if activation is not None else None
     long, short = _plan(seg_starts, seg_slots, ranks, x.device)
     for s, e, w, r in long:
         for p in range(a.shape[0]):  # one 2-d matmul per projection: a broadcast 3-d one is ~10x slower in bf16
@@ -221,21 +206,11 @@ def lora_shrink(
 
 
 def lora_apply(
-    y: torch.Tensor,  # [T, H_out], updated in place
-    x: torch.Tensor,  # [T, H_in]
-    a: torch.Tensor,  # [1, S, R_max, H_in]
-    b: torch.Tensor,  # [S, H_out, R_max]
-    *,
-    out_offsets,  # [0, H_out]
-    seg_starts: torch.Tensor,  # [N+1] int32
-    seg_slots: torch.Tensor,  # [N] int32
-    ranks: torch.Tensor,  # [S] int32
-    scales: torch.Tensor,  # [S] float32
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
+    seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
 ) -> None:
-    """One projection's LoRA delta added into y: `lora_shrink` then `lora_expand` (P = 1, no bias, no
-    activation), with the same result, for y, x, a and b of one dtype:
-
-        y[s[i]:s[i+1]] += scales[w] · (x[s[i]:s[i+1]] @ a[0, w, :r]ᵀ) @ b[w, :, :r]ᵀ
+    """One projection's LoRA delta added into y (shapes: `ops.LoraApply`): `lora_shrink` then `lora_expand`,
+    with the same result, for y, x, a and b of one dtype.
 
     Fused, it needs no [T, R] buffer between the two products, and when the short rows' weights are read in
     place (see _split) the down-projection's output stays in the slot grid for the up-projection: six torch
@@ -265,21 +240,12 @@ def lora_apply(
 
 
 def lora_expand(
-    y: torch.Tensor,  # [T, H_out_total], updated in place
-    buf: torch.Tensor,  # [P, T, R_max]: lora_shrink's out
-    b: torch.Tensor,  # [S, H_out_total, R_max]: the P projections' B stacked along the output dim
-    *,
-    out_offsets,  # [P+1] python ints or int32 tensor, e.g. [0, 4096, 5120, 6144] for q, k, v
-    seg_starts: torch.Tensor,  # [N+1] int32, e.g. [0, 3, 3, 4, 7]
-    seg_slots: torch.Tensor,  # [N] int32, e.g. [2, 0, -1, 2]
-    ranks: torch.Tensor,  # [S] int32, e.g. [8, 64, 16]
-    scales: torch.Tensor,  # [S] float32
-    bias: torch.Tensor | None = None,  # [S, H_out_total]
+    y: torch.Tensor, buf: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
+    seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> None:
-    """Up-projection of each segment by its adapter's B, added into y; projection p owns columns off[p]:off[p+1].
+    """Up-projection of each segment by its adapter's B, added into y (shapes, semantics: `ops.LoraExpand`).
 
-    for i in range(N), w = seg_slots[i], r = ranks[w], if w >= 0, for p < P, cols = off[p]:off[p+1]:
-        y[s[i]:s[i+1], cols] += scales[w] · buf[p, s[i]:s[i+1], :r] @ b[w, cols, :r]ᵀ + bias[w, cols]
     buf is cast to b's dtype before the product; rows of no-adapter segments are untouched.
     """
     offs = [int(o) for o in out_offsets]

@@ -1,4 +1,4 @@
-"""The torch reference ops (the CPU serving path) against naive float64 implementations."""
+"""The torch backend (the CPU serving path) against the float64 oracles (`quiver.kernels.reference`)."""
 
 import pytest
 import torch
@@ -8,20 +8,17 @@ from kernel_cases import (
     MIXES,
     TOLERANCE,
     make_lora,
-    naive_attention,
-    naive_expand,
-    naive_shrink,
     paged_batch,
     rel_err,
 )
 
-from quiver.kernels import reference, reference_lora
+from quiver.kernels import reference, torch_attention, torch_lora
 
 
 @pytest.mark.parametrize("mix,n_proj,dtype", LORA_CASES, ids=[f"{m}-P{p}-{str(d)[6:]}" for m, p, d in LORA_CASES])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 @pytest.mark.parametrize("one_rank", [False, True], ids=["mixed-ranks", "one-rank"])
-def test_lora_reference(mix, n_proj, dtype, activation, one_rank):
+def test_lora_shrink_and_expand(mix, n_proj, dtype, activation, one_rank):
     """With one rank for every adapter, short segments take the in-place slot-range path."""
     c = make_lora(mix, n_proj, dtype, seed=42, n_tokens=80 if mix == "huge" else 16, n_slots=16, h_in=48,
                   out_dims=[32, 16, 16])
@@ -31,8 +28,8 @@ def test_lora_reference(mix, n_proj, dtype, activation, one_rank):
     r_max = c["a"].shape[2]
     bias = torch.randn(16, r_max) if n_proj == 1 else None
     out = torch.full((n_proj, 80 if mix == "huge" else 16, r_max), float("nan"))
-    reference.lora_shrink(c["x"], c["a"], out=out, bias=bias, activation=activation, **kw)
-    ref = naive_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist(), bias=bias, activation=activation)
+    torch_lora.lora_shrink(c["x"], c["a"], out=out, bias=bias, activation=activation, **kw)
+    ref = reference.lora_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist(), bias=bias, activation=activation)
     defined = ~ref.isnan()
     assert out[~defined].isnan().all()
     assert rel_err(out[defined], ref[defined]) < TOLERANCE[dtype]
@@ -40,9 +37,9 @@ def test_lora_reference(mix, n_proj, dtype, activation, one_rank):
     buf = ref.nan_to_num(0.0).float()
     up_bias = torch.randn(16, c["offsets"][-1]).to(dtype) if n_proj == 1 else None
     y = c["y"].clone()
-    reference.lora_expand(y, buf, c["b"], out_offsets=c["offsets"], scales=c["scales"], bias=up_bias, **kw)
-    ref_y = naive_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(),
-                         c["offsets"], bias=up_bias)
+    torch_lora.lora_expand(y, buf, c["b"], out_offsets=c["offsets"], scales=c["scales"], bias=up_bias, **kw)
+    ref_y = reference.lora_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(),
+                                  c["offsets"], bias=up_bias)
     assert rel_err(y, ref_y) < TOLERANCE[dtype]
 
 
@@ -50,7 +47,7 @@ def test_lora_reference(mix, n_proj, dtype, activation, one_rank):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("one_rank", [False, True], ids=["mixed-ranks", "one-rank"])
 @pytest.mark.parametrize("n_slots", [16, 64], ids=["dense-slots", "sparse-slots"])
-def test_lora_apply_reference(mix, dtype, one_rank, n_slots):
+def test_lora_apply(mix, dtype, one_rank, n_slots):
     """The fused shrink-then-expand of one projection (the CPU path's form) against the float64 oracle: the slot
     grid path (dense slots, some cells empty or with several rows) and the gathered fallback (sparse slots)."""
     n_tokens = 80 if mix == "huge" else 16
@@ -59,9 +56,10 @@ def test_lora_apply_reference(mix, dtype, one_rank, n_slots):
         c["ranks"].fill_(16)
     kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
     y = c["y"].clone()
-    reference.lora_apply(y, c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"], **kw)
-    buf = naive_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist()).nan_to_num(0.0)
-    ref = naive_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(), c["offsets"])
+    torch_lora.lora_apply(y, c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"], **kw)
+    buf = reference.lora_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist()).nan_to_num(0.0)
+    ref = reference.lora_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(),
+                                c["offsets"])
     untouched = torch.tensor([w < 0 for w in c["per_token"]])
     assert torch.equal(y[untouched], c["y"][untouched]), "changed the rows of no-adapter tokens"
     assert rel_err(y, ref) < TOLERANCE[dtype]
@@ -75,43 +73,44 @@ def test_lora_apply_reads_slots_laid_out_by_rank_in_bands(mix, dtype):
     c = make_lora(mix, 1, dtype, seed=3, n_tokens=16, n_slots=16, h_in=48, out_dims=[32])
     c["ranks"].copy_(torch.tensor([8] * 6 + [16] * 4 + [64] * 6))
     kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
-    _, short = reference_lora._plan(**kw, device=torch.device("cpu"))
+    _, short = torch_lora._plan(**kw, device=torch.device("cpu"))
     assert len(short.bands) > 1 and short.bands[0].r < 64, "no band split: the test would not exercise the banded path"
     y = c["y"].clone()
-    reference.lora_apply(y, c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"], **kw)
-    buf = naive_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist()).nan_to_num(0.0)
-    ref = naive_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(), c["offsets"])
+    torch_lora.lora_apply(y, c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"], **kw)
+    buf = reference.lora_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist()).nan_to_num(0.0)
+    ref = reference.lora_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(),
+                                c["offsets"])
     assert rel_err(y, ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("name", ATTENTION_CASES)
-def test_paged_attention_reference(name):
+def test_paged_attention(name):
     q_lens, ctx_lens, n_heads, kv_heads, block_size, head_dim, dtype = ATTENTION_CASES[name]
     gen = torch.Generator().manual_seed(5)
     batch = paged_batch(q_lens, ctx_lens, n_heads=n_heads, kv_heads=kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype, gen=gen)
     query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
-    out = reference.paged_attention(query, k_cache, v_cache, **batch)
-    ref = naive_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"], batch["query_starts"],
-                          batch["scale"])
+    out = torch_attention.paged_attention(query, k_cache, v_cache, **batch)
+    ref = reference.paged_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"],
+                                    batch["query_starts"], batch["scale"])
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
-def test_kv_writes_reference():
+def test_kv_writes():
     gen = torch.Generator().manual_seed(6)
     kv = torch.full((2, 2, 6, 4, 2, 8), float("nan"))
     key, value = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)
-    reference.store_kv(key, value, kv[1, 0], kv[1, 1], torch.tensor([5, 6, 17]))
+    torch_attention.store_kv(key, value, kv[1, 0], kv[1, 1], torch.tensor([5, 6, 17]))
     for t, slot in enumerate([5, 6, 17]):
         assert torch.equal(kv[1, 0, slot // 4, slot % 4], key[t])
         assert torch.equal(kv[1, 1, slot // 4, slot % 4], value[t])
 
     prefix = torch.randn(2, 2, 6, 2, 8, generator=gen)
-    reference.write_prefix(kv, prefix, torch.tensor([3, 0]))
+    torch_attention.write_prefix(kv, prefix, torch.tensor([3, 0]))
     for i in range(6):
         assert torch.equal(kv[:, :, [3, 0][i // 4], i % 4], prefix[:, :, i])
 
     before = kv.clone()
-    reference.copy_blocks(kv, torch.tensor([3]), torch.tensor([5]))
+    torch_attention.copy_blocks(kv, torch.tensor([3]), torch.tensor([5]))
     assert torch.equal(kv[:, :, 5].nan_to_num(7), before[:, :, 3].nan_to_num(7))
     assert torch.equal(kv[:, :, :5].nan_to_num(7), before[:, :, :5].nan_to_num(7))
