@@ -17,8 +17,8 @@ if not torch.cuda.is_available():
 def model_path(tmp_path_factory):
     """A tiny random Llama with a tokenizer, saved once for the server tests (gRPC, Ray)."""
     # imported here, not at the top: they import triton, which must see TRITON_INTERPRET first
-    from tests.api.tiny_tokenizer import save_tokenizer
-    from tests.models import save_tiny
+    from tests.support.tiny_tokenizer import save_tokenizer
+    from tests.support.models import save_tiny
 
     path = save_tiny("llama", tmp_path_factory.mktemp("tiny-model"))
     save_tokenizer(path)
@@ -28,6 +28,6 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zoo(model_path, tmp_path_factory):
     """Adapters of all six kinds for `model_path`: {kind: directory}."""
-    from tests.adapter_zoo import save_zoo
+    from tests.support.adapter_zoo import save_zoo
 
     return save_zoo(model_path, tmp_path_factory.mktemp("tiny-zoo"))

@@ -1,59 +1,6 @@
-"""Tiny random models and engines for tests (seconds each), and the eager reference they are checked against."""
+"""Moved to tests/support/models.py. This re-export stays only until tests/adapters/test_formats.py,
+tests/trainer/trainer_fixtures.py and benchmarks/cache_probe.py import from tests.support.models."""
 
-from pathlib import Path
+from tests.support.models import eager, engine_for, run_staggered, save_tiny
 
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-from quiver.config import EngineConfig
-from quiver.engine.engine import Engine
-from quiver.model import attention
-from quiver.model.loader import LoadedModel
-
-_TINY = dict(
-    vocab_size=160,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA
-    max_position_embeddings=512,
-)
-
-
-def save_tiny(kind: str, root: Path, seed: int = 0) -> Path:
-    """Write a tiny random `llama` or `qwen2` model (GQA, fp32) to root/kind and return the folder."""
-    torch.manual_seed(seed)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_TINY))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**_TINY, use_sliding_window=False))
-    path = root / kind
-    model.save_pretrained(path)
-    return path
-
-
-def eager(path: Path) -> torch.nn.Module:
-    """The reference: transformers' own eager attention."""
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-
-
-def engine_for(path: Path, **engine_config) -> Engine:
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.register()).eval()
-    model.requires_grad_(False)
-    loaded = LoadedModel(model=model, tokenizer=None, path=path, device=torch.device("cpu"), dtype=torch.float32)
-    return Engine(loaded, EngineConfig(**engine_config))
-
-
-def run_staggered(engine: Engine, prompts: list[list[int]], params, arrive_at: list[int]) -> dict[str, list[int]]:
-    """Add prompt i at engine step arrive_at[i]; step until all finish; tokens by request id (= str(i))."""
-    tokens: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    step = 0
-    while step <= max(arrive_at) or engine.has_work():
-        for i, at in enumerate(arrive_at):
-            if at == step:
-                engine.add_request(str(i), prompts[i], params)
-        for out in engine.step():
-            tokens[out.request_id] += out.new_token_ids
-        step += 1
-    return tokens
+__all__ = ["eager", "engine_for", "run_staggered", "save_tiny"]

@@ -20,10 +20,10 @@ from quiver.adapters.store import AdapterStore
 from quiver.engine.block_manager import block_key, root_key
 from quiver.engine.request import SamplingParams
 from quiver.errors import FailedPrecondition
-from tests.adapter_zoo import greedy_reference, reference_model
-from tests.api.harness import make_service
-from tests.idle import wait_idle
-from tests.models import eager
+from tests.support.adapter_zoo import greedy_reference, reference_model
+from tests.support.harness import make_service
+from tests.support.idle import wait_idle
+from tests.support.models import eager
 
 LONG = SamplingParams(max_new_tokens=200, ignore_eos=True)  # holds the only running place meanwhile
 SHORT = SamplingParams(max_new_tokens=8, ignore_eos=True)

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from quiver.engine.request import SamplingParams
-from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
-from tests.models import eager, engine_for, save_tiny
-from tests.test_engine_tiny import RecordingSampler
+from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
+from tests.support.models import RecordingSampler, eager, engine_for, save_tiny
 
 NEW_TOKENS = 6
 

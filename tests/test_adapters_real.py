@@ -8,9 +8,8 @@ from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.model import attention
 from quiver.model.loader import load_model
-from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
-from tests.models import eager
-from tests.test_engine_tiny import RecordingSampler
+from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
+from tests.support.models import RecordingSampler, eager
 
 pytestmark = pytest.mark.real_model
 NEW = 6

@@ -7,8 +7,8 @@ import torch
 
 from quiver.engine.request import SamplingParams
 from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from tests.adapter_zoo import greedy_reference, reference_model, save_zoo
-from tests.models import eager, engine_for, save_tiny
+from tests.support.adapter_zoo import greedy_reference, reference_model, save_zoo
+from tests.support.models import eager, engine_for, save_tiny
 
 NEW = 5
 

@@ -1,6 +1,6 @@
 """A table of malformed requests and adapters. Each one ends with its exact status code and a message that
 says what to change; after each, the server still gives the same tokens for the base model and its two
-adapters, serves the same adapters, keeps no upload leftovers, and holds nothing beyond idle (tests/idle.py).
+adapters, serves the same adapters, keeps no upload leftovers, and holds nothing beyond idle (tests/support/idle.py).
 
 The server's KV pool (48 blocks of 8 = 384 tokens) is smaller than its 512-token context, so a huge
 max_new_tokens is refused instead of being cut at the context length; its --max-lora-rank is 16, its
@@ -25,7 +25,7 @@ import torch
 from quiver.client import QuiverClient
 from quiver.v1 import adapters_pb2 as apb
 from quiver.v1 import inference_pb2 as pb
-from tests.adapter_mutations import (
+from tests.support.adapter_mutations import (
     CONFIG,
     WEIGHTS,
     absurd_header_length,
@@ -41,8 +41,8 @@ from tests.adapter_mutations import (
     with_entry,
     write,
 )
-from tests.api.harness import RunningServer, start_server
-from tests.idle import wait_idle
+from tests.support.harness import RunningServer, start_server
+from tests.support.idle import wait_idle
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

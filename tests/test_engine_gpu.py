@@ -9,8 +9,8 @@ from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.model import attention
 from quiver.model.loader import LoadedModel
-from tests.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
-from tests.models import run_staggered, save_tiny
+from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
+from tests.support.models import run_staggered, save_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

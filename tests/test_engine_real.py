@@ -9,7 +9,7 @@ from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.model import attention
 from quiver.model.loader import load_model
-from tests.models import run_staggered
+from tests.support.models import run_staggered
 
 pytestmark = pytest.mark.real_model
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from quiver.engine.request import SamplingParams
-from quiver.engine.sampler import Sampler
-from tests.models import eager, engine_for, run_staggered, save_tiny
+from tests.support.models import RecordingSampler, eager, engine_for, run_staggered, save_tiny
 
 PROMPT_LENS = [1, 5, 17, 33, 64, 3, 90, 12]
 ARRIVE_AT = [0, 0, 1, 3, 4, 7, 9, 15]
@@ -19,19 +18,6 @@ def tiny(request, tmp_path_factory):
 def _prompts(seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, 160, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-class RecordingSampler(Sampler):
-    """Greedy sampling that keeps every row of logits it was given, per request."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logits: dict[str, list[torch.Tensor]] = {}
-
-    def sample(self, logits, requests):
-        for row, request in zip(logits, requests):
-            self.logits.setdefault(request.request_id, []).append(row.clone())
-        return super().sample(logits, requests)
 
 
 def _check_against_eager(path, engine, max_new_tokens=12):

@@ -5,13 +5,14 @@ finish with exactly the tokens they get when it never came, and the bad one gets
 import pytest
 import torch
 
-from quiver.adapters.weights import LoraModule, LoraWeights
 from quiver.engine.request import Request, SamplingParams
 from quiver.engine.sampler import Sampler
 from quiver.errors import FailedPrecondition
-from tests.api.harness import make_service
-from tests.idle import wait_idle
-from tests.models import engine_for
+from tests.support.adapter_zoo import huge_lora
+from tests.support.harness import make_service
+from tests.support.idle import wait_idle
+from tests.support.models import engine_for
+from tests.support.streams import run
 
 GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
 # base-model and adapter rows of every placement: slots (LoRA, bottleneck), prefix blocks, prompt prefill
@@ -23,37 +24,6 @@ VICTIMS = [
     ([44, 45, 46, 47, 48], "bottleneck"),
 ]
 BAD_PROMPT = [60, 61, 62, 63, 64, 65]
-
-
-def huge_lora(engine, factor: float, *, scale: float = 2.0, seed: int = 0) -> LoraWeights:
-    """A random rank-4 LoRA on q/o/down projections, its B entries multiplied by `factor`, its scale `scale`."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = engine.runner.model.config
-    h = cfg.hidden_size
-    modules = {}
-    for layer in range(cfg.num_hidden_layers):
-        for leaf, d_in in (("self_attn.q_proj", h), ("self_attn.o_proj", h), ("mlp.down_proj", cfg.intermediate_size)):
-            modules[f"model.layers.{layer}.{leaf}"] = LoraModule(
-                a=torch.randn(4, d_in, generator=g) * 0.5, b=torch.randn(h, 4, generator=g) * 0.5 * factor, scale=scale
-            )
-    return LoraWeights(modules=modules)
-
-
-def drain(stream) -> tuple[list[int], BaseException | None]:
-    """Its tokens, and the error its reader got (None if it finished)."""
-    tokens: list[int] = []
-    try:
-        for out in stream:
-            tokens += out.new_token_ids
-    except Exception as error:
-        return tokens, error
-    return tokens, None
-
-
-def run(service, requests: list[tuple[list[int], str | None, SamplingParams]]) -> list[tuple[list[int], BaseException | None]]:
-    """All requests started in one step; each one's (tokens, error)."""
-    streams = service.submit_many([r[0] for r in requests], [r[2] for r in requests], adapter_ids=[r[1] for r in requests])
-    return [drain(s) for s in streams]
 
 
 def victims() -> list[tuple[list[int], str | None, SamplingParams]]:

@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 
 from quiver.engine.request import SamplingParams
 from quiver.errors import FailedPrecondition
-from tests.api.harness import make_service
-from tests.idle import wait_idle
-from tests.test_isolation_engine import huge_lora, run
+from tests.support.adapter_zoo import huge_lora
+from tests.support.harness import make_service
+from tests.support.idle import wait_idle
+from tests.support.streams import run
 
 GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
 VICTIMS = [([5, 9, 14, 3], None), ([7, 8, 9, 10, 11, 12, 13], "lora"), ([20, 21, 22], "prefix"),

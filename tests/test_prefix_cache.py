@@ -11,7 +11,7 @@ from quiver.cli import _engine_config, build_parser
 from quiver.engine.block_manager import BlockManager
 from quiver.engine.request import Request, SamplingParams, Status
 from quiver.engine.scheduler import Scheduler
-from tests.models import engine_for, run_staggered, save_tiny
+from tests.support.models import engine_for, run_staggered, save_tiny
 
 PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)
 

@@ -19,7 +19,7 @@ from quiver.client import QuiverClient
 from quiver.errors import QuiverError
 from quiver.v1 import adapters_pb2 as apb
 from quiver.v1 import inference_pb2
-from tests.api.harness import health, start_server
+from tests.support.harness import health, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN, CLIENT = "admin-secret", "client-secret"

@@ -7,7 +7,7 @@ import pytest
 from quiver.engine.request import FinishReason, SamplingParams
 from quiver.engine.service import EngineService
 from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
-from tests.models import engine_for, save_tiny
+from tests.support.models import engine_for, save_tiny
 
 
 @pytest.fixture(scope="module")

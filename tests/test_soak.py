@@ -1,9 +1,9 @@
-"""A short soak (benchmarks/soak.py): 64 streaming clients over adapters of all six kinds with cancels and
-short deadlines, hostile requests and bad adapter uploads mixed in, while adapters are uploaded, replaced and
-unloaded every second; everything accounted for, probes exact, nothing logged, the engine idle and resident
-memory steady at the end."""
+"""A short soak (tests/support/soak.py; its command line is benchmarks/soak.py): 64 streaming clients over
+adapters of all six kinds with cancels and short deadlines, hostile requests and bad adapter uploads mixed in,
+while adapters are uploaded, replaced and unloaded every second; everything accounted for, probes exact,
+nothing logged, the engine idle and resident memory steady at the end."""
 
-from benchmarks.soak import SoakConfig, run
+from tests.support.soak import SoakConfig, run
 
 
 def test_short_soak(model_path, zoo, tmp_path):  # noqa: F811

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.api.harness import start_server
+from tests.support.harness import start_server
 
 
 @pytest.fixture

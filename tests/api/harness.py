@@ -1,74 +1,7 @@
-"""A real Quiver gRPC server on 127.0.0.1 (port 0) over a tiny model, run on a background event loop."""
+"""Moved to tests/support/harness.py. This re-export stays only until tests/adapters/test_config_fuzz.py,
+tests/adapters/test_patterns.py, tests/api/test_api_adapters.py, tests/api/test_api_uploads.py,
+tests/api/test_api_cli.py and tests/test_ray_serve.py import from tests.support.harness."""
 
-import asyncio
-import threading
-from concurrent.futures import Future
-from pathlib import Path
+from tests.support.harness import SMALL_ENGINE, RunningServer, health, make_service, start_server
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from quiver.api.server import QuiverServer, ServerConfig
-from quiver.config import EngineConfig, ModelConfig
-from quiver.engine.engine import Engine
-from quiver.engine.service import EngineService
-from quiver.model import attention
-from quiver.model.loader import load_model
-
-SMALL_ENGINE = dict(num_kv_blocks=128, block_size=8, max_num_batched_tokens=256, adapter_slots=4)
-
-
-def make_service(model_path: Path, *, on_step=None, **engine_config) -> EngineService:
-    """A fresh engine (its own model copy) over the tiny model at `model_path`, with its tokenizer."""
-    loaded = load_model(ModelConfig(path=str(model_path), device="cpu", dtype="float32"), attn_implementation=attention.register())
-    return EngineService(Engine(loaded, EngineConfig(**{**SMALL_ENGINE, **engine_config})), on_step=on_step)
-
-
-class RunningServer:
-    def __init__(self, config: ServerConfig) -> None:
-        self.server = QuiverServer(config)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="test-server", daemon=True)
-        self._thread.start()
-        self.run(self.server.start())
-        self.target = f"127.0.0.1:{self.server.port}"
-
-    def run(self, coroutine, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
-
-    def attach(self, service: EngineService) -> "RunningServer":
-        self.run(self.server.attach(service))
-        return self
-
-    @property
-    def service(self) -> EngineService:
-        return self.server.state.service
-
-    def run_async(self, coroutine) -> Future:
-        """Start `coroutine` on the server's loop; its result comes through the returned future."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-
-    def stop(self) -> None:
-        self.run(self.server.stop())
-        self.close()
-
-    def close(self) -> None:
-        """End the event loop (after the server has stopped)."""
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-
-def start_server(model_path: Path, tmp: Path, *, engine: dict | None = None, **config) -> RunningServer:
-    """A started server whose engine (EngineConfig fields `engine`) is attached: it says SERVING."""
-    config.setdefault("store_dir", tmp / "store")
-    config.setdefault("port", 0)
-    config.setdefault("metrics_port", 0)
-    running = RunningServer(ServerConfig(**config))
-    return running.attach(make_service(model_path, on_step=running.server.on_step, **(engine or {})))
-
-
-def health(target: str, service: str = "", credentials: grpc.ChannelCredentials | None = None) -> int:
-    with (grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+__all__ = ["SMALL_ENGINE", "RunningServer", "health", "make_service", "start_server"]

@@ -9,9 +9,9 @@ import grpc
 from quiver.client import QuiverClient
 from quiver.engine.request import SamplingParams
 from quiver.v1 import inference_pb2_grpc
-from tests.adapter_zoo import ALL
-from tests.api.harness import start_server
-from tests.models import engine_for
+from tests.support.adapter_zoo import ALL
+from tests.support.harness import start_server
+from tests.support.models import engine_for
 
 ENGINE = dict(num_kv_blocks=512, block_size=8, max_num_batched_tokens=256, adapter_slots=4)
 

@@ -8,7 +8,7 @@ import pytest
 from quiver.api.server import ServerConfig
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
-from tests.api.harness import RunningServer, health, make_service, start_server
+from tests.support.harness import RunningServer, health, make_service, start_server
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:

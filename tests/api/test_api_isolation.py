@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from quiver.client import QuiverClient
-from tests.api.harness import start_server
+from tests.support.harness import start_server
 
 VICTIMS = [[5 + i, 6, 7, 8, 9] for i in range(3)]
 HEALTH_DEADLINE = 2.0  # seconds; tokenising the 3.8 MB prompt on the event loop took about 4 s here

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from quiver.client import QuiverClient
-from tests.api.harness import health, start_server
+from tests.support.harness import health, start_server
 
 
 def _code(call) -> grpc.StatusCode:
