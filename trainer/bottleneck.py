@@ -8,8 +8,8 @@ adapted model starts exactly equal to the base model (near-identity initialisati
 import torch
 from torch import nn
 
-from quiver.adapters.formats import BOTTLENECK_SITES, DECODER_LAYERS
-from quiver.adapters.weights import ACTIVATIONS, BottleneckSite, BottleneckWeights
+from quiver.adapters.peft_layout import DECODER_LAYERS
+from quiver.adapters.weights import ACTIVATIONS, BOTTLENECK_SITES, BottleneckSite, BottleneckWeights
 
 
 class BottleneckAdapter(nn.Module):

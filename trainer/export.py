@@ -6,13 +6,13 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from quiver.adapters.formats import save_bottleneck
-from quiver.trainer.methods import Trainable
+from quiver.trainer.methods import FULL, Trainable
 
 
 def export(trainable: Trainable, out: Path, *, tokenizer: PreTrainedTokenizerBase, base_path: Path) -> None:
     """Adapter methods: an adapter directory for `base_path`. "full": a Hugging Face model folder (with tokenizer)."""
     out = Path(out)
-    if trainable.method == "full":
+    if trainable.method == FULL:
         trainable.model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     elif trainable.bottlenecks is not None:

@@ -16,18 +16,21 @@ from peft import (
 from torch import nn
 from transformers import PreTrainedModel
 
-from quiver.adapters.formats import DECODER_LAYERS
-from quiver.adapters.weights import ACTIVATIONS
+from quiver.adapters.peft_layout import DECODER_LAYERS
+from quiver.adapters.weights import ACTIVATIONS, AdapterKind
 from quiver.errors import InvalidArgument
 from quiver.trainer.bottleneck import Bottlenecks
 
-ADAPTER_METHODS = ("lora", "adapter", "prefix", "ptuning-v2", "prompt", "ptuning")  # exported as adapters
-METHODS = (*ADAPTER_METHODS, "full")  # "full" is exported as a whole model
+FULL = "full"  # full fine-tuning, exported as a whole model
+ADAPTER_METHODS = tuple(kind.method for kind in AdapterKind)  # exported as adapters: one method per kind
+METHODS = (*ADAPTER_METHODS, FULL)
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # P-tuning prompt encoders, as PEFT names them
 # Learning rates that work for each method with AdamW at a few hundred steps (prompt kinds need large ones).
-DEFAULT_LR = {
-    "lora": 1e-3, "adapter": 1e-3, "prefix": 1e-3, "ptuning-v2": 3e-3, "prompt": 3e-2, "ptuning": 1e-3, "full": 3e-5,
+_ADAPTER_LR = {
+    AdapterKind.LORA: 1e-3, AdapterKind.BOTTLENECK: 1e-3, AdapterKind.PREFIX_TUNING: 1e-3, AdapterKind.P_TUNING_V2: 3e-3,
+    AdapterKind.PROMPT_TUNING: 3e-2, AdapterKind.P_TUNING: 1e-3,
 }
+DEFAULT_LR = {kind.method: lr for kind, lr in _ADAPTER_LR.items()} | {FULL: 3e-5}  # by method name
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class MethodConfig:
         if not self.lora_targets:
             raise InvalidArgument("lora_targets is empty")
 
+    @property
+    def kind(self) -> AdapterKind | None:
+        """The adapter kind this method exports; None for full fine-tuning."""
+        return None if self.method == FULL else AdapterKind.of_method(self.method)
+
 
 @dataclass(frozen=True)
 class Trainable:
@@ -70,7 +78,7 @@ class Trainable:
 
     method: str
     model: nn.Module  # a PeftModel, or the base model itself (with bottleneck hooks, or fully trainable)
-    bottlenecks: Bottlenecks | None  # the adapter modules, for method "adapter"
+    bottlenecks: Bottlenecks | None  # the adapter modules, for the BOTTLENECK kind
     base_params: int  # parameters of the base model alone
 
     def parameters(self) -> list[nn.Parameter]:
@@ -87,14 +95,15 @@ class Trainable:
 def prepare(base: PreTrainedModel, config: MethodConfig) -> Trainable:
     """Set up `base` (modified in place) for training with `config.method`."""
     base_params = sum(p.numel() for p in base.parameters())
-    if config.method == "full":
+    kind = config.kind
+    if kind is None:
         base.requires_grad_(True)
-        return Trainable("full", base, None, base_params)
+        return Trainable(FULL, base, None, base_params)
     base.requires_grad_(False)
-    if config.method == "adapter":
+    if kind is AdapterKind.BOTTLENECK:
         bottlenecks = Bottlenecks(base, size=config.bottleneck_size, non_linearity=config.non_linearity)
-        return Trainable("adapter", base, bottlenecks, base_params)
-    prefix = _vocab_prefix(base, config.num_virtual_tokens) if config.method == "ptuning-v2" else None
+        return Trainable(config.method, base, bottlenecks, base_params)
+    prefix = _vocab_prefix(base, config.num_virtual_tokens) if kind is AdapterKind.P_TUNING_V2 else None
     model: PeftModel = get_peft_model(base, _peft_config(config))
     if prefix is not None:
         model.prompt_encoder["default"].embedding.weight.data.copy_(prefix)
@@ -122,22 +131,22 @@ def _vocab_prefix(base: PreTrainedModel, n: int) -> torch.Tensor:
 
 
 def _peft_config(config: MethodConfig):
-    n = config.num_virtual_tokens
-    if config.method == "lora":
+    n, kind = config.num_virtual_tokens, config.kind
+    if kind is AdapterKind.LORA:
         targets = "all-linear" if config.lora_targets == ("all-linear",) else list(config.lora_targets)
         return LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, use_rslora=config.rslora, target_modules=targets,
             lora_dropout=0.0, task_type="CAUSAL_LM",
         )
-    if config.method == "prefix":  # trained through the MLP; save_pretrained keeps only its output
+    if kind is AdapterKind.PREFIX_TUNING:  # trained through the MLP; save_pretrained keeps only its output
         return PrefixTuningConfig(
             num_virtual_tokens=n, prefix_projection=True, encoder_hidden_size=config.prefix_hidden, task_type="CAUSAL_LM"
         )
-    if config.method == "ptuning-v2":  # the same deep prefix, trained directly
+    if kind is AdapterKind.P_TUNING_V2:  # the same deep prefix, trained directly
         return PrefixTuningConfig(num_virtual_tokens=n, prefix_projection=False, task_type="CAUSAL_LM")
-    if config.method == "prompt":  # starts from the embeddings of random vocabulary tokens
+    if kind is AdapterKind.PROMPT_TUNING:  # starts from the embeddings of random vocabulary tokens
         return PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB, task_type="CAUSAL_LM")
-    assert config.method == "ptuning", config.method
+    assert kind is AdapterKind.P_TUNING, config.method
     return PromptEncoderConfig(
         num_virtual_tokens=n, encoder_reparameterization_type=ENCODERS[config.encoder],
         encoder_hidden_size=config.encoder_hidden, task_type="CAUSAL_LM",

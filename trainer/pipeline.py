@@ -10,7 +10,7 @@ from quiver.trainer.base import load_base
 from quiver.trainer.data import Example
 from quiver.trainer.encode import encode
 from quiver.trainer.export import export
-from quiver.trainer.methods import MethodConfig, Trainable, prepare
+from quiver.trainer.methods import FULL, MethodConfig, Trainable, prepare
 from quiver.trainer.train import TrainConfig, TrainResult, train
 
 
@@ -24,7 +24,7 @@ class Trained:
     @property
     def serve_model(self) -> Path | None:
         """The model folder to serve instead of the base (full fine-tuning), or None to serve `out` as an adapter."""
-        return self.out if self.trainable.method == "full" else None
+        return self.out if self.trainable.method == FULL else None
 
 
 def train_and_export(
@@ -38,5 +38,5 @@ def train_and_export(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result = train(trainable, data, config, pad_id=pad_id, progress=progress)
     export(trainable, out, tokenizer=tokenizer, base_path=model_path)
-    exported = trainable.base_params if method.method == "full" else load_adapter(out, base.config).num_params
+    exported = trainable.base_params if method.kind is None else load_adapter(out, base.config).num_params
     return Trained(trainable=trainable, result=result, out=Path(out), exported_params=exported)

@@ -7,7 +7,7 @@ of its request's known tokens).
 import torch
 from transformers import PreTrainedModel
 
-from quiver.adapters.formats import BOTTLENECK_SITES
+from quiver.adapters.weights import BOTTLENECK_SITES
 from quiver.adapters.weights import BottleneckWeights, LoraWeights
 from quiver.engine.request import Request
 from quiver.engine.sampler import Sampler, not_finite
