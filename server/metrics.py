@@ -1,12 +1,13 @@
 """Every Prometheus metric of the server, defined once, in its own registry (one per server).
 
-Labels are bounded: `adapter_kind` is "base", one of the six kinds (lower case, e.g. "lora") or "unknown"
-(an adapter id that is not loaded), `status` a gRPC status name,
+Labels are bounded: `adapter_kind` is "base", one of the six kinds (`AdapterKind.label`, e.g. "lora") or
+"unknown" (an adapter id that is not loaded), `status` a gRPC status name,
 `location` device/host/disk, `source` path/upload. No metric is labelled by adapter id, whose count is
 unbounded. Engine-side values (queue lengths, KV blocks, adapters by location, evictions, preemptions,
 prefix-cache hits) are read from the engine service when Prometheus scrapes.
 """
 
+import enum
 import logging
 import time
 
@@ -14,16 +15,27 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from quiver.adapters.weights import AdapterKind
 from quiver.engine.request import RequestOutput
 from quiver.engine.service import EngineService
 from quiver.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
-BASE = "base"  # the adapter_kind label of requests without an adapter
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class NoAdapter(enum.Enum):
+    """The adapter_kind of a request that runs without a loaded adapter; its label is the value."""
+
+    BASE = "base"  # the request names no adapter
+    UNKNOWN = "unknown"  # it names an adapter id that is not loaded
+
+    @property
+    def label(self) -> str:
+        return self.value
 
 
 class Metrics:
@@ -56,16 +68,16 @@ class Metrics:
         if outputs:
             self.batch_size.observe(len(outputs))
 
-    def request(self, adapter_kind: str) -> "RequestTimer":
+    def request(self, adapter_kind: AdapterKind | NoAdapter) -> "RequestTimer":
         return RequestTimer(self, adapter_kind)
 
 
 class RequestTimer:
     """The timings and token counts of one generation request."""
 
-    def __init__(self, metrics: Metrics, adapter_kind: str) -> None:
+    def __init__(self, metrics: Metrics, adapter_kind: AdapterKind | NoAdapter) -> None:
         self._m = metrics
-        self._kind = adapter_kind
+        self._kind = adapter_kind.label  # the adapter_kind label value
         self._start = time.perf_counter()
         self._first: float | None = None
         self._last: float | None = None

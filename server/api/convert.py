@@ -31,7 +31,7 @@ def sampling_params(sampling: inference_pb2.SamplingParams, stopping: inference_
 def adapter_message(info: AdapterInfo, *, stored: bool) -> adapters_pb2.Adapter:
     return adapters_pb2.Adapter(
         adapter_id=info.adapter_id,
-        kind=adapters_pb2.AdapterKind.Value(f"ADAPTER_KIND_{info.kind}"),
+        kind=adapters_pb2.AdapterKind.Value(info.kind.proto_name),
         rank=info.rank,
         num_virtual_tokens=info.num_virtual_tokens,
         num_params=info.num_params,

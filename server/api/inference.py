@@ -72,7 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Run one request; its stream is aborted in the engine if the call ends early (cancel, deadline).
         The prompt is tokenised in a worker thread: the event loop serves every other call meanwhile."""
         async with self._state.admit() as service:
-            timer = self._metrics.request(self._state.kind_label(request.adapter_id))
+            timer = self._metrics.request(self._state.request_kind(request.adapter_id))
             status = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the client went away
             try:
                 tokenizer = service.engine.tokenizer

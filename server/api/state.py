@@ -4,15 +4,16 @@ import asyncio
 import contextlib
 from typing import AsyncIterator
 
+from quiver.adapters.weights import AdapterKind
 from quiver.engine.service import EngineService
 from quiver.errors import FailedPrecondition, Unavailable
-from quiver.metrics import BASE
+from quiver.metrics import NoAdapter
 
 
 class ServingState:
     def __init__(self) -> None:
         self.service: EngineService | None = None  # set once the model is loaded
-        self.adapter_kinds: dict[str, str] = {}  # adapter id -> its AdapterKind value, for metrics labels
+        self.adapter_kinds: dict[str, AdapterKind] = {}  # adapter id -> its kind, for metrics labels
         self._draining = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -52,8 +53,9 @@ class ServingState:
         except TimeoutError:
             return False
 
-    def kind_label(self, adapter_id: str) -> str:
-        """The adapter_kind metrics label of a request: "base", a kind, or "unknown" for an id not loaded."""
+    def request_kind(self, adapter_id: str) -> AdapterKind | NoAdapter:
+        """What a request's metrics are labelled by: its adapter's kind, BASE without one, UNKNOWN for an id
+        not loaded."""
         if not adapter_id:
-            return BASE
-        return self.adapter_kinds.get(adapter_id, "unknown").lower()
+            return NoAdapter.BASE
+        return self.adapter_kinds.get(adapter_id, NoAdapter.UNKNOWN)

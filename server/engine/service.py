@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from quiver.adapters.snapshots import Snapshot
-from quiver.adapters.weights import AdapterWeights
+from quiver.adapters.weights import AdapterKind, AdapterWeights
 from quiver.engine import openmp
 from quiver.engine.engine import Engine, EngineStats
 from quiver.engine.request import FinishReason, RequestOutput, SamplingParams
@@ -88,7 +88,7 @@ class AdapterInfo:
     """One loaded adapter, as `EngineService.list_adapters` reports it."""
 
     adapter_id: str
-    kind: str  # an AdapterKind value
+    kind: AdapterKind
     summary: str  # e.g. "LORA: 28 modules, ranks 8..16, 1,234 params"
     rank: int  # LoRA max rank or bottleneck size; 0 for prefix/prompt kinds
     num_virtual_tokens: int  # prefix/prompt kinds; 0 otherwise
@@ -264,7 +264,7 @@ class EngineService:
     def _info(self, version) -> AdapterInfo:
         adapters = self.engine.adapters
         return AdapterInfo(
-            adapter_id=version.adapter_id, kind=version.kind.value, summary=version.summary, rank=version.rank,
+            adapter_id=version.adapter_id, kind=version.kind, summary=version.summary, rank=version.rank,
             num_virtual_tokens=version.weights_tokens, num_params=version.num_params, nbytes=version.nbytes,
             location=adapters.where(version), requests_served=version.requests_served,
         )
