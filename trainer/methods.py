@@ -27,8 +27,8 @@ METHODS = (*ADAPTER_METHODS, FULL)
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # P-tuning prompt encoders, as PEFT names them
 # Learning rates that work for each method with AdamW at a few hundred steps (prompt kinds need large ones).
 _ADAPTER_LR = {
-    AdapterKind.LORA: 1e-3, AdapterKind.BOTTLENECK: 1e-3, AdapterKind.PREFIX_TUNING: 1e-3, AdapterKind.P_TUNING_V2: 3e-3,
-    AdapterKind.PROMPT_TUNING: 3e-2, AdapterKind.P_TUNING: 1e-3,
+    AdapterKind.LORA: 1e-3, AdapterKind.BOTTLENECK: 1e-3, AdapterKind.PREFIX_TUNING: 1e-3,
+    AdapterKind.P_TUNING_V2: 3e-3, AdapterKind.PROMPT_TUNING: 3e-2, AdapterKind.P_TUNING: 1e-3,
 }
 DEFAULT_LR = {kind.method: lr for kind, lr in _ADAPTER_LR.items()} | {FULL: 3e-5}  # by method name
 

@@ -44,10 +44,12 @@ def parse_lora(config: ConfigValues, tensors: Tensors, shapes: BaseShapes, linea
     """linears: full name -> (in_features, out_features) of the decoder linear layers LoRA may adapt."""
     for key, feature in _LORA_UNSERVABLE.items():
         if config.get(key) not in (None, False, [], {}):
-            raise config.refuse(f"{feature} ({key}={short(config.get(key))}) cannot be served exactly; train without it")
+            value = short(config.get(key))
+            raise config.refuse(f"{feature} ({key}={value}) cannot be served exactly; train without it")
     config.only_known(_LORA_KEYS, what="LoRA")
     if config.get("bias", "none") != "none":
-        raise config.refuse(f"bias={short(config.get('bias'))} trains base biases, which cannot be served; use bias='none'")
+        bias = short(config.get("bias"))
+        raise config.refuse(f"bias={bias} trains base biases, which cannot be served; use bias='none'")
     init = config.get("init_lora_weights", True)
     if init not in _LORA_PLAIN_INITS:
         raise config.refuse(

@@ -39,7 +39,8 @@ def parse_prefix(config: ConfigValues, tensors: Tensors, shapes: BaseShapes, lin
     wanted = {"num_layers": L, "num_attention_heads": kvh, "token_dim": kvh * d}
     for key, value in wanted.items():
         if config.get(key) != value:
-            raise config.refuse(f"{key} is {short(config.get(key))}, this base model needs {value} (another architecture?)")
+            saved = short(config.get(key))
+            raise config.refuse(f"{key} is {saved}, this base model needs {value} (another architecture?)")
     flat = tensors.read("prompt_embeddings", (n, L * 2 * kvh * d))  # [n, L*2*kv_heads*head_dim]
     prefix = flat.view(n, L, 2, kvh, d).permute(1, 2, 0, 3, 4).contiguous()  # [L, 2, n, kv_heads, head_dim]
     kind = AdapterKind.PREFIX_TUNING if config.get("prefix_projection") is True else AdapterKind.P_TUNING_V2
