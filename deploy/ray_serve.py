@@ -15,17 +15,18 @@ service through Serve's gRPC proxy, each request routed to a replica that alread
 - Adapters: uploads (and loads of a directory under an adapter root) are written to the shared store, not
   to one replica; any replica loads an id from the store on its first request for it. A replaced adapter is
   loaded again by each replica at its next request; a deleted one is unloaded there and is NOT_FOUND.
-- Generation is answered as `quiver serve` answers it: same messages, status codes and bearer tokens. The
-  adapter calls act on the shared store (LoadAdapter copies a directory into it; ListAdapters lists it). Health
-  is Serve's own (`/ray.serve.RayServeAPIService/Healthz`), not grpc.health.v1. Each response carries
-  `quiver-replica` and `quiver-node` trailing metadata.
+- Calls are answered as `quiver serve` answers them: same messages, status codes and bearer tokens; the
+  adapter calls are the same catalogue (`quiver.api.catalogue`) over the shared store (LoadAdapter copies a
+  directory into it; ListAdapters lists it). Health is Serve's own (`/ray.serve.RayServeAPIService/Healthz`),
+  not grpc.health.v1. Each response carries `quiver-replica` and `quiver-node` trailing metadata.
+- Resources: a replica takes `num_gpus` GPUs; by default 1 on a cluster with GPUs and 0 (replicas on CPU) on
+  one without, where a replica asking for a GPU would wait for one forever.
 
 Start it with `quiver deploy ray` (see `start`). Ray is an optional dependency: `pip install -e .[ray]`.
 """
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import json
 import logging
@@ -40,18 +41,17 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from quiver.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
-from quiver.api.adapters import confine
+from quiver.adapters.store import AdapterStore, validate_adapter_id
 from quiver.api.auth import AuthInterceptor
 from quiver.api.cache_scope import CacheSalts, CacheScope
-from quiver.api.convert import adapter_message
-from quiver.api.errors import status_code
+from quiver.api.catalogue import AdapterCatalogue
+from quiver.api.errors import client_message, status_code
 from quiver.api.inference import InferenceServicer, server_info
 from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from quiver.api.state import ServingState
 from quiver.config import EngineConfig, ModelConfig
-from quiver.deploy.residency import Residency
-from quiver.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError
+from quiver.deploy.residency import ReplicaEngine, Residency
+from quiver.errors import QuiverError
 from quiver.metrics import Metrics
 from quiver.v1 import adapters_pb2, inference_pb2
 
@@ -71,13 +71,16 @@ class RayDeployConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # each replica's; its host cache sizes Serve's cache
     max_adapter_bytes: int = 64 << 20  # largest adapter accepted (weights, and upload size)
     max_stored_adapters: int | None = 1024  # adapters the shared store keeps; None: no limit
+    max_concurrent_uploads: int | None = 4  # uploads in progress at once, per replica; None: no limit
+    max_staged_bytes: int | None = 2 << 30  # bytes a replica's uploads in progress may have staged together
+    upload_idle_seconds: float = 30.0  # an upload that sends nothing for this long is ended
     adapter_roots: tuple[Path, ...] = ()  # where LoadAdapter may copy a directory from (on every replica's node)
     admin_token: str | None = None  # needed for LoadAdapter, UploadAdapter, UnloadAdapter
-    client_token: str | None = None  # needed for the other quiver.v1 calls
+    client_tokens: tuple[str, ...] = ()  # one of them (or the admin token) needed for the other quiver.v1 calls
     num_replicas: int = 1  # ignored when `autoscaling` is set
     autoscaling: dict | None = None  # Serve's autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 32}
     max_ongoing_requests: int = 128  # requests a replica takes at once (beyond: queued at the proxy, or spilled)
-    num_gpus: float = 1.0  # per replica: one replica per GPU
+    num_gpus: float | None = None  # per replica; None: 1 (one replica per GPU) if the cluster has GPUs, else 0 (CPU)
     num_cpus: float = 1.0  # per replica (0 lets CPU-only replicas share a node freely, as tests do)
     max_replicas_per_node: int | None = None
     events_dir: Path | None = None  # each replica appends its adapter loads/unloads/evictions here (JSON lines)
@@ -93,6 +96,9 @@ class RayDeployConfig:
         if self.max_adapters_per_replica < 1:
             raise ValueError(f"the host cache ({self.engine.host_cache_bytes:,} bytes) holds no adapter of "
                              f"max_adapter_bytes ({self.max_adapter_bytes:,}); raise one or lower the other")
+        if self.max_staged_bytes is not None and self.max_staged_bytes < self.max_adapter_bytes:
+            raise ValueError(f"max_staged_bytes ({self.max_staged_bytes:,}) is below max_adapter_bytes "
+                             f"({self.max_adapter_bytes:,}): no upload of the largest size could finish")
 
 
 def _status_on_context(empty: type):
@@ -132,13 +138,11 @@ class QuiverReplica:
         self._state = ServingState()
         self._state.service = self._service
         self._metrics = Metrics()
-        salts = CacheSalts(CacheScope.PER_TOKEN, tokens_checked=config.client_token is not None)
+        salts = CacheSalts(CacheScope.PER_TOKEN, tokens_checked=bool(config.client_tokens))
         self._inference = InferenceServicer(state=self._state, metrics=self._metrics, max_upload_bytes=config.max_adapter_bytes,
                                             max_prompt_bytes=DEFAULT_MAX_PROMPT_BYTES, cache_salts=salts)
-        self._store = AdapterStore(config.store_dir, max_adapter_bytes=config.max_adapter_bytes,
-                                   max_adapters=config.max_stored_adapters, recover=False)
-        self._auth = AuthInterceptor(admin_token=config.admin_token,
-                                     client_tokens=(config.client_token,) if config.client_token else ())
+        self._auth = AuthInterceptor(admin_token=config.admin_token, client_tokens=config.client_tokens)
+        self._server_dirs = (config.store_dir, *config.adapter_roots)  # named to clients relative to themselves
         self._events = _EventLog(config.events_dir, replica=self._replica, node=self._node)
         self._residency = Residency(self._service, store_root=config.store_dir, max_adapter_bytes=config.max_adapter_bytes,
                                     on_event=self._events.write)
@@ -148,6 +152,11 @@ class QuiverReplica:
 
         # Serve's cache of adapters on this replica; made here because its size is configured
         self._lease = serve.multiplexed(max_num_models_per_replica=config.max_adapters_per_replica)(load)
+        store = AdapterStore(config.store_dir, max_adapter_bytes=config.max_adapter_bytes, max_adapters=config.max_stored_adapters,
+                             max_uploads=config.max_concurrent_uploads, max_staged_bytes=config.max_staged_bytes, recover=False)
+        self._adapters = ReplicaEngine(self._residency, lease=self._lease)
+        self._catalogue = AdapterCatalogue(state=self._state, store=store, engine=self._adapters, roots=config.adapter_roots,
+                                           metrics=self._metrics, upload_idle_seconds=config.upload_idle_seconds, shared=True)
         log.info("replica %s on node %s: serving", self._replica, self._node)
 
     def __del__(self) -> None:
@@ -176,71 +185,27 @@ class QuiverReplica:
             return server_info(self._service, max_upload_bytes=self._config.max_adapter_bytes,
                                max_prompt_bytes=DEFAULT_MAX_PROMPT_BYTES)
 
-    # ---- AdapterService: the shared store is the catalogue ----------------------------------------------
+    # ---- AdapterService: the catalogue over the shared store ---------------------------------------------
 
     @_status_on_context(adapters_pb2.UploadAdapterResponse)
     async def UploadAdapter(self, request_stream, grpc_context) -> adapters_pb2.UploadAdapterResponse:
         async with self._call("/quiver.v1.AdapterService/UploadAdapter", grpc_context):
-            first = await anext(aiter(request_stream), None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise InvalidArgument("an upload starts with its header (adapter_id, replace), then file chunks")
-            adapter_id, replace = validate_adapter_id(first.header.adapter_id), first.header.replace
-            staged = self._stage(adapter_id, replace=replace)
-            try:
-                async for message in request_stream:
-                    if message.WhichOneof("part") != "chunk":
-                        raise InvalidArgument("only file chunks may follow an upload's header")
-                    staged.write(file_name=message.chunk.file_name, data=message.chunk.data)
-            except BaseException:
-                staged.discard()
-                raise
-            info = await self._install(staged, replace=replace)
-            return adapters_pb2.UploadAdapterResponse(adapter=adapter_message(info, stored=True), bytes_received=staged.num_bytes)
+            return await self._catalogue.upload(request_stream)
 
     @_status_on_context(adapters_pb2.LoadAdapterResponse)
     async def LoadAdapter(self, request: adapters_pb2.LoadAdapterRequest, grpc_context) -> adapters_pb2.LoadAdapterResponse:
-        """Copies a directory under an adapter root into the shared store (so every replica can load it)."""
         async with self._call("/quiver.v1.AdapterService/LoadAdapter", grpc_context):
-            adapter_id = validate_adapter_id(request.adapter_id)
-            path = confine(request.path, roots=self._config.adapter_roots)
-            staged = self._stage(adapter_id, replace=request.replace)
-            try:
-                await asyncio.to_thread(_copy_files, path, staged)
-            except BaseException:
-                staged.discard()
-                raise
-            info = await self._install(staged, replace=request.replace)
-            return adapters_pb2.LoadAdapterResponse(adapter=adapter_message(info, stored=True))
+            return await self._catalogue.load(request.adapter_id, request.path, replace=request.replace)
 
     @_status_on_context(adapters_pb2.UnloadAdapterResponse)
     async def UnloadAdapter(self, request: adapters_pb2.UnloadAdapterRequest, grpc_context) -> adapters_pb2.UnloadAdapterResponse:
-        """Deletes the adapter from the shared store and unloads it here; other replicas unload it at their
-        next request for it (NOT_FOUND) or when Serve evicts it."""
         async with self._call("/quiver.v1.AdapterService/UnloadAdapter", grpc_context):
-            adapter_id = validate_adapter_id(request.adapter_id)
-            async with _store_lock(self._store.root):
-                await asyncio.to_thread(self._store.delete, adapter_id)
-            held = self._residency.acquire(adapter_id)
-            try:
-                await asyncio.to_thread(self._residency.refresh, held)
-            except NotFound:
-                pass
-            finally:
-                if self._residency.release(held):
-                    await asyncio.to_thread(self._residency.unload, held)
-            return adapters_pb2.UnloadAdapterResponse()
+            return await self._catalogue.unload(request.adapter_id)
 
     @_status_on_context(adapters_pb2.ListAdaptersResponse)
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, grpc_context) -> adapters_pb2.ListAdaptersResponse:
-        """Every stored adapter; those this replica has loaded with their details, the others as on disk."""
         async with self._call("/quiver.v1.AdapterService/ListAdapters", grpc_context):
-            loaded = {i.adapter_id: i for i in await asyncio.to_thread(self._service.list_adapters)}
-            adapters = [
-                adapter_message(loaded[i], stored=True) if i in loaded
-                else adapters_pb2.Adapter(adapter_id=i, stored=True, location=adapters_pb2.ADAPTER_LOCATION_DISK)
-                for i in await asyncio.to_thread(self._store.ids)
-            ]
-            return adapters_pb2.ListAdaptersResponse(adapters=adapters)
+            return await self._catalogue.list()
 
     # ---- helpers -------------------------------------------------------------------------------------
 
@@ -253,7 +218,7 @@ class QuiverReplica:
             yield
         except QuiverError as e:
             grpc_context.set_code(status_code(e))
-            grpc_context.set_details(str(e))
+            grpc_context.set_details(client_message(e, server_dirs=self._server_dirs))
             raise
         except Exception:
             log.exception("bug in %s", method)
@@ -268,52 +233,11 @@ class QuiverReplica:
             yield
             return
         await self._lease(validate_adapter_id(adapter_id))  # Serve's cache: loads on a miss, may evict another
-        held = self._residency.acquire(adapter_id)
-        try:
+        async with self._adapters.held(adapter_id) as held:
             if not self._residency.current(held):
                 await asyncio.to_thread(self._residency.refresh, held)
             self._state.adapter_kinds[adapter_id] = held.info.kind
             yield
-        finally:
-            if self._residency.release(held):
-                await asyncio.to_thread(self._residency.unload, held)
-
-    def _stage(self, adapter_id: str, *, replace: bool) -> StagedAdapter:
-        if adapter_id in self._store and not replace:
-            raise AlreadyExists(f"adapter {adapter_id!r} is already stored; ask for replacement to upload it again")
-        self._store.check_room(adapter_id)
-        return self._store.stage(adapter_id)
-
-    async def _install(self, staged: StagedAdapter, *, replace: bool):
-        """Check a staged adapter, commit it to the shared store and load it here; if this engine refuses it,
-        the store goes back to what it held. Runs to its end even if the call is cancelled."""
-        task = asyncio.ensure_future(self._commit_and_load(staged, replace=replace))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(task)
-
-    async def _commit_and_load(self, staged: StagedAdapter, *, replace: bool):
-        try:
-            await asyncio.to_thread(staged.finish)
-            await asyncio.to_thread(self._service.engine.read_adapter, staged.path)  # refuse a bad adapter early
-        except BaseException:
-            staged.discard()
-            raise
-        adapter_id = staged.adapter_id
-        async with _store_lock(self._store.root):
-            await asyncio.to_thread(staged.commit, replace=replace)
-            held = None
-            try:
-                await self._lease(adapter_id)
-                held = self._residency.acquire(adapter_id)
-                info = await asyncio.to_thread(self._residency.refresh, held)
-            except BaseException:
-                await asyncio.to_thread(self._store.revert, adapter_id)
-                raise
-            finally:
-                if held is not None and self._residency.release(held):
-                    await asyncio.to_thread(self._residency.unload, held)
-            await asyncio.to_thread(self._store.settle, adapter_id)
-        return info
 
 
 class _ProxyContext:
@@ -329,23 +253,6 @@ class _ProxyContext:
     @staticmethod
     def time_remaining() -> None:
         return None
-
-
-@contextlib.asynccontextmanager
-async def _store_lock(root: Path) -> AsyncIterator[None]:
-    """Changes to the shared store run one at a time across replicas and nodes (an flock on root/.lock)."""
-    f = open(root / ".lock", "a")
-    try:
-        await asyncio.to_thread(fcntl.flock, f.fileno(), fcntl.LOCK_EX)
-        yield
-    finally:
-        f.close()  # releases the lock
-
-
-def _copy_files(source: Path, staged: StagedAdapter) -> None:
-    for path in sorted(p for p in source.iterdir() if p.is_file()):
-        with path.open("rb") as f:
-            staged.write(file_name=path.name, data=f.read())
 
 
 class _EventLog:
@@ -372,9 +279,21 @@ def application(config: RayDeployConfig):
     return QuiverReplica.options(
         **scaling,
         max_ongoing_requests=config.max_ongoing_requests,
-        ray_actor_options={"num_gpus": config.num_gpus, "num_cpus": config.num_cpus},
+        ray_actor_options={"num_gpus": gpus_per_replica(config.num_gpus), "num_cpus": config.num_cpus},
         max_replicas_per_node=config.max_replicas_per_node,
     ).bind(config)
+
+
+def gpus_per_replica(asked: float | None) -> float:
+    """GPUs each replica asks for: `asked`, or when None 1 if the connected cluster has GPUs and 0 (replicas on
+    CPU) if it has none; a replica asking for a GPU on a cluster without one would wait for it forever."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if asked is None:
+        asked = 1.0 if gpus else 0.0
+        log.info("the cluster has %g GPUs: each replica takes %g (--num-gpus sets it)", gpus, asked)
+    elif asked and not gpus:
+        log.warning("the cluster has no GPU: replicas asking for %g (--num-gpus) wait until a GPU node joins", asked)
+    return asked
 
 
 def start(

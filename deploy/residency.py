@@ -15,14 +15,19 @@ The shared store is the source of truth: an id whose store entry was replaced (a
 upload) is loaded again on its next request, and one deleted from the store is unloaded and NOT_FOUND.
 Engine registrations change under one lock (`_engine`), in worker threads, so an unload can never land
 after a newer load of the same id; counters change under a short lock (`_state`) that the event loop takes.
+
+`ReplicaEngine` is how the adapter catalogue (`quiver.api.catalogue`) serves and unloads ids on a replica:
+through the residency and Serve's cache, never the engine directly.
 """
 
+import asyncio
+import contextlib
 import logging
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from quiver.engine.service import AdapterInfo, EngineService
 from quiver.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -205,3 +210,35 @@ class Residency:
             return
         self._on_event("unload", held.adapter_id)
         log.info("adapter %r unloaded", held.adapter_id)
+
+
+class ReplicaEngine:
+    """The catalogue's engine on a replica (`quiver.api.catalogue.AdapterEngine`): an id is served through this
+    replica's residency, from its entry in the shared store, and entered in Serve's cache of the replica."""
+
+    def __init__(self, residency: Residency, *, lease: Callable[[str], Awaitable[object]]) -> None:
+        """`lease`: Serve's multiplexed loader of this replica (a miss loads the id, and may evict another)."""
+        self._residency = residency
+        self._lease = lease
+
+    async def load(self, adapter_id: str, path: Path, *, replace: bool) -> AdapterInfo:
+        """Serve the id's store entry (just committed at `path`) here, entered in Serve's cache of this replica."""
+        await self._lease(adapter_id)
+        async with self.held(adapter_id) as held:
+            return await asyncio.to_thread(self._residency.refresh, held)
+
+    async def unload(self, adapter_id: str) -> None:
+        """Its store entry is gone: unloaded here (NotFound); other replicas unload it at their next request for
+        it, or when Serve evicts it."""
+        async with self.held(adapter_id) as held:
+            await asyncio.to_thread(self._residency.refresh, held)
+
+    @contextlib.asynccontextmanager
+    async def held(self, adapter_id: str) -> AsyncIterator[Held]:
+        """Pin this replica's registration of `adapter_id`; unloaded at the end if Serve evicted it meanwhile."""
+        held = self._residency.acquire(adapter_id)
+        try:
+            yield held
+        finally:
+            if self._residency.release(held):
+                await asyncio.to_thread(self._residency.unload, held)

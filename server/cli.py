@@ -68,27 +68,33 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics listens on; it is plain HTTP without a token whatever --host, TLS and tokens say")
     g.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="every adapter directory in it is loaded at start, under its name")
-    g.add_argument("--adapter-root", type=Path, action="append", default=None,
-                   help="a directory LoadAdapter may read from; repeatable (default: --adapters-dir)")
-    g.add_argument("--store-dir", type=Path, default=None, help="where uploaded adapters are kept (default: CACHE_DIR/store)")
     g.add_argument("--max-upload-bytes", type=int, default=1 << 30, help="largest adapter upload")
-    g.add_argument("--max-stored-adapters", type=int, default=1024, help="uploaded adapters kept in the store; more uploads of new ids are refused")
-    g.add_argument("--max-concurrent-uploads", type=int, default=4, help="uploads in progress at once; more are refused (RESOURCE_EXHAUSTED)")
-    g.add_argument("--max-staged-bytes", type=int, default=2 << 30,
-                   help="bytes all uploads in progress may have staged together; a chunk beyond is refused (RESOURCE_EXHAUSTED)")
-    g.add_argument("--upload-idle-seconds", type=float, default=30.0,
-                   help="an upload that sends no message for this long is ended (RESOURCE_EXHAUSTED) and its files removed")
     g.add_argument("--max-prompt-bytes", type=int, default=DEFAULT_MAX_PROMPT_BYTES,
                    help="largest prompt text (chat: all messages' contents) in UTF-8 bytes, refused before tokenising (INVALID_ARGUMENT)")
     g.add_argument("--prefix-cache-scope", default="per-token", choices=[s.value for s in CacheScope],
                    help="which requests share cached prompt blocks: per-token (each client token its own, so no client can "
                         "time another's prompts; one scope when there are no tokens) or global (all requests)")
-    g.add_argument("--admin-token-file", type=Path, default=None, help="file holding the bearer token needed to load, upload and unload adapters")
-    g.add_argument("--client-token-file", type=Path, default=None,
-                   help="file holding the bearer tokens needed to generate: one client a line (blank lines and # comments ignored)")
     g.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS only)")
     g.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     g.add_argument("--grace-period", type=float, default=30.0, help="seconds calls in flight may run on after SIGTERM/SIGINT")
+
+
+def _add_store_flags(p: argparse.ArgumentParser, *, store_dir_help: str, store_dir_required: bool) -> None:
+    """The adapter store, its upload budgets and the bearer tokens: the same for `serve` and `deploy ray`."""
+    g = p.add_argument_group("adapter store and tokens")
+    g.add_argument("--store-dir", type=Path, default=None, required=store_dir_required, help=store_dir_help)
+    g.add_argument("--adapter-root", type=Path, action="append", default=None,
+                   help="a directory LoadAdapter may read from; repeatable (quiver serve's default: --adapters-dir)")
+    g.add_argument("--max-stored-adapters", type=int, default=1024, help="adapters kept in the store; more uploads of new ids are refused")
+    g.add_argument("--max-concurrent-uploads", type=int, default=4,
+                   help="uploads in progress at once (per replica); more are refused (RESOURCE_EXHAUSTED)")
+    g.add_argument("--max-staged-bytes", type=int, default=2 << 30,
+                   help="bytes all uploads in progress may have staged together; a chunk beyond is refused (RESOURCE_EXHAUSTED)")
+    g.add_argument("--upload-idle-seconds", type=float, default=30.0,
+                   help="an upload that sends no message for this long is ended (RESOURCE_EXHAUSTED) and its files removed")
+    g.add_argument("--admin-token-file", type=Path, default=None, help="file holding the bearer token needed to load, upload and unload adapters")
+    g.add_argument("--client-token-file", type=Path, default=None,
+                   help="file holding the bearer tokens needed to generate: one client a line (blank lines and # comments ignored)")
 
 
 def _add_client_flags(p: argparse.ArgumentParser) -> None:
@@ -111,14 +117,27 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, unless its help states its default already or it has none to
+    show (None, False, an empty list): each default is said once."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(prog="quiver", description="Serve many task adapters over one frozen base model.",
                                      epilog="quiver train / quiver eval: train adapters and score them (see quiver train --help).", formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the gRPC server", formatter_class=fmt)
     _add_model_flags(serve_p)
     _add_server_flags(serve_p)
+    _add_store_flags(serve_p, store_dir_help="where uploaded adapters are kept (default: CACHE_DIR/store)",
+                     store_dir_required=False)
     gen = sub.add_parser("generate", help="stream a reply from a running server", formatter_class=fmt)
     gen.add_argument("prompt", help="the user message (the model's chat template is applied unless --raw)")
     _add_sampling_flags(gen)
@@ -144,13 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=fmt)
     _add_model_flags(ray_p)
     _add_ray_flags(ray_p)
+    _add_store_flags(ray_p, store_dir_help="the shared adapter store: a directory every node mounts at this path",
+                     store_dir_required=True)
     return parser
 
 
 def _add_ray_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ray serve")
     g.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto); default: start a local one")
-    g.add_argument("--store-dir", type=Path, required=True, help="the shared adapter store: a directory every node mounts at this path")
     g.add_argument("--grpc-port", type=int, default=9000, help="port of Serve's gRPC proxy (it listens on every interface)")
     g.add_argument("--http-port", type=int, default=8000, help="port of Serve's HTTP proxy (127.0.0.1; quiver.v1 is gRPC only)")
     g.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"], help="where Serve runs its proxies")
@@ -159,14 +179,11 @@ def _add_ray_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas (enables autoscaling)")
     g.add_argument("--target-ongoing-requests", type=float, default=32, help="autoscaling: requests per replica to aim for")
     g.add_argument("--max-ongoing-requests", type=int, default=128, help="requests a replica takes at once; beyond, they wait or spill to another replica")
-    g.add_argument("--num-gpus", type=float, default=1.0, help="GPUs per replica")
+    g.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per replica (default: 1 if the cluster has GPUs, else 0: replicas run on CPU)")
     g.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     g.add_argument("--max-adapter-bytes", type=int, default=64 << 20,
                    help="largest adapter accepted; each replica keeps host-cache-bytes / this many adapters loaded (LRU)")
-    g.add_argument("--max-stored-adapters", type=int, default=1024, help="adapters the shared store keeps")
-    g.add_argument("--adapter-root", type=Path, action="append", default=[], help="a directory LoadAdapter may copy from; repeatable")
-    g.add_argument("--admin-token-file", type=Path, default=None, help="file holding the bearer token needed to load, upload and unload adapters")
-    g.add_argument("--client-token-file", type=Path, default=None, help="file holding the bearer token needed to generate")
 
 
 def _serve(args) -> None:
@@ -223,8 +240,10 @@ def _deploy_ray(args) -> None:
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir or default_cache_dir()),
         engine=_engine_config(args),
         max_adapter_bytes=args.max_adapter_bytes,
-        max_stored_adapters=args.max_stored_adapters, adapter_roots=tuple(r.resolve() for r in args.adapter_root),
-        admin_token=_read_token(args.admin_token_file), client_token=_read_token(args.client_token_file),
+        max_stored_adapters=args.max_stored_adapters, max_concurrent_uploads=args.max_concurrent_uploads,
+        max_staged_bytes=args.max_staged_bytes, upload_idle_seconds=args.upload_idle_seconds,
+        adapter_roots=tuple(r.resolve() for r in args.adapter_root or ()), admin_token=_read_token(args.admin_token_file),
+        client_tokens=read_tokens(args.client_token_file) if args.client_token_file else (),
         num_replicas=args.num_replicas, autoscaling=autoscaling, max_ongoing_requests=args.max_ongoing_requests,
         num_gpus=args.num_gpus, num_cpus=args.num_cpus,
     )

@@ -214,7 +214,7 @@ def local_app(model_path, zoo, tmp_path_factory):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             start(_config(model_path, store, events, num_replicas=2, max_ongoing_requests=4, admin_token=ADMIN,
-                          client_token=CLIENT), grpc_port=port, http_port=_free_port())
+                          client_tokens=(CLIENT,), adapter_roots=(zoo["lora"].parent,)), grpc_port=port, http_port=_free_port())
             proxy = Proxy(port, ADMIN)
             started = time.monotonic() - began
             yield proxy, store, events, started
@@ -333,6 +333,28 @@ class TestTwoLocalReplicas:
             assert sum(loaded.values()) <= 3  # what the replica's engine holds now: within Serve's cache
 
 
+    def test_load_copies_a_directory_under_an_adapter_root_into_the_store(self, local_app, zoo, reference):
+        proxy, store, *_ = local_app
+        adapter = proxy.client.load_adapter("copied", "bottleneck")
+        assert adapter.adapter_id == "copied" and adapter.stored and (store / "copied").is_dir()
+        tokens, *_ = proxy.generate("copied", PROMPTS[0])
+        assert tokens == reference[("bottleneck", PROMPTS[0])]
+        for path, code in (("../x", grpc.StatusCode.INVALID_ARGUMENT), ("/etc", grpc.StatusCode.PERMISSION_DENIED),
+                           ("missing", grpc.StatusCode.NOT_FOUND)):
+            with pytest.raises(grpc.RpcError) as e:
+                proxy.client.load_adapter("copied-too", path)
+            assert e.value.code() == code and str(zoo["lora"].parent) not in e.value.details(), path
+        with pytest.raises(grpc.RpcError) as e:
+            proxy.client.load_adapter("copied", "lora")
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        proxy.client.unload_adapter("copied")
+        assert not (store / "copied").exists()
+
+    def test_replicas_ask_for_no_gpu_where_the_cluster_has_none(self, local_app):
+        from quiver.deploy.ray_serve import gpus_per_replica
+
+        assert gpus_per_replica(None) == 0.0 and gpus_per_replica(0.5) == 0.5
+
     def test_unload_deletes_from_the_store_for_every_replica(self, local_app, zoo):
         proxy, store, *_ = local_app
         proxy.client.unload_adapter("lora-all-r4")
@@ -355,7 +377,7 @@ def test_replicas_on_distinct_fake_gpu_nodes(model_path, zoo, reference, tmp_pat
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from quiver.deploy.ray_serve import start
+    from quiver.deploy.ray_serve import gpus_per_replica, start
 
     with _ray_tmpdir():
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "include_dashboard": False})
@@ -365,6 +387,7 @@ def test_replicas_on_distinct_fake_gpu_nodes(model_path, zoo, reference, tmp_pat
             ray.init(address=cluster.address, log_to_driver=False)
             config = dataclasses.replace(_config(model_path, tmp_path / "store", tmp_path / "events", num_replicas=2),
                                          num_gpus=1.0)  # one replica per fake-GPU node
+            assert gpus_per_replica(None) == 1.0  # the default where the cluster has GPUs
             start(config, grpc_port=port, http_port=_free_port(), proxy_location="HeadOnly")
             proxy = Proxy(port)
             for name in ("lora", "prefix"):

@@ -9,7 +9,7 @@ import threading
 
 from grpc_health.v1 import health_pb2
 
-from quiver.cli import main
+from quiver.cli import build_parser, main
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
 from tests.api.harness import health, start_server
@@ -69,3 +69,34 @@ def test_serve_drains_on_sigterm_and_exits_0(model_path, tmp_path):
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+def _helps(parser) -> dict[str, str]:
+    """The --help text of `parser` and of each of its subcommands, by command."""
+    helps = {parser.prog: parser.format_help()}
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for sub in action.choices.values():
+            helps |= _helps(sub)
+    return helps
+
+
+def test_help_states_each_default_once():
+    helps = _helps(build_parser())
+    assert {"quiver serve", "quiver deploy ray", "quiver adapters upload"} <= set(helps)
+    for command, text in helps.items():
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "(default: False)" not in flat, command
+        for option in re.split(r"\s(?=--?[a-z])", flat):  # one option's help at a time
+            assert option.count("(default") <= 1, (command, option)
+
+
+def test_serve_and_deploy_ray_share_the_store_and_token_flags():
+    def store_group(command: list[str]) -> list[str]:
+        parser = build_parser()._subparsers._group_actions[0].choices[command[0]]
+        for name in command[1:]:
+            parser = parser._subparsers._group_actions[0].choices[name]
+        (group,) = [g for g in parser._action_groups if g.title == "adapter store and tokens"]
+        return [a.option_strings[0] for a in group._group_actions]
+
+    assert store_group(["serve"]) == store_group(["deploy", "ray"])
+    assert {"--store-dir", "--max-concurrent-uploads", "--upload-idle-seconds", "--client-token-file"} <= set(store_group(["serve"]))
