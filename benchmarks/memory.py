@@ -58,7 +58,7 @@ def measure(service: EngineService, adapter_id: str, path: Path, *, block_bytes:
     time.sleep(0.05)  # the loop thread refreshes its stats snapshot after the step that finished the request
     info = next(i for i in service.list_adapters() if i.adapter_id == adapter_id)
     disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    row = {"kind": info.kind, "rank": info.rank, "virtual_tokens": info.num_virtual_tokens, "params": info.num_params,
+    row = {"kind": info.kind.value, "rank": info.rank, "virtual_tokens": info.num_virtual_tokens, "params": info.num_params,
            "disk_bytes": disk, "host_bytes": info.nbytes, "location_after_use": info.location}
     if info.num_virtual_tokens:
         blocks = service.stats().kv_blocks_used - blocks_before

@@ -221,7 +221,7 @@ class AdapterRegistry:
                 self.blocks.release(blocks)
                 raise
             version.blocks = blocks
-            version.ref = AdapterRef(version.adapter_id, version.kind.value, prefix_blocks=tuple(blocks), prefix_len=n)
+            version.ref = AdapterRef(version.adapter_id, version.kind, prefix_blocks=tuple(blocks), prefix_len=n)
         else:
             slot = self._slot_for(version)
             if slot is None:
@@ -233,7 +233,7 @@ class AdapterRegistry:
                 self._free_slots.append(slot)
                 raise
             activation = weights.non_linearity if isinstance(weights, BottleneckWeights) else None
-            version.ref = AdapterRef(version.adapter_id, version.kind.value, slot=slot, activation=activation)
+            version.ref = AdapterRef(version.adapter_id, version.kind, slot=slot, activation=activation)
         self._on_device[version] = None
         return True
 
@@ -252,7 +252,7 @@ class AdapterRegistry:
 
     def _slot_for(self, version: AdapterVersion) -> int | None:
         """A device slot for a weight adapter, taken so that the slots stay in order of LoRA rank: the CPU path
-        reads each band of slots at its own largest rank (kernels/reference_lora.py, _banded), so rank-8 adapters
+        reads each band of slots at its own largest rank (kernels/torch_lora.py, _banded), so rank-8 adapters
         next to each other cost an eighth of rank-64 ones. A free slot if there is one, else the slot of one of
         the EVICTION_WINDOW least recently used adapters no running request holds (evicted); among those, the
         one leaving fewest adapters out of rank order, then the nearest to where its rank's band would be

@@ -4,6 +4,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from quiver.adapters.weights import AdapterKind
 from quiver.errors import InvalidArgument
 
 
@@ -68,7 +69,7 @@ class AdapterRef:
     """A request's adapter as placed on the device, pinned for the request's lifetime."""
 
     adapter_id: str
-    kind: str  # an AdapterKind value, e.g. "lora"
+    kind: AdapterKind
     slot: int = -1  # weight adapters (LoRA, bottleneck): their slot in the adapter layers
     activation: str | None = None  # bottleneck non-linearity
     prefix_blocks: tuple[int, ...] = ()  # prefix and prompt kinds: the blocks that hold the shared KV prefix
