@@ -100,8 +100,8 @@ def main() -> int:
 
 def _tiny_model(work: Path) -> Path:
     # the test-suite's tiny model and tokenizer; imported here only, as they import torch and transformers
-    from tests.api.tiny_tokenizer import save_tokenizer
-    from tests.models import save_tiny
+    from tests.support.models import save_tiny
+    from tests.support.tiny_tokenizer import save_tokenizer
 
     path = save_tiny("llama", work)
     save_tokenizer(path)

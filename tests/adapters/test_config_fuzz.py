@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from quiver.adapters import patterns
 from quiver.adapters.formats import CONFIG_FILE, WEIGHTS_FILE
 from quiver.errors import InvalidArgument
-from tests.adapter_zoo import ALL
-from tests.api.harness import make_service
+from tests.support.adapter_zoo import ALL
+from tests.support.harness import make_service
 
 KEYS = [
     "peft_type", "task_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",

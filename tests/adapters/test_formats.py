@@ -15,7 +15,7 @@ from quiver.adapters.bounds import MAX_ENTRY, MAX_GAIN, MAX_SCALE
 from quiver.adapters.formats import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_bottleneck
 from quiver.adapters.weights import AdapterKind, BottleneckSite, BottleneckWeights
 from quiver.errors import InvalidArgument
-from tests.models import save_tiny
+from tests.support.models import save_tiny
 
 KINDS = ("llama", "qwen2")
 

@@ -26,7 +26,7 @@ from quiver.adapters.lora_targets import LoraTargets
 from quiver.adapters.patterns import MAX_PATTERN_CHARS, MAX_PATTERN_SIZE, BoundedPatterns
 from quiver.engine.request import SamplingParams
 from quiver.errors import InvalidArgument
-from tests.api.harness import make_service
+from tests.support.harness import make_service
 
 NUM_LAYERS = 12  # two-digit layer indices, so that "1" and "10" can be confused
 

@@ -13,7 +13,7 @@ from quiver.trainer.evaluate import evaluate_served
 from quiver.trainer.methods import MethodConfig, prepare
 from quiver.trainer.pipeline import train_and_export
 from quiver.trainer.train import TrainConfig
-from tests.adapter_zoo import greedy_reference
+from tests.support.adapter_zoo import greedy_reference
 from tests.trainer.trainer_fixtures import save_tiny_with_tokenizer, toy_examples
 
 CONFIGS = {

@@ -6,7 +6,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from quiver.trainer.data import Example
-from tests.models import save_tiny
+from tests.support.models import save_tiny
 
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: the tiny llama's bos 1 and eos 2
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:?!'-\n"
