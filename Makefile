@@ -36,7 +36,8 @@ test: $(STAMP) $(GENERATED)
 	$(BIN)/python -m pytest -q
 
 # Every benchmark of benchmarks/ in one go (JSON and PNG under benchmarks/out/; numbers in benchmarks/RESULTS.md).
-# The first run writes 2,048 random adapters (~7 GB) under ~/.cache/quiver/bench-adapters; later runs reuse them.
+# The first run writes 2,048 random adapters (~7 GB) under CACHE_DIR/bench-adapters ($QUIVER_CACHE_DIR, else
+# $XDG_CACHE_HOME/quiver, else ~/.cache/quiver); later runs reuse them.
 BENCH := offline online adapter_load memory
 
 bench: $(STAMP) $(GENERATED)

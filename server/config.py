@@ -20,7 +20,7 @@ class ModelConfig:
     path: str | None = None  # a local Hugging Face directory; None: the default SmolLM2-135M-Instruct
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA; or float32, bfloat16, float16
     device: str = "auto"  # auto: cuda if available, else cpu
-    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "quiver")
+    cache_dir: Path = field(default_factory=default_cache_dir)  # the rule, applied when the config is made
 
 
 @dataclass(frozen=True)
