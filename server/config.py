@@ -1,6 +1,7 @@
 """Configuration: frozen dataclasses built once (from the CLI or a test) and passed down.
 
-Nothing here reads the environment at import; `default_cache_dir()` is called by the CLI.
+Nothing here reads the environment at import; `default_cache_dir()` runs when a ModelConfig is made without
+a cache_dir (and when the CLI builds one).
 """
 
 import os
