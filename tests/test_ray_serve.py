@@ -27,7 +27,7 @@ from quiver.deploy.residency import Residency
 from quiver.deploy.routing import AdapterRoutingInterceptor, CallDetails, _with_adapter
 from quiver.errors import NotFound
 from quiver.v1 import inference_pb2
-from tests.api.harness import SMALL_ENGINE, make_service, start_server
+from tests.support.harness import SMALL_ENGINE, make_service, start_server
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")  # Ray's pydantic models
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install -e .[ray])")

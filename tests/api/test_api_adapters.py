@@ -11,7 +11,7 @@ from quiver.adapters.store import AdapterStore, validate_adapter_id
 from quiver.client import QuiverClient
 from quiver.errors import InvalidArgument
 from quiver.v1 import adapters_pb2 as apb
-from tests.api.harness import start_server
+from tests.support.harness import start_server
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2
 from quiver.cli import build_parser, main
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
-from tests.api.harness import health, start_server
+from tests.support.harness import health, start_server
 
 
 def test_client_commands(model_path, tmp_path, zoo, capsys):

@@ -12,7 +12,7 @@ import pytest
 
 from quiver.client import QuiverClient
 from quiver.v1 import adapters_pb2 as apb
-from tests.api.harness import start_server
+from tests.support.harness import start_server
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
