@@ -72,6 +72,7 @@ def _paged_attention_kernel(
 def paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_starts: torch.Tensor, scale: float,
+    plan: None = None,  # this backend plans nothing
 ) -> torch.Tensor:
     """Triton `ops.PagedAttention`: for sequence b with q new tokens and n = seq_lens[b],
         out[query_starts[b] + j] = softmax(scale · Q_j · K[:n - q + j + 1]ᵀ) · V[:n - q + j + 1]

@@ -133,6 +133,7 @@ def _lora_expand_kernel(
 def lora_shrink(
     x: torch.Tensor, a: torch.Tensor, *, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
     out: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+    plan: None = None,  # this backend plans nothing
 ) -> None:
     """Triton `ops.LoraShrink`:
     out[p, s[i]:s[i+1], :r] = act(x[s[i]:s[i+1]] @ a[p, w[i], :r]ᵀ + bias[w[i], :r]),  r = ranks[w[i]].
@@ -175,7 +176,7 @@ def lora_shrink(
 def lora_expand(
     y: torch.Tensor, buf: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
     seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, plan: None = None,
 ) -> None:
     """Triton `ops.LoraExpand`, for cols = off[p]:off[p+1]:
     y[s[i]:s[i+1], cols] += scales[w[i]] · buf[p, s[i]:s[i+1], :r] @ b[w[i], cols, :r]ᵀ + bias[w[i], cols].
@@ -219,6 +220,7 @@ def lora_expand(
 def lora_apply(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
     seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    plan: None = None,
 ) -> None:
     """Triton `ops.LoraApply`: the shrink kernel into a [1, T, R_max] buffer, then the expand one."""
     buf = x.new_empty(1, x.shape[0], a.shape[2])

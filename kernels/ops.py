@@ -56,6 +56,7 @@ class PagedAttention(Protocol):
         seq_lens: torch.Tensor,  # [B] int32: KV entries of each sequence after this step, e.g. [40, 17]
         query_starts: torch.Tensor,  # [B+1] int32: query rows of sequence b are query_starts[b]:query_starts[b+1]
         scale: float,
+        plan: object | None = None,  # the backend's plan_attention for this metadata; None: planned in the call
     ) -> torch.Tensor:  # [T, H, D]
         """Causal attention of each sequence's new tokens over its paged KV (which already holds them).
 
@@ -98,6 +99,7 @@ class LoraShrink(Protocol):
         out: torch.Tensor,  # [P, T, R_max], written
         bias: torch.Tensor | None = None,  # [S, R_max], only with P == 1
         activation: str | None = None,  # a key of ACTIVATIONS or None
+        plan: object | None = None,  # the backend's plan_lora for these segments and ranks; None: planned in the call
     ) -> None:
         """Down-projection of each segment by its adapter's A, for P projections sharing the input x.
 
@@ -120,6 +122,7 @@ class LoraExpand(Protocol):
         ranks: torch.Tensor,  # [S] int32, e.g. [8, 64, 16]
         scales: torch.Tensor,  # [S] float32
         bias: torch.Tensor | None = None,  # [S, H_out_total]
+        plan: object | None = None,  # as in LoraShrink
     ) -> None:
         """Up-projection of each segment by its adapter's B, added into y; projection p owns columns off[p]:off[p+1].
 
@@ -142,10 +145,49 @@ class LoraApply(Protocol):
         seg_slots: torch.Tensor,  # [N] int32
         ranks: torch.Tensor,  # [S] int32
         scales: torch.Tensor,  # [S] float32
+        plan: object | None = None,  # as in LoraShrink
     ) -> None:
         """One projection's LoRA delta added into y: lora_shrink then lora_expand (P = 1, no bias, no activation),
             y[s[i]:s[i+1]] += scales[w] · (x[s[i]:s[i+1]] @ a[0, w, :r]ᵀ) @ b[w, :, :r]ᵀ
         """
+
+
+class PlanAttention(Protocol):
+    def __call__(
+        self,
+        *,
+        query_starts: Sequence[int],  # PagedAttention's metadata, as host lists, e.g. [0, 1, 4]
+        seq_lens: Sequence[int],  # e.g. [40, 17]
+        block_tables: Sequence[Sequence[int]],  # e.g. [[0, 3, 4], [5, 1, 2]]
+        block_size: int,
+        device: torch.device,
+    ) -> object | None:
+        """What `paged_attention` precomputes from a step's metadata, built once and passed to every layer's call
+        as `plan`; None where the backend needs nothing."""
+
+
+class PlanLora(Protocol):
+    def __call__(
+        self,
+        *,
+        seg_starts: Sequence[int],  # the LoRA ops' metadata, as host lists, e.g. [0, 3, 3, 4, 7]
+        seg_slots: Sequence[int],  # e.g. [2, 0, -1, 2]
+        ranks: Sequence[int],  # [S] e.g. [8, 64, 16]: the ranks the op will be called with
+        device: torch.device,
+    ) -> object | None:
+        """What the LoRA ops precompute from their segments and ranks, built once per step for every layer with
+        these ranks and passed as `plan`; None where the backend needs nothing."""
+
+
+def no_attention_plan(
+    *, query_starts: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int,
+    device: torch.device,
+) -> None:
+    """`PlanAttention` of a backend whose attention precomputes nothing."""
+
+
+def no_lora_plan(*, seg_starts: Sequence[int], seg_slots: Sequence[int], ranks: Sequence[int], device: torch.device) -> None:
+    """`PlanLora` of a backend whose LoRA ops precompute nothing."""
 
 
 @dataclass(frozen=True)
@@ -160,3 +202,5 @@ class KernelOps:
     lora_shrink: LoraShrink
     lora_expand: LoraExpand
     lora_apply: LoraApply  # lora_shrink then lora_expand for one projection, fused where the backend can
+    plan_attention: PlanAttention = no_attention_plan
+    plan_lora: PlanLora = no_lora_plan

@@ -4,6 +4,7 @@ Signatures, semantics and the cache layout: `quiver.kernels.ops`; tested against
 The LoRA ops of this backend are in `quiver.kernels.torch_lora`.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ def store_kv(
 def paged_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_starts: torch.Tensor, scale: float,
+    plan: "AttentionPlan | None" = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV (shapes: `ops.PagedAttention`).
 
@@ -29,7 +31,9 @@ def paged_attention(
     the cache) and attends over them token-major, without reordering them head-major first.
     """
     out = torch.empty_like(query)
-    plan = _attention_plan(block_tables, seq_lens, query_starts, k_cache.shape[1])
+    if plan is None:
+        plan = plan_attention(query_starts=query_starts.tolist(), seq_lens=seq_lens.tolist(),
+                              block_tables=block_tables.tolist(), block_size=k_cache.shape[1], device=query_starts.device)
     k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
     kvh, dim = k_cache.shape[2:]
     heads = query.shape[1]
@@ -75,26 +79,19 @@ class _PrefillChunk:
 
 
 @dataclass(frozen=True)
-class _AttentionPlan:
+class AttentionPlan:
+    """The calls `paged_attention` makes for one step's metadata (the same at every layer)."""
+
     decode: list[_DecodeGroup]
     prefill: list[_PrefillChunk]
 
 
-_ATTENTION_PLANS: dict = {}  # every layer of a step attends with the same metadata: it is planned once
-
-
-def _attention_plan(block_tables, seq_lens, query_starts, block_size: int) -> _AttentionPlan:
-    starts, lens, tables = query_starts.tolist(), seq_lens.tolist(), block_tables.tolist()
-    key = (tuple(starts), tuple(lens), tuple(map(tuple, tables)), block_size, str(query_starts.device))
-    plan = _ATTENTION_PLANS.get(key)
-    if plan is None:
-        if len(_ATTENTION_PLANS) >= 4:  # only the current step's plan is asked for again
-            _ATTENTION_PLANS.clear()
-        plan = _ATTENTION_PLANS[key] = _make_attention_plan(starts, lens, tables, block_size, query_starts.device)
-    return plan
-
-
-def _make_attention_plan(starts, lens, tables, bs: int, device) -> _AttentionPlan:
+def plan_attention(
+    *, query_starts: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int,
+    device: torch.device,
+) -> AttentionPlan:
+    """`ops.PlanAttention`: decode rows grouped by length, a causal mask per prefill chunk."""
+    starts, lens, tables, bs = query_starts, seq_lens, block_tables, block_size
     as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
     decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
@@ -113,7 +110,7 @@ def _make_attention_plan(starts, lens, tables, bs: int, device) -> _AttentionPla
             n = lens[b]
             causal = torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
             chunks.append(_PrefillChunk(starts[b], starts[b + 1], as_long(tables[b][: -(-n // bs)]), n, causal))
-    return _AttentionPlan(groups, chunks)
+    return AttentionPlan(groups, chunks)
 
 
 def write_prefix(kv_cache: torch.Tensor, prefix: torch.Tensor, block_ids: torch.Tensor) -> None:

@@ -20,20 +20,18 @@ def _segments(starts: list[int], slots: list[int], rank_of: list[int]):
     return [(s, e, w, rank_of[w]) for s, e, w in segments if w >= 0 and e > s and rank_of[w] > 0]
 
 
-_PLANS: dict = {}  # recent plans by segments and ranks: every adapter layer of a step asks for the same one
-_MAX_PLANS = 16
+def plan_lora(*, seg_starts: Sequence[int], seg_slots: Sequence[int], ranks: Sequence[int], device: torch.device) -> "LoraPlan":
+    """`ops.PlanLora`: the long segments and the short rows of a call (see _split), the same at every layer whose
+    slots have these ranks."""
+    return _split(_segments(list(seg_starts), list(seg_slots), list(ranks)), device)
 
 
-def _plan(seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, device) -> tuple[list, "_Rows | None"]:
-    """The long segments and the short rows of one call (see _split), cached across the layers of a step."""
-    starts, slots, rank_of = seg_starts.tolist(), seg_slots.tolist(), ranks.tolist()
-    key = (tuple(starts), tuple(slots), tuple(rank_of[w] if w >= 0 else 0 for w in slots), device)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = _split(_segments(starts, slots, rank_of), device)
-    return plan
+def _planned(plan: "LoraPlan | None", seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor) -> "LoraPlan":
+    """`plan`, or (None) the plan of these tensors, built now."""
+    if plan is not None:
+        return plan
+    return plan_lora(seg_starts=seg_starts.tolist(), seg_slots=seg_slots.tolist(), ranks=ranks.tolist(),
+                     device=seg_starts.device)
 
 
 # Segments of at most this many tokens (decode: one token each) are computed together in one bmm: on CPU a
@@ -84,12 +82,20 @@ class _Rows:
         return torch.arange(self.r, device=self.rows.device) < self.ranks[:, None]
 
 
-def _split(segments, device) -> tuple[list, _Rows | None]:
+@dataclass(frozen=True)
+class LoraPlan:
+    """A call's segments: `long` ones (start, end, slot, rank) computed one by one, `short` ones' rows together."""
+
+    long: list[tuple[int, int, int, int]]
+    short: _Rows | None
+
+
+def _split(segments, device) -> LoraPlan:
     """Long segments to compute one by one, and the short ones' rows to compute together."""
     long = [seg for seg in segments if seg[1] - seg[0] > _SHORT_SEGMENT]
     short = [seg for seg in segments if seg[1] - seg[0] <= _SHORT_SEGMENT]
     if not short:
-        return long, None
+        return LoraPlan(long, None)
     rows = [t for s, e, _, _ in short for t in range(s, e)]
     slots = [w for s, e, w, _ in short for _ in range(s, e)]
     ranks = [r for s, e, _, r in short for _ in range(s, e)]
@@ -102,7 +108,7 @@ def _split(segments, device) -> tuple[list, _Rows | None]:
         split = _banded(short)
         bands = (grid,) if len(split) == 1 else tuple(_make_grid(band, device) for band in split)
     uniform = min(ranks) == max(ranks)
-    return long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), uniform, grid, bands)
+    return LoraPlan(long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), uniform, grid, bands))
 
 
 def _make_grid(short, device) -> _Grid:
@@ -171,14 +177,15 @@ def _from_grid(grid: _Grid, values: torch.Tensor) -> torch.Tensor:
 
 def lora_shrink(
     x: torch.Tensor, a: torch.Tensor, *, seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor,
-    out: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None,
+    out: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None, plan: LoraPlan | None = None,
 ) -> None:
     """Down-projection of each segment by its adapter's A, for P projections sharing the input x (shapes,
     semantics: `ops.LoraShrink`). Accumulates in x's dtype on CPU (fp32 inside the matmul); `out` may be any
     float dtype.
     """
     act = ACTIVATIONS[activation] if activation is not None else None
-    long, short = _plan(seg_starts, seg_slots, ranks, x.device)
+    plan = _planned(plan, seg_starts, seg_slots, ranks)
+    long, short = plan.long, plan.short
     for s, e, w, r in long:
         for p in range(a.shape[0]):  # one 2-d matmul per projection: a broadcast 3-d one is ~10x slower in bf16
             h = x[s:e] @ a[p, w, :r].t()  # [e-s, r]
@@ -208,6 +215,7 @@ def lora_shrink(
 def lora_apply(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
     seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+    plan: LoraPlan | None = None,
 ) -> None:
     """One projection's LoRA delta added into y (shapes: `ops.LoraApply`): `lora_shrink` then `lora_expand`,
     with the same result, for y, x, a and b of one dtype.
@@ -216,12 +224,13 @@ def lora_apply(
     place (see _split) the down-projection's output stays in the slot grid for the up-projection: six torch
     ops per call instead of about sixteen, which is most of a decode step's LoRA overhead on CPU.
     """
-    long, short = _plan(seg_starts, seg_slots, ranks, y.device)
+    plan = _planned(plan, seg_starts, seg_slots, ranks)
+    long, short = plan.long, plan.short
     if (short is not None and short.grid is None) or not y.dtype == x.dtype == a.dtype == b.dtype:
         buf = x.new_empty(1, x.shape[0], a.shape[2])
-        lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
+        lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf, plan=plan)
         lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
-                    scales=scales)
+                    scales=scales, plan=plan)
         return
     scale_of = scales.tolist() if long else None
     for s, e, w, r in long:
@@ -242,7 +251,7 @@ def lora_apply(
 def lora_expand(
     y: torch.Tensor, buf: torch.Tensor, b: torch.Tensor, *, out_offsets: Sequence[int] | torch.Tensor,
     seg_starts: torch.Tensor, seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
-    bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, plan: LoraPlan | None = None,
 ) -> None:
     """Up-projection of each segment by its adapter's B, added into y (shapes, semantics: `ops.LoraExpand`).
 
@@ -250,7 +259,8 @@ def lora_expand(
     """
     offs = [int(o) for o in out_offsets]
     scale_of = scales.tolist()
-    long, short = _plan(seg_starts, seg_slots, ranks, y.device)
+    plan = _planned(plan, seg_starts, seg_slots, ranks)
+    long, short = plan.long, plan.short
     for s, e, w, r in long:
         for p in range(len(offs) - 1):
             lo, hi = offs[p], offs[p + 1]

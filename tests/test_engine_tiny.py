@@ -1,9 +1,12 @@
 """The engine against transformers' eager model, on tiny random Llama and Qwen2 models (GQA)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from quiver.engine.request import SamplingParams
+from quiver.model import batch as batch_module
 from tests.support.models import RecordingSampler, eager, engine_for, run_staggered, save_tiny
 
 PROMPT_LENS = [1, 5, 17, 33, 64, 3, 90, 12]
@@ -109,3 +112,36 @@ def test_triton_backend_wiring_matches_eager(tiny):
         expected = ref.generate(torch.tensor([prompt]), max_new_tokens=3, do_sample=False, min_new_tokens=3)
         assert tokens[str(i)] == expected[0, len(prompt):].tolist()
     assert engine.blocks.num_used == 0
+
+
+def test_the_step_object_is_built_once_per_step_whatever_the_number_of_layers(tiny, monkeypatch):
+    """One StepBatch and one attention plan per forward; every layer's attention call reads that step's plan."""
+    engine = engine_for(tiny, num_kv_blocks=64, block_size=8, max_num_batched_tokens=24)
+    layers = engine.runner.model.config.num_hidden_layers
+    assert layers > 1
+    built, planned, attended, forwards = [], [], [], []
+
+    class CountedStep(batch_module.StepBatch):
+        def __init__(self, **fields):
+            built.append(1)
+            super().__init__(**fields)
+
+    def plan_attention(**metadata):
+        planned.append(ops.plan_attention(**metadata))
+        return planned[-1]
+
+    def paged_attention(*tensors, plan, **metadata):
+        attended.append(plan)
+        return ops.paged_attention(*tensors, plan=plan, **metadata)
+
+    def execute(*args, **kwargs):
+        forwards.append(1)
+        return run(*args, **kwargs)
+
+    ops, run = engine.runner.ops, engine.runner.execute
+    monkeypatch.setattr(batch_module, "StepBatch", CountedStep)
+    engine.runner.ops = dataclasses.replace(ops, plan_attention=plan_attention, paged_attention=paged_attention)
+    engine.runner.execute = execute
+    run_staggered(engine, _prompts()[:4], SamplingParams(max_new_tokens=4, ignore_eos=True), [0, 0, 1, 2])
+    assert len(forwards) > 3 and len(built) == len(planned) == len(forwards)
+    assert [id(plan) for plan in attended] == [id(plan) for plan in planned for _ in range(layers)]

@@ -13,8 +13,9 @@ from quiver.engine.request import Request
 from quiver.engine.sampler import Sampler, not_finite
 from quiver.engine.scheduler import ScheduledChunk
 from quiver.kernels import KernelOps
-from quiver.model.batch import AdapterBatch, StepBatch, StepContext
-from quiver.model.layers import AdapterLinear, install_adapter_layers
+from quiver.model import attention
+from quiver.model.batch import AdapterBatch, StepContext, build_step
+from quiver.model.layers import AdapterLinear, install_adapter_layers, plan_layers
 
 
 def kv_cache_shape(model: PreTrainedModel, *, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -44,7 +45,8 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache: torch.Tensor | None = None  # [L, 2, NB, BS, KVH, D], by allocate_kv_cache
         self.sampler = Sampler()
-        self.context = StepContext()
+        self.context = StepContext()  # the current step, for the attention modules and the adapter layers
+        attention.attach(model, self.context)
         self.adapter_slots = adapter_slots
         self.max_lora_rank = max_lora_rank
         self.max_bottleneck_size = max_bottleneck_size
@@ -94,26 +96,16 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(starts[-1] - 1)
                 sampled.append(request)
-        max_blocks = max(len(c.request.block_table) for c in chunks)
-        tables = [c.request.block_table + [0] * (max_blocks - len(c.request.block_table)) for c in chunks]
-        batch = StepBatch(
-            kv_cache=self.kv_cache,
-            ops=self.ops,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_starts=torch.tensor(starts, dtype=torch.int32, device=dev),
+        step = build_step(
+            kv_cache=self.kv_cache, ops=self.ops, slot_mapping=slots, block_tables=[c.request.block_table for c in chunks],
+            seq_lens=seq_lens, query_starts=starts, adapters=self._adapter_batch(chunks, starts), device=dev,
         )
-        self.context.adapters = self._adapter_batch(chunks, starts)
-        try:
+        with self.context.stepping(step):
             hidden = self.decoder(
                 input_ids=torch.tensor([input_ids], device=dev),
                 position_ids=torch.tensor([positions], device=dev),
                 use_cache=False,
-                quiver_batch=batch,
             ).last_hidden_state[0]  # [T, hidden]
-        finally:
-            self.context.adapters = None
         # cheap, and also false if a huge sum overflows (checked exactly then); read after sampling, which waits
         finite = hidden.sum(dtype=torch.float32).isfinite()
         outcomes: list[tuple[Request, int | Exception]] = []
@@ -125,7 +117,8 @@ class ModelRunner:
         return outcomes
 
     def _adapter_batch(self, chunks: list[ScheduledChunk], starts: list[int]) -> AdapterBatch | None:
-        """One segment per run of consecutive chunks with the same weight-adapter slot; None if no chunk has one."""
+        """One segment per run of consecutive chunks with the same weight-adapter slot, with every adapter layer's
+        plans for them; None if no chunk has one."""
         if not self.adapter_layers or all(_slot_of(c) < 0 for c in chunks):
             return None
         seg_starts, seg_slots = [0], []
@@ -138,11 +131,17 @@ class ModelRunner:
                 seg_starts.append(end)
         activations = frozenset(c.request.adapter.activation for c in chunks if _slot_of(c) >= 0 and c.request.adapter.activation)
         dev = self.device
+        lora_plans, bottleneck_plans = plan_layers(
+            list(self.adapter_layers.values()), ops=self.ops, seg_starts=seg_starts, seg_slots=seg_slots,
+            activations=activations, device=dev,
+        )
         return AdapterBatch(
             seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
             activations=activations,
             slots=frozenset(w for w in seg_slots if w >= 0),
+            lora_plans=lora_plans,
+            bottleneck_plans=bottleneck_plans,
         )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -196,20 +195,16 @@ class ModelRunner:
         """embeddings [n, hidden]: run virtual tokens at positions 0..n-1 through the base model, keeping
         only their K/V, which land in `blocks` (a prompt adapter's shared prefix)."""
         n, bs, dev = embeddings.shape[0], self.block_size, self.device
-        batch = StepBatch(
-            kv_cache=self.kv_cache,
-            ops=self.ops,
-            slot_mapping=torch.tensor([blocks[p // bs] * bs + p % bs for p in range(n)], dtype=torch.int64, device=dev),
-            block_tables=torch.tensor([blocks], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            query_starts=torch.tensor([0, n], dtype=torch.int32, device=dev),
+        step = build_step(
+            kv_cache=self.kv_cache, ops=self.ops, slot_mapping=[blocks[p // bs] * bs + p % bs for p in range(n)],
+            block_tables=[blocks], seq_lens=[n], query_starts=[0, n], adapters=None, device=dev,
         )
-        self.decoder(
-            inputs_embeds=embeddings.to(dev, self.model.dtype)[None],
-            position_ids=torch.arange(n, device=dev)[None],
-            use_cache=False,
-            quiver_batch=batch,
-        )
+        with self.context.stepping(step):
+            self.decoder(
+                inputs_embeds=embeddings.to(dev, self.model.dtype)[None],
+                position_ids=torch.arange(n, device=dev)[None],
+                use_cache=False,
+            )
 
 
 def _with_overflows(

@@ -1,17 +1,18 @@
 """The attention function registered with transformers' `AttentionInterface`.
 
-Hugging Face attention modules compute Q, K, V (with rotary embeddings) and call this function with the
-`quiver_batch` keyword that the runner passed to the model: it stores the new K/V in the paged cache and
-attends over each sequence's blocks. Masking is done here (no mask function is registered, so
-transformers passes `attention_mask=None`).
+Hugging Face attention modules compute Q, K, V (with rotary embeddings) and call this function, which reads
+the current step from the `StepContext` the runner attached to every attention module (`attach`): it stores
+the new K/V in the paged cache and attends over each sequence's blocks. Masking is done here (no mask
+function is registered, so transformers passes `attention_mask=None`).
 """
 
 import torch
 from transformers import AttentionInterface
 
-from quiver.model.batch import StepBatch
+from quiver.model.batch import StepContext
 
 ATTENTION_NAME = "quiver_paged"
+CONTEXT_ATTRIBUTE = "quiver_context"  # the attribute of each attention module that holds its runner's StepContext
 
 
 def paged_attention_forward(
@@ -22,10 +23,9 @@ def paged_attention_forward(
     attention_mask: torch.Tensor | None,
     *,
     scaling: float,
-    quiver_batch: StepBatch,
     **_unused,  # the other keywords transformers passes (dropout, position_ids, ...)
 ) -> tuple[torch.Tensor, None]:
-    batch = quiver_batch
+    batch = getattr(module, CONTEXT_ATTRIBUTE).step
     layer = module.layer_idx
     k_cache, v_cache = batch.kv_cache[layer, 0], batch.kv_cache[layer, 1]
     new_k = key[0].transpose(0, 1).contiguous()  # [T, KVH, D]
@@ -39,6 +39,7 @@ def paged_attention_forward(
         seq_lens=batch.seq_lens,
         query_starts=batch.query_starts,
         scale=scaling,
+        plan=batch.attention_plan,
     )
     return out.unsqueeze(0), None  # [1, T, H, D]
 
@@ -47,3 +48,9 @@ def register() -> str:
     """Make the function known to transformers (idempotent) and return its name."""
     AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
     return ATTENTION_NAME
+
+
+def attach(model: torch.nn.Module, context: StepContext) -> None:
+    """Give every attention module of the decoder the runner's `context`, where it reads the current step."""
+    for block in model.get_decoder().layers:
+        setattr(block.self_attn, CONTEXT_ATTRIBUTE, context)

@@ -1,4 +1,4 @@
-"""The per-step batch metadata, built by the runner and read by the attention function.
+"""The per-step object: built once per step by the runner, read by the attention function and every adapter layer.
 
 All of a step's tokens are packed into one row. Running example: sequence 0 decodes its 40th token,
 sequence 1 prefills a 3-token chunk after 14 computed tokens (block size 16):
@@ -9,6 +9,8 @@ sequence 1 prefills a 3-token chunk after 14 computed tokens (block size 16):
     query_starts      [0, 1, 4]
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +20,16 @@ from quiver.kernels import KernelOps
 
 @dataclass(frozen=True)
 class StepBatch:
+    """One step's metadata and the backend's plans for it: every layer of the step reads this one object."""
+
     kv_cache: torch.Tensor  # [L, 2, NB, BS, KVH, D]
     ops: KernelOps
     slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V goes
     block_tables: torch.Tensor  # [B, MAXB] int32: each sequence's blocks (rows padded with 0)
     seq_lens: torch.Tensor  # [B] int32: KV entries per sequence after this step
     query_starts: torch.Tensor  # [B+1] int32: rows of sequence b are query_starts[b]:query_starts[b+1]
+    attention_plan: object | None  # ops.plan_attention of this metadata, the same at every layer
+    adapters: "AdapterBatch | None"  # None: no token uses a weight adapter
 
 
 @dataclass(frozen=True)
@@ -37,14 +43,45 @@ class AdapterBatch:
     seg_starts: torch.Tensor  # [N+1] int32
     seg_slots: torch.Tensor  # [N] int32, -1 = no weight adapter
     activations: frozenset[str]  # the bottleneck non-linearities of the slots in this batch
-    slots: frozenset[int] = frozenset()  # the slots present (>= 0): layers where none holds weights skip the ops
+    slots: frozenset[int]  # the slots present (>= 0): layers where none holds weights skip the ops
+    lora_plans: tuple[object | None, ...]  # [adapter layer index]: ops.plan_lora for that layer's LoRA ranks
+    bottleneck_plans: tuple[dict[str, object | None], ...]  # [adapter layer index]: activation -> ops.plan_lora
 
 
 class StepContext:
-    """The runner's per-step state that adapter layers read; set before each forward, cleared after.
-
-    One object per runner, handed to every adapter layer when it is built (not a module global).
+    """Where the layers find the current step: one per runner, held by every adapter layer and attention module
+    (not a module global); `step` is set by the runner for the duration of one forward.
     """
 
     def __init__(self) -> None:
-        self.adapters: AdapterBatch | None = None
+        self.step: StepBatch | None = None
+
+    @contextmanager
+    def stepping(self, step: StepBatch) -> Iterator[StepBatch]:
+        """`step` is the current step inside the block, and none after it."""
+        self.step = step
+        try:
+            yield step
+        finally:
+            self.step = None
+
+
+def build_step(
+    *, kv_cache: torch.Tensor, ops: KernelOps, slot_mapping: list[int], block_tables: list[list[int]],
+    seq_lens: list[int], query_starts: list[int], adapters: AdapterBatch | None, device: torch.device,
+) -> StepBatch:
+    """The step object of this metadata (host lists; block table rows may differ in length), with its attention plan."""
+    width = max(len(t) for t in block_tables)
+    tables = [t + [0] * (width - len(t)) for t in block_tables]
+    return StepBatch(
+        kv_cache=kv_cache,
+        ops=ops,
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_starts=torch.tensor(query_starts, dtype=torch.int32, device=device),
+        attention_plan=ops.plan_attention(
+            query_starts=query_starts, seq_lens=seq_lens, block_tables=tables, block_size=kv_cache.shape[3], device=device
+        ),
+        adapters=adapters,
+    )

@@ -6,14 +6,16 @@
 
 for each segment `seg` of tokens whose adapter sits in slot w (see `AdapterBatch`). Adapter weights live
 in per-slot stacks padded to the maximum rank; each adapter is computed at its own rank by the kernels,
-and a slot whose adapter does not touch this layer has rank 0 here, which costs nothing.
+and a slot whose adapter does not touch this layer has rank 0 here, which costs nothing. The layers read
+the current step (segments and the backend's plans, built once per step by `plan_layers`) from the runner's
+`StepContext`.
 """
 
 import torch
 from torch import nn
 
 from quiver.kernels import KernelOps
-from quiver.model.batch import StepContext
+from quiver.model.batch import AdapterBatch, StepContext
 
 
 class AdapterLinear(nn.Module):
@@ -22,6 +24,7 @@ class AdapterLinear(nn.Module):
         base_layer: nn.Linear,
         *,
         context: StepContext,
+        index: int,  # this layer's position among the runner's adapter layers: its entry in a step's plans
         ops: KernelOps,
         num_slots: int,
         max_rank: int,
@@ -30,6 +33,7 @@ class AdapterLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.context = context
+        self.index = index
         self.ops = ops
         w = base_layer.weight
         din, dout, dt, dev = base_layer.in_features, base_layer.out_features, w.dtype, w.device
@@ -42,6 +46,8 @@ class AdapterLinear(nn.Module):
         # here (e.g. q/v-only LoRA adapters leave the other five projections alone, with no launch and no sync)
         self.lora_slots: set[int] = set()
         self.bn_slots: set[int] = set()
+        self.lora_rank_of = [0] * num_slots  # lora_ranks and bn_sizes mirrored on the host, for the step's plans
+        self.bn_size_of = [0] * num_slots
         self.bottleneck_size = bottleneck_size
         if bottleneck_size:
             bn = bottleneck_size
@@ -66,6 +72,7 @@ class AdapterLinear(nn.Module):
         self.lora_b[slot, :, r:].zero_()
         self.lora_ranks[slot] = r
         self.lora_scales[slot] = scale
+        self.lora_rank_of[slot] = r
         self.lora_slots.add(slot)
 
     def set_bottleneck(
@@ -83,11 +90,13 @@ class AdapterLinear(nn.Module):
         self.bn_sizes[slot] = bn
         self.bn_scales[slot] = scale
         self.bn_activation[slot] = activation
+        self.bn_size_of[slot] = bn
         self.bn_slots.add(slot)
 
     def clear(self, slot: int) -> None:
         """Forget whatever adapter `slot` held here (rank 0: the kernels skip it)."""
         self.lora_ranks[slot] = 0
+        self.lora_rank_of[slot] = self.bn_size_of[slot] = 0
         self.lora_slots.discard(slot)
         self.bn_slots.discard(slot)
         if self.bottleneck_size:
@@ -98,29 +107,61 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        batch = self.context.adapters
+        step = self.context.step
+        batch = step.adapters if step is not None else None
         if batch is None:
             return y
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         y2 = y.view(-1, y.shape[-1])  # [T, out]
         if not self.lora_slots.isdisjoint(batch.slots):
             self.ops.lora_apply(y2, x2, self.lora_a, self.lora_b, out_offsets=self.out_offsets, seg_starts=batch.seg_starts,
-                                seg_slots=batch.seg_slots, ranks=self.lora_ranks, scales=self.lora_scales)
+                                seg_slots=batch.seg_slots, ranks=self.lora_ranks, scales=self.lora_scales,
+                                plan=batch.lora_plans[self.index])
         if self.bottleneck_size and batch.activations and not self.bn_slots.isdisjoint(batch.slots):
             self._bottleneck(y2, batch)
         return y
 
-    def _bottleneck(self, y2: torch.Tensor, batch) -> None:
+    def _bottleneck(self, y2: torch.Tensor, batch: AdapterBatch) -> None:
         h = y2.clone()  # the delta reads the layer's output before any of it is added
         buf = y2.new_empty(1, y2.shape[0], self.bottleneck_size)  # [1, T, bn]
         for act in batch.activations:  # one launch per non-linearity present; other slots count as rank 0
             sizes = torch.where(self._activation_mask(act), self.bn_sizes, 0)
-            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots, ranks=sizes)
+            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots, ranks=sizes,
+                       plan=batch.bottleneck_plans[self.index][act])
             self.ops.lora_shrink(h, self.bn_down, out=buf, bias=self.bn_down_bias, activation=act, **seg)
             self.ops.lora_expand(y2, buf, self.bn_up, out_offsets=self.out_offsets, scales=self.bn_scales, bias=self.bn_up_bias, **seg)
 
     def _activation_mask(self, act: str) -> torch.Tensor:
         return torch.tensor([a == act for a in self.bn_activation], device=self.bn_sizes.device)
+
+    def bottleneck_sizes_of(self, act: str) -> list[int]:
+        """The host mirror of the `ranks` its bottleneck ops take for non-linearity `act`: other slots count as 0."""
+        return [n if a == act else 0 for n, a in zip(self.bn_size_of, self.bn_activation)]
+
+
+def plan_layers(
+    layers: list[AdapterLinear], *, ops: KernelOps, seg_starts: list[int], seg_slots: list[int],
+    activations: frozenset[str], device: torch.device,
+) -> tuple[tuple[object | None, ...], tuple[dict[str, object | None], ...]]:
+    """Every layer's `ops.plan_lora` for this step's segments, its LoRA ops' and (by activation) its bottleneck
+    ops': (lora_plans, bottleneck_plans), indexed by layer index. Layers whose slots have the same ranks share
+    one plan (built once); a layer that skips the ops this step gets None / {}."""
+    present = sorted({w for w in seg_slots if w >= 0})
+    plans: dict[tuple[int, ...], object | None] = {}  # by the ranks of the present slots
+
+    def plan_of(ranks: list[int]) -> object | None:
+        key = tuple(ranks[w] for w in present)
+        if key not in plans:
+            plans[key] = ops.plan_lora(seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, device=device)
+        return plans[key]
+
+    lora_plans, bottleneck_plans = [], []
+    for layer in layers:
+        uses_lora = not layer.lora_slots.isdisjoint(present)
+        lora_plans.append(plan_of(layer.lora_rank_of) if uses_lora else None)
+        uses_bottleneck = layer.bottleneck_size and not layer.bn_slots.isdisjoint(present)
+        bottleneck_plans.append({act: plan_of(layer.bottleneck_sizes_of(act)) for act in activations} if uses_bottleneck else {})
+    return tuple(lora_plans), tuple(bottleneck_plans)
 
 
 def install_adapter_layers(
@@ -131,7 +172,7 @@ def install_adapter_layers(
     e.g. "model.layers.3.self_attn.q_proj"."""
     decoder_layers = model.get_decoder().layers
     prefix = next(name for name, module in model.named_modules() if module is decoder_layers)
-    wrapped: dict[str, AdapterLinear] = {}
+    wrapped: dict[str, AdapterLinear] = {}  # in index order
     for i, block in enumerate(decoder_layers):
         for name, module in list(block.named_modules()):
             if not isinstance(module, nn.Linear):
@@ -139,7 +180,7 @@ def install_adapter_layers(
             parent_name, _, attr = name.rpartition(".")
             parent = block.get_submodule(parent_name) if parent_name else block
             layer = AdapterLinear(
-                module, context=context, ops=ops, num_slots=num_slots, max_rank=max_rank,
+                module, context=context, index=len(wrapped), ops=ops, num_slots=num_slots, max_rank=max_rank,
                 bottleneck_size=bottleneck_size if name in bottleneck_sites else 0,
             )
             setattr(parent, attr, layer)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quiver.kernels import TORCH_OPS, attention, kv_cache, lora, select_ops
-from quiver.kernels.ops import KernelOps
+from quiver.kernels.ops import KernelOps, no_attention_plan, no_lora_plan
 
 
 def test_triton_backend_is_all_triton_launchers():
@@ -17,6 +17,7 @@ def test_triton_backend_is_all_triton_launchers():
         "store_kv": kv_cache.store_kv, "paged_attention": attention.paged_attention,
         "write_prefix": kv_cache.write_prefix, "copy_blocks": kv_cache.copy_blocks,
         "lora_shrink": lora.lora_shrink, "lora_expand": lora.lora_expand, "lora_apply": lora.lora_apply,
+        "plan_attention": no_attention_plan, "plan_lora": no_lora_plan,
     }
     fields = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops) if f.name != "name"}
     assert ops.name == "triton" and fields == expected
