@@ -9,6 +9,7 @@ from quiver.engine.request import Request, SamplingParams
 from quiver.engine.sampler import Sampler
 from quiver.errors import FailedPrecondition
 from tests.support.adapter_zoo import huge_lora
+from tests.support.handles import adapter_handle
 from tests.support.harness import make_service
 from tests.support.idle import wait_idle
 from tests.support.models import engine_for
@@ -64,7 +65,7 @@ def test_the_sampler_ends_non_finite_rows_alone_and_samples_huge_finite_ones():
         [0.5, 0.25, 2.0, 1.0],
     ])
     temperatures = [0.0, 0.0, 0.7, 1e-40, 1e-300]
-    requests = [Request(str(i), [1], SamplingParams(temperature=t, seed=i), kv_adapter=("x", 1) if i == 2 else None)
+    requests = [Request(str(i), [1], SamplingParams(temperature=t, seed=i), adapter=adapter_handle("x") if i == 2 else None)
                 for i, t in enumerate(temperatures)]
     got = Sampler().sample(logits, requests)
     assert got[0] == 0 and got[3] == 1 and got[4] == 2

@@ -3,6 +3,7 @@
 from quiver.engine.block_manager import BlockManager
 from quiver.engine.request import Request, SamplingParams, Status
 from quiver.engine.scheduler import Scheduler
+from tests.support.handles import adapter_handle
 
 
 def _req(i: int, n: int) -> Request:
@@ -74,7 +75,7 @@ def test_finish_frees_blocks_of_waiting_and_running_requests():
 def _for(i: int, adapter: str | None) -> Request:
     """A 3-token request for adapter (id, version 1), or for the base model."""
     request = _req(i, 3)
-    request.kv_adapter = (adapter, 1) if adapter else None
+    request.adapter = adapter_handle(adapter) if adapter else None
     return request
 
 

@@ -11,19 +11,24 @@ from quiver.engine.block_manager import BlockManager
 
 
 class FakeDevice:
+    """The slots as the runner would leave them after performing the registry's queued writes."""
+
     max_bottleneck_size = 0
 
     def __init__(self, num_slots: int, max_rank: int = 64) -> None:
         self.num_adapter_slots = num_slots
         self.max_lora_rank = max_rank
-        self.rank_at: list[int | None] = [None] * num_slots
+        self.registry: AdapterRegistry | None = None
+        self._rank_at: list[int | None] = [None] * num_slots
 
-    def write_adapter(self, slot, weights) -> None:
-        assert self.rank_at[slot] is None, "wrote over a slot in use"
-        self.rank_at[slot] = weights.max_rank
-
-    def clear_adapter(self, slot) -> None:
-        self.rank_at[slot] = None
+    @property
+    def rank_at(self) -> list[int | None]:
+        """Each slot's LoRA rank (None: empty), once the writes queued so far are performed."""
+        for write in self.registry.take_writes():
+            if write.weights is not None:
+                assert self._rank_at[write.slot] is None, "wrote over a slot in use"
+            self._rank_at[write.slot] = write.weights.max_rank if write.weights is not None else None
+        return self._rank_at
 
 
 def lora(rank: int) -> LoraWeights:
@@ -33,7 +38,8 @@ def lora(rank: int) -> LoraWeights:
 def registry(num_slots: int) -> tuple[AdapterRegistry, FakeDevice]:
     device = FakeDevice(num_slots)
     blocks = BlockManager(num_blocks=4, block_size=16)
-    return AdapterRegistry(device=device, blocks=blocks, read=lambda path: None, host_cache_bytes=1 << 30), device
+    device.registry = AdapterRegistry(device=device, blocks=blocks, read=lambda path: None, host_cache_bytes=1 << 30)
+    return device.registry, device
 
 
 def run_once(reg: AdapterRegistry, adapter_id: str):

@@ -11,7 +11,9 @@ slot when all are taken evicts one of the EVICTION_WINDOW least recently used id
 keeps the slots in order of LoRA rank (see `_slot_for`).
 
 Requests pin an adapter *version* from submission to finish (`pin`/`unpin`), and its device placement
-while they run (`place`/`unplace`). Unloading or replacing an id retires the old version: new requests
+while they run (`place`/`unplace`). Placing is bookkeeping only: it reserves a slot or blocks and queues
+the write (`take_writes`), which the runner performs before the step's forward; the engine then hands the
+writes back (`written`), and the room of one that failed is given back. Unloading or replacing an id retires the old version: new requests
 see the new one (or NotFound), requests already submitted finish on the version they pinned, and a retired
 version's memory (and its snapshot) is freed when its last pin goes. A version loaded from a directory is
 read again from a private snapshot of the files it was loaded from (`server/adapters/snapshots.py`), so no
@@ -22,24 +24,20 @@ this class (`snapshots.take` is the exception: any thread may call it).
 import itertools
 import logging
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
 
-import torch
-
-from quiver.adapters.snapshots import Snapshot, Snapshots
-from quiver.adapters.weights import (
-    PREFIX_KINDS,
-    AdapterKind,
-    AdapterWeights,
-    BottleneckWeights,
-    LoraWeights,
-    PrefixWeights,
-    PromptWeights,
+from quiver.adapters.placement import (
+    AdapterLimits,
+    AdapterRef,
+    AdapterVersion,
+    BlockAllocator,
+    DeviceWrite,
+    PrefixWrite,
+    SlotWrite,
 )
-from quiver.engine.block_manager import BlockManager
-from quiver.engine.request import AdapterRef
+from quiver.adapters.snapshots import Snapshot, Snapshots
+from quiver.adapters.weights import PREFIX_KINDS, AdapterKind, AdapterWeights, BottleneckWeights, LoraWeights
 from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, QuiverError
 
 log = logging.getLogger(__name__)
@@ -47,47 +45,12 @@ log = logging.getLogger(__name__)
 EVICTION_WINDOW = 16  # when every slot is taken: the least recently used idle adapters one may be evicted from
 
 
-class AdapterDevice(Protocol):
-    """What the registry needs from the model side (implemented by `quiver.engine.runner.ModelRunner`)."""
-
-    num_adapter_slots: int
-    max_lora_rank: int
-    max_bottleneck_size: int
-
-    def write_adapter(self, slot: int, weights: LoraWeights | BottleneckWeights) -> None: ...
-    def clear_adapter(self, slot: int) -> None: ...
-    def write_prefix(self, prefix: torch.Tensor, blocks: list[int]) -> None: ...
-    def prefill_embeddings(self, embeddings: torch.Tensor, blocks: list[int]) -> None: ...
-    def blocks_finite(self, blocks: list[int]) -> bool: ...
-    def clear_blocks(self, blocks: list[int]) -> None: ...
-
-
-@dataclass(eq=False)
-class AdapterVersion:
-    adapter_id: str
-    version: int
-    kind: AdapterKind
-    source: Snapshot | Path | None  # where to read the weights again after a host eviction; None: never evicted
-    weights: AdapterWeights | None
-    nbytes: int
-    num_params: int
-    summary: str
-    pins: int = 0  # requests submitted and not finished
-    placements: int = 0  # running requests using its device placement
-    retired: bool = False  # unloaded or replaced: no new requests
-    ref: AdapterRef | None = None  # its device placement, if any
-    blocks: list[int] = field(default_factory=list)  # prefix kinds: the KV blocks it owns
-    requests_served: int = 0
-    weights_tokens: int = 0  # prefix and prompt kinds: the virtual tokens ahead of every prompt
-    rank: int = 0  # LoRA: the largest rank; bottleneck: its size; 0 for prefix and prompt kinds
-
-
 class AdapterRegistry:
     def __init__(
         self,
         *,
-        device: AdapterDevice,
-        blocks: BlockManager,
+        device: AdapterLimits,
+        blocks: BlockAllocator,
         read: Callable[[Path], AdapterWeights],
         host_cache_bytes: int,
         snapshot_dir: Path | None = None,
@@ -105,6 +68,7 @@ class AdapterRegistry:
         self._on_device: OrderedDict[AdapterVersion, None] = OrderedDict()  # LRU order, oldest first
         self._on_host: OrderedDict[AdapterVersion, None] = OrderedDict()
         self._slot_ranks: Counter[int] = Counter()  # LoRA rank (0: bottleneck) -> current weight adapters with it
+        self._writes: list[DeviceWrite] = []  # queued for the runner, in order
         self.num_evictions = 0  # adapters taken off the device to make room
         self.num_reads = 0  # adapters read again from their source after the host cache dropped them
 
@@ -191,9 +155,10 @@ class AdapterRegistry:
             self._trim_host()
 
     def place(self, version: AdapterVersion) -> AdapterRef | None:
-        """When a request starts running: put its adapter on the device (evicting unused ones) and hold it
-        there. None when there is no room now (every slot or block is held by running requests). Raises
-        FailedPrecondition, and changes nothing, if the version's weights must be read again and cannot be."""
+        """When a request starts running: reserve its adapter's room on the device (evicting unused ones),
+        queue the write if it is not there yet, and hold it there. None when there is no room now (every slot
+        or block is held by running requests). Raises FailedPrecondition, and changes nothing, if the
+        version's weights must be read again and cannot be."""
         if version.ref is None and not self._put_on_device(version):
             return None
         version.placements += 1
@@ -203,6 +168,19 @@ class AdapterRegistry:
     def unplace(self, version: AdapterVersion) -> None:
         assert version.placements > 0
         version.placements -= 1
+
+    def take_writes(self) -> list[DeviceWrite]:
+        """The device writes queued since the last call, in order, for the runner to perform."""
+        writes, self._writes = self._writes, []
+        return writes
+
+    def written(self, writes: list[DeviceWrite]) -> None:
+        """After the runner performed `writes`: take each version whose write failed (`error` set; the runner
+        cleared its slot or zeroed its blocks) off the device, so that it is written again when next placed.
+        Its running requests end with that error (the engine ends them); they unplace it then."""
+        for write in writes:
+            if write.error is not None and write.version is not None and write.version.ref is not None:
+                self._give_room_back(write.version)
 
     # ---- residency ----------------------------------------------------------------------------------
 
@@ -214,41 +192,18 @@ class AdapterRegistry:
             while not self.blocks.grow(blocks, n):
                 if not self._evict_one():
                     return False
-            try:
-                self._write_prefix(version, weights, blocks)
-            except BaseException:
-                self.device.clear_blocks(blocks)  # whatever was written must not reach the blocks' next holder
-                self.blocks.release(blocks)
-                raise
             version.blocks = blocks
             version.ref = AdapterRef(version.adapter_id, version.kind, prefix_blocks=tuple(blocks), prefix_len=n)
+            self._writes.append(PrefixWrite(version, tuple(blocks), weights))
         else:
             slot = self._slot_for(version)
             if slot is None:
                 return False
-            try:
-                self.device.write_adapter(slot, weights)
-            except BaseException:
-                self.device.clear_adapter(slot)
-                self._free_slots.append(slot)
-                raise
             activation = weights.non_linearity if isinstance(weights, BottleneckWeights) else None
             version.ref = AdapterRef(version.adapter_id, version.kind, slot=slot, activation=activation)
+            self._writes.append(SlotWrite(version, slot, weights))
         self._on_device[version] = None
         return True
-
-    def _write_prefix(self, version: AdapterVersion, weights: PrefixWeights | PromptWeights, blocks: list[int]) -> None:
-        """Write a prefix or prompt adapter's shared KV into `blocks`; FailedPrecondition if it is not finite
-        (a prompt adapter whose virtual tokens overflow the base model), so that no request attends to it."""
-        if isinstance(weights, PrefixWeights):
-            self.device.write_prefix(weights.prefix, blocks)
-        else:
-            self.device.prefill_embeddings(weights.embeddings, blocks)
-        if not self.device.blocks_finite(blocks):
-            raise FailedPrecondition(
-                f"adapter {version.adapter_id!r} (version {version.version}): the keys and values of its virtual "
-                "tokens are not finite (they overflow the model's dtype), so it cannot be served"
-            )
 
     def _slot_for(self, version: AdapterVersion) -> int | None:
         """A device slot for a weight adapter, taken so that the slots stay in order of LoRA rank: the CPU path
@@ -299,11 +254,18 @@ class AdapterRegistry:
         if version.ref is None:
             return
         assert version.placements == 0, "evicting an adapter that running requests use"
+        self._writes = [w for w in self._writes if w.version is not version]  # a write not performed yet
         if version.ref.slot >= 0:
-            self.device.clear_adapter(version.ref.slot)
+            self._writes.append(SlotWrite(None, version.ref.slot, None))  # clear the slot
+        self._give_room_back(version)
+
+    def _give_room_back(self, version: AdapterVersion) -> None:
+        """Free the version's slot or KV blocks and forget its placement."""
+        if version.ref.slot >= 0:
             self._free_slots.append(version.ref.slot)
         else:
             self.blocks.release(version.blocks)
+            version.blocks = []
         version.ref = None
         del self._on_device[version]
 
@@ -320,7 +282,7 @@ class AdapterRegistry:
         """The version's weights from its source, which must still hold what it was loaded from."""
         source = version.source
         assert source is not None, "a version without a source is never dropped from host memory"
-        what = f"adapter {version.adapter_id!r} (version {version.version})"
+        what = version.label
         try:
             if isinstance(source, Snapshot):
                 source.verify()

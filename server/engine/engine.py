@@ -17,12 +17,13 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from quiver.adapters.formats import load_adapter
-from quiver.adapters.registry import AdapterRegistry, AdapterVersion
+from quiver.adapters.placement import AdapterVersion
+from quiver.adapters.registry import AdapterRegistry
 from quiver.adapters.weights import AdapterWeights
 from quiver.config import EngineConfig
 from quiver.engine.block_manager import BlockManager
 from quiver.engine.request import FinishReason, Request, RequestOutput, SamplingParams
-from quiver.engine.runner import ModelRunner, kv_cache_shape
+from quiver.engine.runner import ModelRunner, QueuedWrites, kv_cache_shape
 from quiver.engine.scheduler import Scheduler
 from quiver.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError, ResourceExhausted
 from quiver.kernels import select_ops
@@ -72,7 +73,6 @@ class Engine:
             place=self._place, unplace=self._unplace, reclaim=self.adapters.reclaim_blocks,
             prefix_caching=config.enable_prefix_caching,
         )
-        self._versions: dict[str, AdapterVersion] = {}  # request id -> the adapter version it pinned
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         log.info("KV pool: %d blocks of %d tokens, prefix caching %s; kernels: %s", num_blocks, config.block_size,
@@ -100,12 +100,10 @@ class Engine:
                 self.adapters.unpin(version)
             raise
         request = Request(
-            request_id, list(prompt_token_ids), params, arrival=next(self._arrivals),
-            kv_adapter=(version.adapter_id, version.version) if version is not None else None, cache_salt=cache_salt,
+            request_id, list(prompt_token_ids), params, adapter=version, arrival=next(self._arrivals),
+            cache_salt=cache_salt,
         )
         self.requests[request_id] = request
-        if version is not None:
-            self._versions[request_id] = version
         self.scheduler.add(request)
         return request
 
@@ -119,21 +117,14 @@ class Engine:
         self.adapters.unregister(adapter_id)
 
     def _place(self, request: Request) -> bool:
-        """The scheduler's `place`: False when there is no room now; what the registry raises (its version
-        cannot be made ready) ends this request alone (see Scheduler)."""
-        version = self._versions.get(request.request_id)
-        if version is None:
-            return True
-        ref = self.adapters.place(version)
-        if ref is None:
-            return False
-        request.adapter = ref
-        return True
+        """The scheduler's `place` (bookkeeping only; the runner performs the queued write): False when there
+        is no room now; what the registry raises (its version cannot be made ready) ends this request alone
+        (see Scheduler)."""
+        return request.adapter is None or self.adapters.place(request.adapter) is not None
 
     def _unplace(self, request: Request) -> None:
-        version = self._versions.get(request.request_id)
-        if version is not None:
-            self.adapters.unplace(version)
+        if request.adapter is not None:
+            self.adapters.unplace(request.adapter)
 
     def _validate(self, prompt: list[int], params: SamplingParams, *, virtual_tokens: int) -> None:
         if not prompt:
@@ -177,11 +168,14 @@ class Engine:
             outputs.append(self._fail(request, error))
         if not chunks:
             return outputs
+        writes = self.adapters.take_writes()
         try:
-            sampled = self.runner.execute(chunks, self.scheduler.take_copies())
+            sampled = self.runner.execute(chunks, QueuedWrites(writes, self.scheduler.take_copies()))
         except Exception as error:
             log.exception("the forward of a step failed; ending its %d requests", len(chunks))
+            self.adapters.written(writes)
             return outputs + [self._fail(chunk.request, error) for chunk in chunks]
+        self.adapters.written(writes)  # a version whose write failed leaves the device; its requests end below
         self.scheduler.computed(chunks)  # before any request finishes, so its blocks are cached when freed
         for request, token in sampled:
             if not isinstance(token, int):  # its own failure: its KV may hold anything, e.g. NaN
@@ -220,9 +214,8 @@ class Engine:
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.scheduler.finish(request)
-        version = self._versions.pop(request.request_id, None)
-        if version is not None:
-            self.adapters.unpin(version)
+        if request.adapter is not None:
+            self.adapters.unpin(request.adapter)
         request.finish_reason = reason
         self.runner.sampler.forget(request.request_id)
         del self.requests[request.request_id]

@@ -4,7 +4,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from quiver.adapters.weights import AdapterKind
+from quiver.adapters.placement import AdapterVersion
 from quiver.errors import InvalidArgument
 
 
@@ -64,18 +64,6 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidArgument(message)
 
 
-@dataclass(frozen=True)
-class AdapterRef:
-    """A request's adapter as placed on the device, pinned for the request's lifetime."""
-
-    adapter_id: str
-    kind: AdapterKind
-    slot: int = -1  # weight adapters (LoRA, bottleneck): their slot in the adapter layers
-    activation: str | None = None  # bottleneck non-linearity
-    prefix_blocks: tuple[int, ...] = ()  # prefix and prompt kinds: the blocks that hold the shared KV prefix
-    prefix_len: int = 0  # KV entries in that prefix (the virtual tokens); real tokens start at this position
-
-
 @dataclass(eq=False)
 class Request:
     """One generation. The engine owns it; only the engine thread mutates it."""
@@ -83,23 +71,27 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    adapter: AdapterRef | None = None
+    adapter: AdapterVersion | None = None  # the adapter version it pinned (and its placement); None: the base model
     arrival: int = 0  # order of arrival, for the scheduler's first-come-first-served policy
     output_token_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
     num_computed_tokens: int = 0  # real tokens whose K/V are in this request's blocks
     block_table: list[int] = field(default_factory=list)  # e.g. [4, 9, 2]: KV blocks in order, prefix first
-    kv_adapter: tuple[str, int] | None = None  # the adapter (id, version) its KV depends on; None: the base model
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks of tokens
     cache_salt: str | None = None  # prefix-cache scope: blocks are shared only between requests with equal salts
     num_preemptions: int = 0
     skipped_steps: int = 0  # scheduling steps it waited because its adapter could not be placed (see Scheduler)
 
     @property
+    def kv_adapter(self) -> tuple[str, int] | None:
+        """The adapter (id, version) its KV depends on; None: the base model."""
+        return (self.adapter.adapter_id, self.adapter.version) if self.adapter is not None else None
+
+    @property
     def prefix_len(self) -> int:
         """KV entries before the first real token (an adapter's virtual tokens); its position too."""
-        return self.adapter.prefix_len if self.adapter is not None else 0
+        return self.adapter.weights_tokens if self.adapter is not None else 0
 
     @property
     def num_tokens(self) -> int:

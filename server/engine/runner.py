@@ -4,18 +4,25 @@ Logits are computed only for the rows that are sampled (the last row of each chu
 of its request's known tokens).
 """
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from transformers import PreTrainedModel
 
-from quiver.adapters.weights import BOTTLENECK_SITES
-from quiver.adapters.weights import BottleneckWeights, LoraWeights
+from quiver.adapters.placement import AdapterVersion, DeviceWrite, PrefixWrite
+from quiver.adapters.weights import BOTTLENECK_SITES, BottleneckWeights, LoraWeights, PrefixWeights
 from quiver.engine.request import Request
 from quiver.engine.sampler import Sampler, not_finite
 from quiver.engine.scheduler import ScheduledChunk
+from quiver.errors import FailedPrecondition, QuiverError
 from quiver.kernels import KernelOps
 from quiver.model import attention
 from quiver.model.batch import AdapterBatch, StepContext, build_step
 from quiver.model.layers import AdapterLinear, install_adapter_layers, plan_layers
+
+log = logging.getLogger(__name__)
 
 
 def kv_cache_shape(model: PreTrainedModel, *, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -24,6 +31,15 @@ def kv_cache_shape(model: PreTrainedModel, *, num_blocks: int, block_size: int) 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     return (cfg.num_hidden_layers, 2, num_blocks, block_size, kv_heads, head_dim)
+
+
+@dataclass(frozen=True)
+class QueuedWrites:
+    """What a step writes on the device before its forward: the registry's adapter writes (first: a copy may
+    read the last block of an adapter prefix written this step), then the scheduler's block copies."""
+
+    adapters: Sequence[DeviceWrite] = ()
+    copies: Sequence[tuple[int, int]] = ()  # (src, dst) KV blocks
 
 
 class ModelRunner:
@@ -60,16 +76,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, chunks: list[ScheduledChunk], copies: list[tuple[int, int]]
+        self, chunks: list[ScheduledChunk], queued: QueuedWrites
     ) -> list[tuple[Request, int | Exception]]:
-        """Copy blocks, run the chunks; return (request, outcome) for each chunk whose `samples` is true, the
-        outcome being its next token or the error that ends it (see Sampler.sample), and (request,
-        `not_finite(request)`) for every chunk whose hidden states were not finite, sampled or not: the KV it
-        wrote is untrusted. A row's hidden state depends on its own request's tokens alone, so only requests
-        whose own computation overflowed are reported.
+        """Perform the queued writes (adapters: `perform_writes`; block copies), run the chunks; return
+        (request, outcome) for each chunk whose `samples` is true, the outcome being its next token or the
+        error that ends it (see Sampler.sample), and (request, `not_finite(request)`) for every chunk whose
+        hidden states were not finite, sampled or not: the KV it wrote is untrusted. A row's hidden state
+        depends on its own request's tokens alone, so only requests whose own computation overflowed are
+        reported. A chunk whose adapter's write failed is not run: its outcome is that write's error.
 
         Chunks are packed grouped by weight-adapter slot, so that requests sharing an adapter form one segment.
         """
+        unwritten = self.perform_writes(queued.adapters)
+        copies = queued.copies
+        dropped = [(c.request, unwritten[c.request.adapter]) for c in chunks if c.request.adapter in unwritten]
+        if dropped:  # their copies, into their own blocks, are skipped: the engine zeroes those blocks
+            chunks = [c for c in chunks if c.request.adapter not in unwritten]
+            if not chunks:
+                return dropped
         chunks = sorted(chunks, key=_slot_of)
         dev = self.device
         if copies:
@@ -114,7 +138,7 @@ class ModelRunner:
             outcomes = list(zip(sampled, self.sampler.sample(logits, sampled), strict=True))
         if not finite:
             outcomes = _with_overflows(outcomes, chunks, starts, hidden)
-        return outcomes
+        return outcomes + dropped
 
     def _adapter_batch(self, chunks: list[ScheduledChunk], starts: list[int]) -> AdapterBatch | None:
         """One segment per run of consecutive chunks with the same weight-adapter slot, with every adapter layer's
@@ -148,11 +172,50 @@ class ModelRunner:
         shape = kv_cache_shape(self.model, num_blocks=num_blocks, block_size=self.block_size)
         self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
 
-    # ---- adapter placement (the registry's AdapterDevice) ---------------------------------------------
+    # ---- adapter writes (queued by the registry, performed before the forward) -------------------------
 
     @property
     def num_adapter_slots(self) -> int:
         return self.adapter_slots
+
+    def perform_writes(self, writes: Sequence[DeviceWrite]) -> dict[AdapterVersion, Exception]:
+        """Perform `writes` in order: slot writes and clears, prefix writes, prompt-adapter prefills (whose KV
+        must come out finite). One that raises is undone (its slot cleared, its blocks zeroed, so that nothing
+        it wrote reaches the next holder), gets `error` set, and the others go on. Returns the failed
+        versions, with their errors (a failed clear of an evicted slot raises: no request is to blame)."""
+        failed: dict[AdapterVersion, Exception] = {}
+        for write in writes:
+            try:
+                self._perform(write)
+            except Exception as error:
+                if write.version is None:  # clearing an evicted slot: no request to blame
+                    raise
+                if not isinstance(error, QuiverError):
+                    log.error("writing %s failed; ending its requests alone", write.version.label, exc_info=error)
+                if isinstance(write, PrefixWrite):
+                    self.clear_blocks(list(write.blocks))
+                else:
+                    self.clear_adapter(write.slot)
+                write.error = failed[write.version] = error
+        return failed
+
+    def _perform(self, write: DeviceWrite) -> None:
+        if not isinstance(write, PrefixWrite):
+            if write.weights is None:
+                self.clear_adapter(write.slot)
+            else:
+                self.write_adapter(write.slot, write.weights)
+            return
+        blocks = list(write.blocks)
+        if isinstance(write.weights, PrefixWeights):
+            self.write_prefix(write.weights.prefix, blocks)
+        else:
+            self.prefill_embeddings(write.weights.embeddings, blocks)
+        if not self.blocks_finite(blocks):
+            raise FailedPrecondition(
+                f"{write.version.label}: the keys and values of its virtual tokens are not finite (they overflow "
+                "the model's dtype), so it cannot be served"
+            )
 
     @torch.inference_mode()
     def write_adapter(self, slot: int, weights: LoraWeights | BottleneckWeights) -> None:

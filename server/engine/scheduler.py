@@ -49,13 +49,14 @@ def _never() -> bool:
 
 
 class Scheduler:
-    """`place(request)` is asked before a request starts (or restarts) running, to put its adapter on the
-    device; it may say no (no room now), and requests with the same `kv_adapter` get the same answer within
-    a step. If it raises, that request alone fails: it leaves the scheduler and goes with its error to
-    `take_failed()`. `unplace(request)` is called when it stops running. `reclaim()` is asked to free KV
-    blocks held by idle adapters (their shared prefixes) before anything is preempted or left waiting for
-    lack of blocks; it says whether it freed any. `prefix_caching` turns on sharing of cached full blocks
-    between requests whose tokens begin the same way (and have the same cache salt)."""
+    """`place(request)` is asked before a request starts (or restarts) running, to reserve its adapter's room
+    on the device (bookkeeping only: the runner writes the adapter before the forward); it may say no (no
+    room now), and requests with the same `kv_adapter` get the same answer within a step. If it raises, that
+    request alone fails: it leaves the scheduler and goes with its error to `take_failed()`. `unplace(request)`
+    is called when it stops running. `reclaim()` is asked to free KV blocks held by idle adapters (their
+    shared prefixes) before anything is preempted or left waiting for lack of blocks; it says whether it
+    freed any. `prefix_caching` turns on sharing of cached full blocks between requests whose tokens begin
+    the same way (and have the same cache salt)."""
 
     def __init__(
         self,
@@ -171,7 +172,7 @@ class Scheduler:
         """Put the request's adapter prefix (if any) at the head of its block table."""
         if request.prefix_len == 0:
             return True
-        copy = self.blocks.link_prefix(request.block_table, request.adapter.prefix_blocks, request.prefix_len)
+        copy = self.blocks.link_prefix(request.block_table, request.adapter.ref.prefix_blocks, request.prefix_len)
         if copy is False:
             return False
         if copy is not None:
