@@ -8,6 +8,7 @@ import itertools
 from pathlib import Path
 
 from quiver.engine.request import SamplingParams
+from quiver.errors import FailedPrecondition
 from tests.support.models import engine_for
 
 WRITES = ("write_adapter", "clear_adapter", "write_prefix", "prefill_embeddings")
@@ -81,3 +82,44 @@ def test_the_adapters_package_imports_nothing_from_the_engine():
             if relative or any(n == "quiver.engine" or n.startswith("quiver.engine.") for n in names):
                 importers.append(f"{path.name}:{node.lineno}")
     assert len(list(ADAPTERS.glob("*.py"))) > 5 and importers == []
+
+
+def test_a_weight_write_that_fails_ends_only_its_requests_and_gives_the_slot_back(model_path, zoo, monkeypatch):
+    """The runner's write of one LoRA raises: its two requests end with that error, the base-model and other
+    LoRA requests of the same step get their tokens as if it had never come, and its slot is free again (the
+    next request for it is written afresh and served)."""
+    def engine():
+        engine = engine_for(model_path, num_kv_blocks=64, block_size=8, adapter_slots=2, max_lora_rank=8)
+        for name in ("lora", "lora-all-r4"):
+            engine.register_adapter(name, engine.read_adapter(zoo[name]), source=zoo[name])
+        return engine
+
+    def run(engine, requests):
+        tokens, errors = {}, {}
+        for i, (prompt, adapter_id) in enumerate(requests):
+            engine.add_request(str(i), prompt, SamplingParams(max_new_tokens=4, ignore_eos=True), adapter_id=adapter_id)
+        while engine.has_work():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                errors[out.request_id] = out.error
+        return [tokens.get(str(i), []) for i in range(len(requests))], [errors[str(i)] for i in range(len(requests))]
+
+    victims = [([5, 9, 14, 3], None), ([7, 8, 9], "lora")]
+    want, _ = run(engine(), victims)
+    failing = engine()
+    write = failing.runner.write_adapter
+
+    def broken(slot, weights):
+        if weights is failing.adapters.current["lora-all-r4"].weights:
+            raise FailedPrecondition("the slot write failed")
+        write(slot, weights)
+
+    monkeypatch.setattr(failing.runner, "write_adapter", broken)
+    bad = ([20, 21, 22], "lora-all-r4")
+    tokens, errors = run(failing, [bad, *victims, bad])
+    assert tokens[1:3] == want and errors[1:3] == [None, None]
+    assert tokens[0] == tokens[3] == [] and [str(e) for e in (errors[0], errors[3])] == ["the slot write failed"] * 2
+    version = failing.adapters.current["lora-all-r4"]
+    assert version.ref is None and version.placements == version.pins == 0 and len(failing.adapters._free_slots) == 1
+    monkeypatch.undo()
+    assert run(failing, [bad])[1] == [None]
