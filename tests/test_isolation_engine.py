@@ -135,11 +135,11 @@ def test_a_failed_forward_ends_only_its_step_and_the_engine_serves_on(model_path
         execute = service.engine.runner.execute
         calls = []
 
-        def once(chunks, copies):
+        def once(chunks, queued):
             calls.append(len(chunks))
             if len(calls) == 1:
                 raise RuntimeError("device lost")
-            return execute(chunks, copies)
+            return execute(chunks, queued)
 
         monkeypatch.setattr(service.engine.runner, "execute", once)
         got = run(service, requests)
