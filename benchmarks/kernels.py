@@ -139,7 +139,8 @@ def run_case(name, op, moved, args, kwargs, *, triton_ops, copy_gbps):
     row = {"op": op, "case": name, "bytes": moved}
     if cuda:  # before timing: the timed loops update y in place, and a drifted bf16 y would swallow the deltas
         row["rel_err"] = accuracy(op, args, kwargs, torch_fn, triton_fn)
-    row["torch_ms"] = (time_gpu if cuda else time_cpu)(lambda: torch_fn(*args, **kwargs))
+    planned = {**kwargs, **torch_plan(op, args, kwargs)}  # the runner plans once a step, not once a call
+    row["torch_ms"] = (time_gpu if cuda else time_cpu)(lambda: torch_fn(*args, **planned))
     row["torch_GBps"] = moved / row["torch_ms"] / 1e6
     if not cuda:
         return row
@@ -148,6 +149,19 @@ def run_case(name, op, moved, args, kwargs, *, triton_ops, copy_gbps):
     row["triton_frac_copy_bw"] = row["triton_GBps"] / copy_gbps
     row["speedup"] = row["torch_ms"] / row["triton_ms"]
     return row
+
+
+def torch_plan(op, args, kwargs) -> dict:
+    """{"plan": ...} for an op the torch backend plans (built from the metadata once, as the runner does), else {}."""
+    if op == "paged_attention":
+        return {"plan": TORCH_OPS.plan_attention(
+            query_starts=kwargs["query_starts"].tolist(), seq_lens=kwargs["seq_lens"].tolist(),
+            block_tables=kwargs["block_tables"].tolist(), block_size=args[1].shape[1], device=args[0].device)}
+    if op.startswith("lora_"):
+        return {"plan": TORCH_OPS.plan_lora(
+            seg_starts=kwargs["seg_starts"].tolist(), seg_slots=kwargs["seg_slots"].tolist(),
+            ranks=kwargs["ranks"].tolist(), device=kwargs["seg_starts"].device)}
+    return {}
 
 
 def accuracy(op, args, kwargs, torch_fn, triton_fn):

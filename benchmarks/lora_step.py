@@ -26,12 +26,12 @@ from quiver.model.layers import AdapterLinear
 from quiver.model.loader import load_model
 
 
-def two_ops(y, x, a, b, *, out_offsets, seg_starts, seg_slots, ranks, scales) -> None:
-    """lora_apply as the layer computed it before: shrink into a buffer, then expand."""
+def two_ops(y, x, a, b, *, out_offsets, seg_starts, seg_slots, ranks, scales, plan=None) -> None:
+    """lora_apply as the layer computed it before: shrink into a buffer, then expand (with the step's plan)."""
     buf = x.new_empty(1, x.shape[0], a.shape[2])
-    torch_lora.lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf)
+    torch_lora.lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf, plan=plan)
     torch_lora.lora_expand(y, buf, b, out_offsets=out_offsets, seg_starts=seg_starts, seg_slots=seg_slots,
-                           ranks=ranks, scales=scales)
+                           ranks=ranks, scales=scales, plan=plan)
 
 
 def random_lora(model, targets: list[str], rank: int, seed: int) -> LoraWeights:
