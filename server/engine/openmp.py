@@ -11,7 +11,6 @@ this again before the engine thread's timed work.
 """
 
 import ctypes
-import functools
 import logging
 import os
 
@@ -40,9 +39,9 @@ def release_thread_pool() -> bool:
 _SONAMES = ("libgomp.so.1", "libomp.so", "libomp.dylib", "libiomp5.so")
 
 
-@functools.cache
 def _runtime() -> ctypes.CDLL | None:
-    """torch's OpenMP runtime, found among the libraries already loaded (never loads one); None if none."""
+    """torch's OpenMP runtime, found among the libraries already loaded (never loads one); None if none. Looked
+    up at each call (a few dlopen calls of loaded libraries: the callers are not hot), so nothing is cached."""
     runtime = _loaded(_SONAMES) if torch.backends.openmp.is_available() else None
     if runtime is None:
         log.debug("no OpenMP runtime of torch's found in this process; the caller's threads stay")
