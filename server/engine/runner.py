@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from quiver.adapters.placement import AdapterVersion, DeviceWrite, PrefixWrite
+from quiver.adapters.placement import DeviceWrite, PrefixWrite
 from quiver.adapters.weights import BOTTLENECK_SITES, BottleneckWeights, LoraWeights, PrefixWeights
 from quiver.engine.request import Request
 from quiver.engine.sampler import Sampler, not_finite
@@ -87,7 +87,8 @@ class ModelRunner:
 
         Chunks are packed grouped by weight-adapter slot, so that requests sharing an adapter form one segment.
         """
-        unwritten = self.perform_writes(queued.adapters)
+        self.perform_writes(queued.adapters)
+        unwritten = {w.version: w.error for w in queued.adapters if w.error is not None}
         copies = queued.copies
         dropped = [(c.request, unwritten[c.request.adapter]) for c in chunks if c.request.adapter in unwritten]
         if dropped:  # their copies, into their own blocks, are skipped: the engine zeroes those blocks
@@ -178,12 +179,11 @@ class ModelRunner:
     def num_adapter_slots(self) -> int:
         return self.adapter_slots
 
-    def perform_writes(self, writes: Sequence[DeviceWrite]) -> dict[AdapterVersion, Exception]:
+    def perform_writes(self, writes: Sequence[DeviceWrite]) -> None:
         """Perform `writes` in order: slot writes and clears, prefix writes, prompt-adapter prefills (whose KV
         must come out finite). One that raises is undone (its slot cleared, its blocks zeroed, so that nothing
-        it wrote reaches the next holder), gets `error` set, and the others go on. Returns the failed
-        versions, with their errors (a failed clear of an evicted slot raises: no request is to blame)."""
-        failed: dict[AdapterVersion, Exception] = {}
+        it wrote reaches the next holder), gets its `error` set, and the others go on (a failed clear of an
+        evicted slot raises: no request is to blame)."""
         for write in writes:
             try:
                 self._perform(write)
@@ -196,8 +196,7 @@ class ModelRunner:
                     self.clear_blocks(list(write.blocks))
                 else:
                     self.clear_adapter(write.slot)
-                write.error = failed[write.version] = error
-        return failed
+                write.error = error
 
     def _perform(self, write: DeviceWrite) -> None:
         if not isinstance(write, PrefixWrite):
