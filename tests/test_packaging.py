@@ -3,6 +3,7 @@ deploy/, protos/quiver/v1/) are mapped under it by pyproject.toml's package-dir.
 (`server`, `kernels`, ...) is installed or imported; `kernels` in particular is also the name of Hugging Face's
 hub-kernels package, which transformers probes for."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,8 +22,14 @@ print(import_utils.is_kernels_available())
 
 
 def test_the_wheel_holds_one_top_level_package(tmp_path):
+    source = tmp_path / "source"  # a copy of what the wheel is built from: the build leaves build/ beside it
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("server", "kernels", "trainer", "deploy", "protos"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert build.returncode == 0, build.stderr
