@@ -99,11 +99,13 @@ class StagedAdapter:
         return self._store._commit(self, replace=replace)
 
     def discard(self) -> None:
-        """Remove the staged files (after any write in progress on another thread)."""
+        """Remove the staged files (after any write in progress on another thread), then give back their share
+        of the budgets: the bytes are off the disk before another upload may take them."""
         with self._lock:
             self._close()
+            if not self._ended:
+                shutil.rmtree(self.path, ignore_errors=True)
             self._end()
-        shutil.rmtree(self.path, ignore_errors=True)
 
     def _end(self) -> None:
         if not self._ended:
