@@ -35,10 +35,16 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
-    seed: int | None = None  # per-request generator: the same seed gives the same tokens
+    seed: int | None = None  # per-request generator, in [0, 2^64): the same seed gives the same tokens
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_new_tokens: int = 0  # EOS and stop_token_ids cannot end it before this many tokens
+    repetition_penalty: float = 1.0  # transformers': over prompt and output tokens, logit < 0 times it, else over it
+    presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated, in [-2, 2]
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token was generated, in [-2, 2]
+    logprobs: int | None = None  # None: none; 0: each sampled token's; 1..MAX_TOP_LOGPROBS: and that many alternatives
+    prompt_logprobs: bool = False  # each prompt token's logprob (its alternatives as `logprobs` says)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
@@ -47,16 +53,43 @@ class SamplingParams:
                f"temperature must be a finite number >= 0, got {self.temperature!r}")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0, got {self.top_k!r}")
         _check(math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
-               f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**64),
+               f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         _check(all(isinstance(s, str) and s for s in self.stop_strings),
                f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        _check(isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens,
+               f"min_new_tokens must be an integer in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_new_tokens!r}")
+        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"repetition_penalty must be a finite number > 0 (1: none), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and -2 <= value <= 2, f"{name} must be in [-2, 2], got {value!r}")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+               f"logprobs (alternatives per token) must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the distribution it was drawn from: log_softmax((logits after penalties)
+    / T), T = 1 when greedy, before any top-k / top-p cut; in float32. Prompt tokens: raw logits (T = 1)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1: the most likely token
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely tokens, most likely first
 
 
 def _check(ok: bool, message: str) -> None:
@@ -121,6 +154,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: BaseException | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per new token when params.logprobs is not None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first output, if asked; first entry None
 
     @property
     def finished(self) -> bool:

@@ -69,7 +69,7 @@ class Sampler:
     def _generator(self, request: Request) -> torch.Generator:
         g = self._generators.get(request.request_id)
         if g is None:
-            seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+            seed = request.params.seed if request.params.seed is not None else secrets.randbits(64)
             g = torch.Generator().manual_seed(seed)
             self._generators[request.request_id] = g
         return g

@@ -24,7 +24,6 @@ def test_bad_requests_are_invalid_argument_or_not_found(running):
             "outside the vocabulary": c.request(token_ids=[1, 999]),
             "temperature": c.request(text="a", temperature=-1),
             "top_p": c.request(text="a", top_p=0.0),
-            "seed": c.request(text="a", seed=2**63),
             "no role": pb.GenerateRequest(prompt=pb.Prompt(chat=pb.ChatMessages(messages=[pb.ChatMessage(content="x")]))),
             "the context holds 512": c.request(token_ids=[1] * 600),
         }
