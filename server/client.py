@@ -5,8 +5,9 @@
             print(piece.text, end="")
 """
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Self
 
 import grpc
 
@@ -33,7 +34,7 @@ class QuiverClient:
         self.inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self.adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
 
-    def __enter__(self) -> "QuiverClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -46,9 +47,13 @@ class QuiverClient:
     def request(
         *, text: str | None = None, token_ids: list[int] | None = None, chat: str | None = None, adapter_id: str = "",
         max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
-        seed: int | None = None, stop: tuple[str, ...] = (), ignore_eos: bool = False,
+        seed: int | None = None, stop: tuple[str, ...] = (), ignore_eos: bool = False, min_new_tokens: int = 0,
+        repetition_penalty: float | None = None, presence_penalty: float | None = None,
+        frequency_penalty: float | None = None, n: int = 0, top_logprobs: int | None = None,
+        prompt_logprobs: bool = False, cache_scope: str = "",
     ) -> inference_pb2.GenerateRequest:
-        """A GenerateRequest from one of: plain `text`, `token_ids`, or a `chat` user message."""
+        """A GenerateRequest from one of: plain `text`, `token_ids`, or a `chat` user message. The other
+        arguments are the request fields of the same names (None: unset, the server's default)."""
         if chat is not None:
             prompt = inference_pb2.Prompt(chat=inference_pb2.ChatMessages(
                 messages=[inference_pb2.ChatMessage(role=inference_pb2.CHAT_ROLE_USER, content=chat)]))
@@ -56,18 +61,29 @@ class QuiverClient:
             prompt = inference_pb2.Prompt(token_ids=inference_pb2.TokenIds(ids=token_ids))
         else:
             prompt = inference_pb2.Prompt(text=text or "")
+        sampling = inference_pb2.SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, n=n, top_logprobs=top_logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+        stopping = inference_pb2.StoppingCriteria(
+            max_new_tokens=max_new_tokens, stop_strings=stop, ignore_eos=ignore_eos, min_new_tokens=min_new_tokens
+        )
         return inference_pb2.GenerateRequest(
-            adapter_id=adapter_id,
-            prompt=prompt,
-            sampling=inference_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-            stopping=inference_pb2.StoppingCriteria(max_new_tokens=max_new_tokens, stop_strings=stop, ignore_eos=ignore_eos),
+            adapter_id=adapter_id, prompt=prompt, sampling=sampling, stopping=stopping, cache_scope=cache_scope
         )
 
-    def generate(self, request: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
+    def generate(self, request: inference_pb2.GenerateRequest | None = None, **fields) -> inference_pb2.GenerateResponse:
+        """Run `request`, or `self.request(**fields)` when no request is given."""
+        request = request if request is not None else self.request(**fields)
         return self.inference.Generate(request, timeout=self._timeout, metadata=self._metadata)
 
-    def generate_stream(self, request: inference_pb2.GenerateRequest) -> Iterator[inference_pb2.GenerateStreamResponse]:
-        """The stream's messages; cancel it with `.cancel()` on the returned iterator."""
+    def generate_stream(
+        self, request: inference_pb2.GenerateRequest | None = None, **fields
+    ) -> Iterator[inference_pb2.GenerateStreamResponse]:
+        """The stream's messages (of `request`, or of `self.request(**fields)`); cancel it with `.cancel()` on
+        the returned iterator. With n > 1, each message's `index` names its sample."""
+        request = request if request is not None else self.request(**fields)
         return self.inference.GenerateStream(request, timeout=self._timeout, metadata=self._metadata)
 
     def server_info(self) -> inference_pb2.GetServerInfoResponse:

@@ -1,10 +1,14 @@
 """Proto messages ↔ engine objects."""
 
-from quiver.engine.request import FinishReason, SamplingParams
+from collections.abc import Callable
+
+from quiver.engine.request import MAX_TOP_LOGPROBS, FinishReason, SamplingParams, TokenLogprob
 from quiver.engine.service import AdapterInfo
+from quiver.errors import InvalidArgument
 from quiver.v1 import adapters_pb2, inference_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 256  # when StoppingCriteria.max_new_tokens is 0
+MAX_N = 16  # SamplingParams.n; the engine's MAX_SAMPLES
 
 FINISH_REASONS = {FinishReason.STOP: inference_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH}
 LOCATIONS = {
@@ -15,7 +19,11 @@ LOCATIONS = {
 
 
 def sampling_params(sampling: inference_pb2.SamplingParams, stopping: inference_pb2.StoppingCriteria) -> SamplingParams:
-    """Raises InvalidArgument (from SamplingParams) for out-of-range values."""
+    """Raises InvalidArgument (from SamplingParams, or here for top_logprobs) for out-of-range values. Unset
+    optional fields take their neutral values (no penalty, no logprobs)."""
+    top_logprobs = sampling.top_logprobs if sampling.HasField("top_logprobs") else None
+    if top_logprobs is not None and top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top_logprobs}")
     return SamplingParams(
         max_new_tokens=stopping.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
         temperature=sampling.temperature,
@@ -25,7 +33,35 @@ def sampling_params(sampling: inference_pb2.SamplingParams, stopping: inference_
         stop_token_ids=tuple(stopping.stop_token_ids),
         stop_strings=tuple(stopping.stop_strings),
         ignore_eos=stopping.ignore_eos,
+        min_new_tokens=stopping.min_new_tokens,
+        repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        presence_penalty=sampling.presence_penalty if sampling.HasField("presence_penalty") else 0.0,
+        frequency_penalty=sampling.frequency_penalty if sampling.HasField("frequency_penalty") else 0.0,
+        logprobs=top_logprobs,
+        prompt_logprobs=sampling.prompt_logprobs,
     )
+
+
+def sample_count(sampling: inference_pb2.SamplingParams) -> int:
+    """SamplingParams.n, 0 meaning 1; InvalidArgument over MAX_N."""
+    if sampling.n > MAX_N:
+        raise InvalidArgument(f"n (samples) must be in [1, {MAX_N}] (0 means 1), got {sampling.n}")
+    return sampling.n or 1
+
+
+def logprob_messages(
+    logprobs: tuple[TokenLogprob | None, ...], text: Callable[[int], str]
+) -> list[inference_pb2.TokenLogprob]:
+    """Engine logprobs as messages, each token named by `text(token_id)`; None entries (a prompt's first token)
+    are left out."""
+    return [
+        inference_pb2.TokenLogprob(
+            token_id=lp.token_id, text=text(lp.token_id), logprob=lp.logprob, rank=lp.rank,
+            alternatives=[inference_pb2.TokenLogprob.Alternative(token_id=t, text=text(t), logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs
+        if lp is not None
+    ]
 
 
 def adapter_message(info: AdapterInfo, *, stored: bool) -> adapters_pb2.Adapter:

@@ -1,35 +1,20 @@
-"""InferenceService: Generate, GenerateStream and GetServerInfo over the engine service."""
+"""InferenceService: Generate, GenerateStream and GetServerInfo over the engine service (generation.py does the
+generation; this file turns its pieces into messages)."""
 
-import asyncio
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 
 import quiver
-from quiver.adapters.store import validate_adapter_id
 from quiver.api.cache_scope import CacheSalts
-from quiver.api.convert import FINISH_REASONS, sampling_params
-from quiver.api.detokenize import TextStream
-from quiver.api.errors import status_code
-from quiver.api.prompts import prompt_token_ids
+from quiver.api.convert import FINISH_REASONS, logprob_messages, sample_count, sampling_params
+from quiver.api.generation import GenerationInput, Generator, Piece
 from quiver.api.state import ServingState
-from quiver.engine.request import FinishReason
 from quiver.engine.service import EngineService
 from quiver.metrics import Metrics
 from quiver.v1 import inference_pb2 as pb
 from quiver.v1 import inference_pb2_grpc
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """What one step of a generation adds; `final` is set on the last one."""
-
-    request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    final: pb.GenerateStreamResponse | None = None
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -39,77 +24,80 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """`max_prompt_bytes`: the largest prompt text tokenised (see prompts.py); `cache_salts`: each request's
         prefix-cache scope."""
         self._state = state
-        self._metrics = metrics
+        self._generator = Generator(state=state, metrics=metrics, max_prompt_bytes=max_prompt_bytes)
         self._max_upload_bytes = max_upload_bytes
         self._max_prompt_bytes = max_prompt_bytes
         self._cache_salts = cache_salts
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        samples: dict[int, pb.Sample] = {}
         response = pb.GenerateResponse()
         async for piece in self._generate(request, context):
             response.request_id = piece.request_id
-            response.text += piece.text
-            response.token_ids.extend(piece.token_ids)
-            if piece.final is not None:
-                response.finish_reason = piece.final.finish_reason
-                response.usage.CopyFrom(piece.final.usage)
+            _set_adapter(response, piece)
+            if piece.prompt_logprobs is not None and piece.index == 0:
+                response.prompt_logprobs.extend(logprob_messages(piece.prompt_logprobs, self._generator.token_text))
+            sample = samples.setdefault(piece.index, pb.Sample(index=piece.index))
+            sample.text += piece.text
+            sample.token_ids.extend(piece.token_ids)
+            sample.logprobs.extend(logprob_messages(piece.logprobs, self._generator.token_text))
+            if piece.finish is not None:
+                sample.finish_reason = FINISH_REASONS[piece.finish.reason]
+                sample.usage.CopyFrom(_usage(piece))
+        first = samples[0]
+        response.text, response.finish_reason = first.text, first.finish_reason
+        response.token_ids.extend(first.token_ids)
+        response.usage.CopyFrom(first.usage)
+        response.logprobs.extend(first.logprobs)
+        if len(samples) > 1:
+            response.samples.extend(samples[i] for i in sorted(samples))
         return response
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async for piece in self._generate(request, context):
-            message = piece.final or pb.GenerateStreamResponse()
-            message.request_id = piece.request_id
-            message.text = piece.text
-            message.token_ids.extend(piece.token_ids)
+            message = pb.GenerateStreamResponse(
+                request_id=piece.request_id, index=piece.index, text=piece.text, token_ids=piece.token_ids,
+                logprobs=logprob_messages(piece.logprobs, self._generator.token_text),
+            )
+            _set_adapter(message, piece)
+            if piece.prompt_logprobs is not None:
+                message.prompt_logprobs.extend(logprob_messages(piece.prompt_logprobs, self._generator.token_text))
+            if piece.finish is not None:
+                message.finish_reason = FINISH_REASONS[piece.finish.reason]
+                message.usage.CopyFrom(_usage(piece))
             yield message
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetServerInfoResponse:
         return server_info(self._state.engine(), max_upload_bytes=self._max_upload_bytes, max_prompt_bytes=self._max_prompt_bytes)
 
-    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[_Piece]:
-        """Run one request; its stream is aborted in the engine if the call ends early (cancel, deadline).
-        The prompt is tokenised in a worker thread: the event loop serves every other call meanwhile."""
-        async with self._state.admit() as service:
-            timer = self._metrics.request(self._state.request_kind(request.adapter_id))
-            status = grpc.StatusCode.CANCELLED  # unless it ends otherwise: the client went away
-            try:
-                tokenizer = service.engine.tokenizer
-                adapter_id = validate_adapter_id(request.adapter_id) if request.adapter_id else None
-                params = sampling_params(request.sampling, request.stopping)
-                salt = self._cache_salts.salt(request, context.invocation_metadata() or ())
-                ids = await asyncio.to_thread(prompt_token_ids, request.prompt, tokenizer, max_bytes=self._max_prompt_bytes,
-                                              max_model_len=service.engine.max_model_len)
-                stream = await service.submit_async(ids, params, adapter_id=adapter_id, cache_salt=salt)
-                timer.admitted(num_prompt_tokens=len(ids))
-                text = TextStream(tokenizer, stop_strings=params.stop_strings)
-                try:
-                    async for out in stream:
-                        timer.tokens(len(out.new_token_ids))
-                        delta = text.push(out.new_token_ids)
-                        if not (out.finished or text.stopped):
-                            if delta or out.new_token_ids:
-                                yield _Piece(stream.request_id, delta, out.new_token_ids)
-                            continue
-                        reason = FinishReason.STOP if text.stopped else out.finish_reason
-                        final = pb.GenerateStreamResponse(
-                            finish_reason=FINISH_REASONS[reason],
-                            usage=pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens),
-                        )
-                        yield _Piece(stream.request_id, delta + text.finish(), out.new_token_ids, final)
-                        status = grpc.StatusCode.OK
-                        return
-                finally:
-                    stream.abort()  # a no-op once the stream has ended
-            except Exception as e:
-                status = status_code(e)
-                raise
-            finally:
-                remaining = context.time_remaining()
-                if status is grpc.StatusCode.CANCELLED and remaining is not None and remaining <= 0:
-                    status = grpc.StatusCode.DEADLINE_EXCEEDED
-                timer.finished(status.name)
+    def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Piece]:
+        """The request's pieces (generation.py): its stream is aborted in the engine if the call ends early
+        (cancel, deadline), and the call is accounted for under its status."""
+
+        def prepare() -> GenerationInput:
+            return GenerationInput(
+                prompt=request.prompt,
+                params=sampling_params(request.sampling, request.stopping),
+                n=sample_count(request.sampling),
+                cache_salt=self._cache_salts.salt(request, context.invocation_metadata() or ()),
+            )
+
+        def deadline_passed() -> bool:
+            remaining = context.time_remaining()
+            return remaining is not None and remaining <= 0
+
+        return self._generator.run(request.adapter_id, prepare, deadline_passed=deadline_passed)
+
+
+def _set_adapter(message: pb.GenerateResponse | pb.GenerateStreamResponse, piece: Piece) -> None:
+    if piece.adapter is not None:
+        message.adapter_id, message.adapter_version = piece.adapter
+
+
+def _usage(piece: Piece) -> pb.Usage:
+    return pb.Usage(prompt_tokens=piece.finish.prompt_tokens, completion_tokens=piece.finish.completion_tokens)
 
 
 def server_info(service: EngineService, *, max_upload_bytes: int, max_prompt_bytes: int) -> pb.GetServerInfoResponse:
