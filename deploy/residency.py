@@ -25,9 +25,9 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 from quiver.engine.service import AdapterInfo, EngineService
 from quiver.errors import FailedPrecondition, InvalidArgument, NotFound

@@ -19,10 +19,19 @@ version's memory (and its snapshot) is freed when its last pin goes. A version l
 read again from a private snapshot of the files it was loaded from (`server/adapters/snapshots.py`), so no
 unload, replace or deletion of the directory changes what its requests run. Only the engine thread calls
 this class (`snapshots.take` is the exception: any thread may call it).
+
+For metrics, it counts (read at scrape time; only this class changes them): requests pinned, placements that
+found the version already on the device (`num_device_hits`) or queued its write (`num_device_writes`),
+evictions, re-reads; and it tells `on_load(source, seconds)`, if set, how long each placement that needed a
+write took to be ready: from the placement (before any re-read) to the write performed, at the end of that step
+(`written`). `source` is where the weights came from: "host_cache" (host memory), or, re-read from disk, "store"
+(the version's snapshot: the files the server kept when it was loaded) or "path" (a directory registered as
+its own source).
 """
 
 import itertools
 import logging
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +80,11 @@ class AdapterRegistry:
         self._writes: list[DeviceWrite] = []  # queued for the runner, in order
         self.num_evictions = 0  # adapters taken off the device to make room
         self.num_reads = 0  # adapters read again from their source after the host cache dropped them
+        self.num_requests = 0  # requests pinned to any adapter (`pin`)
+        self.num_device_hits = 0  # placements that found the version on the device already
+        self.num_device_writes = 0  # placements that reserved room and queued the version's write
+        self.on_load: Callable[[str, float], None] | None = None  # see the module docstring
+        self._loading: dict[AdapterVersion, tuple[str, float]] = {}  # placed, write not yet performed: (source, start)
 
     # ---- ids ----------------------------------------------------------------------------------------
 
@@ -130,6 +144,7 @@ class AdapterRegistry:
 
     def _drop(self, version: AdapterVersion) -> None:
         self._evict_from_device(version)
+        self._loading.pop(version, None)
         self._on_host.pop(version, None)
         version.weights = None
         if isinstance(version.source, Snapshot):
@@ -144,6 +159,7 @@ class AdapterRegistry:
             raise NotFound(f"no adapter {adapter_id!r} is loaded")
         version.pins += 1
         version.requests_served += 1
+        self.num_requests += 1
         return version
 
     def unpin(self, version: AdapterVersion) -> None:
@@ -159,8 +175,14 @@ class AdapterRegistry:
         queue the write if it is not there yet, and hold it there. None when there is no room now (every slot
         or block is held by running requests). Raises FailedPrecondition, and changes nothing, if the
         version's weights must be read again and cannot be."""
-        if version.ref is None and not self._put_on_device(version):
-            return None
+        if version.ref is not None:
+            self.num_device_hits += 1
+        else:
+            start = time.perf_counter()
+            if not self._put_on_device(version):
+                return None
+            self.num_device_writes += 1
+            self._loading.setdefault(version, ("host_cache", start))  # a re-read set it already
         version.placements += 1
         self._on_device.move_to_end(version)
         return version.ref
@@ -178,9 +200,14 @@ class AdapterRegistry:
         """After the runner performed `writes`: take each version whose write failed (`error` set; the runner
         cleared its slot or zeroed its blocks) off the device, so that it is written again when next placed.
         Its running requests end with that error (the engine ends them); they unplace it then."""
+        now = time.perf_counter()
         for write in writes:
+            loading = self._loading.pop(write.version, None) if write.version is not None else None
             if write.error is not None and write.version is not None and write.version.ref is not None:
                 self._give_room_back(write.version)
+            elif loading is not None and self.on_load is not None:
+                source, start = loading
+                self.on_load(source, now - start)
 
     # ---- residency ----------------------------------------------------------------------------------
 
@@ -255,6 +282,7 @@ class AdapterRegistry:
             return
         assert version.placements == 0, "evicting an adapter that running requests use"
         self._writes = [w for w in self._writes if w.version is not version]  # a write not performed yet
+        self._loading.pop(version, None)
         if version.ref.slot >= 0:
             self._writes.append(SlotWrite(None, version.ref.slot, None))  # clear the slot
         self._give_room_back(version)
@@ -271,8 +299,10 @@ class AdapterRegistry:
 
     def _host_weights(self, version: AdapterVersion) -> AdapterWeights:
         if version.weights is None:
+            start = time.perf_counter()
             version.weights = self._read_again(version)
             self.num_reads += 1
+            self._loading[version] = ("store" if isinstance(version.source, Snapshot) else "path", start)
             self._on_host[version] = None
             self._trim_host(keep=version)
         self._on_host.move_to_end(version)

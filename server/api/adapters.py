@@ -1,8 +1,8 @@
 """AdapterService for `quiver serve`: each call is the adapter catalogue's (`quiver.api.catalogue`), over this
 server's engine and its own store."""
 
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 

@@ -27,8 +27,9 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Protocol
+from typing import Protocol
 
 from quiver.adapters.store import AdapterStore, StagedAdapter, validate_adapter_id
 from quiver.api.convert import adapter_message
@@ -106,7 +107,7 @@ class AdapterCatalogue:
             except BaseException:
                 await asyncio.shield(asyncio.to_thread(staged.discard))  # after a write still running in its thread
                 raise
-            info = await self._install(staged, replace=replace)
+            info = await self._install(staged, replace=replace, source="upload")
             return pb.UploadAdapterResponse(adapter=adapter_message(info, stored=True), bytes_received=staged.num_bytes)
 
     async def load(self, adapter_id: str, path: str, *, replace: bool) -> pb.LoadAdapterResponse:
@@ -123,7 +124,8 @@ class AdapterCatalogue:
                 except BaseException:
                     await asyncio.shield(asyncio.to_thread(staged.discard))
                     raise
-                return pb.LoadAdapterResponse(adapter=adapter_message(await self._install(staged, replace=replace), stored=True))
+                info = await self._install(staged, replace=replace, source="path")
+                return pb.LoadAdapterResponse(adapter=adapter_message(info, stored=True))
             async with self._change():
                 with _as_client_names(directory, files=files, whole=whole):
                     info = await self._serve(adapter_id, directory, replace=replace, source="path")
@@ -177,20 +179,21 @@ class AdapterCatalogue:
         with _as_client_names(staged.path, files=files, whole=whole):
             await asyncio.to_thread(service.read_adapter, await asyncio.to_thread(staged.finish))
 
-    async def _install(self, staged: StagedAdapter, *, replace: bool) -> AdapterInfo:
+    async def _install(self, staged: StagedAdapter, *, replace: bool, source: str) -> AdapterInfo:
         """Commit a validated adapter to the store and serve it; if the engine refuses it, the store goes back
-        to what it held. Runs to its end even if the call is cancelled meanwhile."""
-        install = asyncio.ensure_future(self._commit_and_serve(staged, replace=replace))
+        to what it held. Runs to its end even if the call is cancelled meanwhile. `source`: its load metric's
+        label (upload, or path for a directory LoadAdapter copied into a shared store)."""
+        install = asyncio.ensure_future(self._commit_and_serve(staged, replace=replace, source=source))
         install.add_done_callback(_seen)  # if the call is cancelled, nobody awaits the install's outcome
         return await asyncio.shield(install)
 
-    async def _commit_and_serve(self, staged: StagedAdapter, *, replace: bool) -> AdapterInfo:
+    async def _commit_and_serve(self, staged: StagedAdapter, *, replace: bool, source: str) -> AdapterInfo:
         adapter_id = staged.adapter_id
         async with self._change():
             path = staged.commit(replace=replace)
             try:
                 with _as_client_names(path, files="", whole=f"adapter {adapter_id!r}"):
-                    info = await self._serve(adapter_id, path, replace=replace, source="upload")
+                    info = await self._serve(adapter_id, path, replace=replace, source=source)
             except BaseException:
                 self._store.revert(adapter_id)
                 raise
@@ -212,7 +215,8 @@ class AdapterCatalogue:
             if not self._shared:
                 yield
                 return
-            with open(self._store.root / ".lock", "a") as f:  # closing it releases the flock
+            f = await asyncio.to_thread(open, self._store.root / ".lock", "a")
+            with f:  # closing it releases the flock
                 await asyncio.to_thread(fcntl.flock, f.fileno(), fcntl.LOCK_EX)
                 yield
 
