@@ -1,6 +1,7 @@
 """The `quiver` command: run the gRPC server, or talk to one.
 
-    quiver serve                               load the model, serve gRPC (and Prometheus metrics)
+    quiver serve                               load the model, serve gRPC (and Prometheus metrics; with
+                                               --http-port, an OpenAI-compatible HTTP endpoint too)
     quiver generate "Hi!" [--adapter ID]       stream a reply to the terminal
     quiver adapters list | load ID PATH | upload ID DIR | unload ID
     quiver info                                what the server runs
@@ -77,6 +78,11 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS only)")
     g.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     g.add_argument("--grace-period", type=float, default=30.0, help="seconds calls in flight may run on after SIGTERM/SIGINT")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP endpoint (/v1/completions, /v1/chat/completions, /v1/models) "
+                        "on this port too (0: any free port, logged), with the same tokens, TLS and limits; off by "
+                        "default: Quiver's API is gRPC, and the endpoint needs the http extra (FastAPI, uvicorn)")
+    g.add_argument("--http-host", default=None, help="address the HTTP endpoint listens on (default: --host)")
 
 
 def _add_store_flags(p: argparse.ArgumentParser, *, store_dir_help: str, store_dir_required: bool) -> None:
@@ -211,6 +217,7 @@ def _serve(args) -> None:
         metrics_host=args.metrics_host, admin_token=_read_token(args.admin_token_file),
         client_tokens=read_tokens(args.client_token_file) if args.client_token_file else (),
         tls_cert=args.tls_cert, tls_key=args.tls_key, grace_seconds=args.grace_period,
+        http_port=args.http_port, http_host=args.http_host,
     )
 
     def load(on_step) -> "EngineService":

@@ -4,15 +4,19 @@
     attach()  the model is loaded: restore adapters (start-up directory, upload store); health says SERVING
     stop()    health says NOT_SERVING; new calls are refused with UNAVAILABLE; calls in flight get
               `grace_seconds` to finish, then are cancelled; the engine stops
+
+With `http_port` set, the OpenAI-compatible HTTP endpoint (quiver.http) runs beside gRPC in the same event
+loop, over the same engine, tokens, TLS files and limits, and drains with it (HTTP 503 where gRPC says
+FAILED_PRECONDITION or UNAVAILABLE). FastAPI and uvicorn are imported only then.
 """
 
 import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +30,7 @@ from quiver.api.auth import AuthInterceptor
 from quiver.api.cache_scope import CacheSalts, CacheScope
 from quiver.api.decode import DecodeInterceptor
 from quiver.api.errors import ErrorInterceptor
+from quiver.api.generation import Generator
 from quiver.api.inference import InferenceServicer
 from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from quiver.api.state import ServingState
@@ -64,6 +69,8 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the server speaks TLS only
     tls_key: Path | None = None
     grace_seconds: float = 30.0  # how long calls in flight may run on after a shutdown starts
+    http_port: int | None = None  # the OpenAI-compatible HTTP endpoint; 0: any free port; None: none
+    http_host: str | None = None  # where it listens; None: `host`
 
 
 class QuiverServer:
@@ -83,8 +90,10 @@ class QuiverServer:
         self.health = health_aio.HealthServicer()
         self.port: int | None = None  # the gRPC port, once started
         self.metrics_port: int | None = None
+        self.http_port: int | None = None  # the OpenAI-compatible endpoint's port, once started (if on)
         self._grpc: grpc.aio.Server | None = None  # made in start(), on the event loop that serves it
-        self._http = None
+        self._metrics_http = None
+        self._openai = None  # quiver.http.endpoint.HttpEndpoint when http_port is set
 
     def on_step(self, outputs: list[RequestOutput]) -> None:
         """Give this to the EngineService (its per-step hook) so that batch sizes are measured."""
@@ -92,14 +101,10 @@ class QuiverServer:
 
     async def start(self) -> None:
         state, config = self.state, self.config
+        openai = _openai_module() if config.http_port is not None else None  # before listening: fail early
         server_dirs = (config.store_dir, *config.adapter_roots, *([config.adapters_dir] if config.adapters_dir else []))
-        self._grpc = grpc.aio.server(
-            interceptors=[
-                ErrorInterceptor(server_dirs=server_dirs),
-                AuthInterceptor(admin_token=config.admin_token, client_tokens=config.client_tokens),
-                DecodeInterceptor(),
-            ],
-        )
+        auth = AuthInterceptor(admin_token=config.admin_token, client_tokens=config.client_tokens)
+        self._grpc = grpc.aio.server(interceptors=[ErrorInterceptor(server_dirs=server_dirs), auth, DecodeInterceptor()])
         salts = CacheSalts(config.prefix_cache_scope, tokens_checked=bool(config.client_tokens))
         inference = InferenceServicer(state=state, metrics=self.metrics, max_upload_bytes=config.max_upload_bytes,
                                       max_prompt_bytes=config.max_prompt_bytes, cache_salts=salts)
@@ -120,10 +125,27 @@ class QuiverServer:
             self.port = self._grpc.add_insecure_port(address)
         await self._grpc.start()
         if config.metrics_port is not None:
-            self._http, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=self.metrics.registry)
-            self.metrics_port = self._http.server_port
-        log.info("listening on %s:%d (%s); metrics on %s", config.host, self.port, "TLS" if config.tls_cert else "plaintext",
-                 f"{config.metrics_host}:{self.metrics_port} (plain HTTP, no token)" if self._http else "none")
+            self._metrics_http, _ = start_http_server(config.metrics_port, addr=config.metrics_host,
+                                                      registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        scheme = "TLS" if config.tls_cert else "plaintext"
+        log.info("listening on %s:%d (%s); metrics on %s", config.host, self.port, scheme,
+                 f"{config.metrics_host}:{self.metrics_port} (plain HTTP, no token)" if self._metrics_http else "none")
+        if openai is not None:
+            generator = Generator(state=state, metrics=self.metrics, max_prompt_bytes=config.max_prompt_bytes)
+            app = openai.app.build_app(state=state, auth=auth, salts=salts, generator=generator, server_dirs=server_dirs)
+            host = config.http_host or config.host
+            endpoint = openai.endpoint.HttpEndpoint(app, host=host, port=config.http_port, tls_cert=config.tls_cert,
+                                                    tls_key=config.tls_key)
+            try:
+                await endpoint.start()
+            except BaseException:  # e.g. the port is taken: stop listening elsewhere too
+                await self._grpc.stop(0)
+                self._close_metrics()
+                raise
+            self._openai, self.http_port = endpoint, endpoint.port
+            log.info("OpenAI-compatible HTTP endpoint on %s://%s:%d/v1", "https" if config.tls_cert else "http", host,
+                     self.http_port)
 
     async def attach(self, service: EngineService) -> None:
         """The model is loaded: restore adapters, then report SERVING."""
@@ -144,13 +166,17 @@ class QuiverServer:
         self.state.drain()
         if not await self.state.wait_idle(self.config.grace_seconds):
             log.warning("calls still running after the %.0f s grace period are cancelled", self.config.grace_seconds)
-        await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+        remaining = max(0.0, deadline - time.monotonic())
+        await asyncio.gather(self._grpc.stop(remaining), *([self._openai.stop(remaining)] if self._openai else []))
         if self.state.service is not None:
             await asyncio.to_thread(self.state.service.shutdown, max(1.0, deadline - time.monotonic()))
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        self._close_metrics()
         log.info("stopped")
+
+    def _close_metrics(self) -> None:
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
     async def _restore(self, service: EngineService, adapter_id: str, path: Path, *, source: str) -> None:
         try:
@@ -165,6 +191,16 @@ class QuiverServer:
     async def _set_health(self, status) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+
+
+def _openai_module():
+    """quiver.http's app and endpoint modules; QuiverError naming the extra to install if FastAPI or uvicorn is missing."""
+    try:
+        import quiver.http.app
+        import quiver.http.endpoint
+    except ModuleNotFoundError as e:
+        raise QuiverError(f"--http-port needs FastAPI and uvicorn ({e}): pip install -e '.[http]'") from e
+    return quiver.http
 
 
 async def serve(config: ServerConfig, *, load: Callable[[Callable[[list[RequestOutput]], None]], EngineService]) -> None:

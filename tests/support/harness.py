@@ -1,4 +1,5 @@
-"""A real Quiver gRPC server on 127.0.0.1 (port 0) over a tiny model, run on a background event loop."""
+"""A real Quiver gRPC server on 127.0.0.1 (port 0) over a tiny model, run on a background event loop (with
+`http_port=0`, its OpenAI-compatible HTTP endpoint too)."""
 
 import asyncio
 import threading
@@ -15,7 +16,7 @@ from quiver.engine.service import EngineService
 from quiver.model import attention
 from quiver.model.loader import load_model
 
-SMALL_ENGINE = dict(num_kv_blocks=128, block_size=8, max_num_batched_tokens=256, adapter_slots=4)
+SMALL_ENGINE = {"num_kv_blocks": 128, "block_size": 8, "max_num_batched_tokens": 256, "adapter_slots": 4}
 
 
 def make_service(model_path: Path, *, on_step=None, **engine_config) -> EngineService:
@@ -32,6 +33,8 @@ class RunningServer:
         self._thread.start()
         self.run(self.server.start())
         self.target = f"127.0.0.1:{self.server.port}"
+        # the OpenAI-compatible endpoint's base URL, when the config sets http_port
+        self.http_url = f"http://127.0.0.1:{self.server.http_port}/v1" if self.server.http_port is not None else None
 
     def run(self, coroutine, timeout: float = 60):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
