@@ -55,10 +55,11 @@ def paged_attention(
     return out
 
 
-# Decode sequences per batched call. Measured on CPU (64 sequences of 90-400 entries, GQA 9/3 heads): 8 is
-# ~2x faster than 16 or 64 (the gathered KV of a small call is still in cache when attention reads it) and
-# than one call per sequence (call overhead).
-_DECODE_GROUP = 8
+# KV entries gathered per batched decode call (sequences of similar length together, as many as fit). Measured
+# on CPU with 64 sequences of 90-400 entries (GQA 9/3 heads), about 8 sequences a call was ~2x faster than 16 or
+# 64 (the gathered KV of a small call is still in cache when attention reads it) and than one call per sequence
+# (call overhead); short sequences fit many more a call, which is what saves host time when steps are small.
+_DECODE_GROUP_ENTRIES = 2048
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,11 @@ def plan_attention(
 ) -> AttentionPlan:
     """`ops.PlanAttention`: decode rows grouped by length, a causal mask per prefill chunk."""
     starts, lens, tables, bs = query_starts, seq_lens, block_tables, block_size
-    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
     decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
     groups = []
-    for i in range(0, len(decode), _DECODE_GROUP):  # similar lengths together: little padding to gather
-        group = decode[i : i + _DECODE_GROUP]
+    for group in _decode_groups(decode, lens):
         length = max(lens[b] for b in group)
         mask = None
         if any(lens[b] != length for b in group):
@@ -111,6 +111,17 @@ def plan_attention(
             causal = torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
             chunks.append(_PrefillChunk(starts[b], starts[b + 1], as_long(tables[b][: -(-n // bs)]), n, causal))
     return AttentionPlan(groups, chunks)
+
+
+def _decode_groups(decode: list[int], lens: Sequence[int]) -> list[list[int]]:
+    """`decode` (sorted by length) cut into runs whose padded KV (count x the longest) fits the entry budget."""
+    groups: list[list[int]] = []
+    for b in decode:
+        if groups and (len(groups[-1]) + 1) * lens[b] <= _DECODE_GROUP_ENTRIES:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
 
 
 def write_prefix(kv_cache: torch.Tensor, prefix: torch.Tensor, block_ids: torch.Tensor) -> None:
