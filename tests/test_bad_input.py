@@ -14,9 +14,9 @@ import pickle
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import grpc
 import pytest
@@ -220,6 +220,16 @@ def huge_top_k_keeps_all(ctx: Ctx) -> None:
     assert out.usage.completion_tokens == 3
 
 
+def n_zero_means_one(ctx: Ctx) -> None:
+    out = ctx.generate(token_ids=[7, 8, 9], max_new_tokens=4, ignore_eos=True, n=0)
+    assert list(out.token_ids) == list(ctx.baseline[""]) and not out.samples
+
+
+def twenty_alternatives(ctx: Ctx) -> None:
+    out = ctx.generate(token_ids=[5, 6], max_new_tokens=2, ignore_eos=True, top_logprobs=20)
+    assert [len(lp.alternatives) for lp in out.logprobs] == [20, 20]
+
+
 def half_a_character(ctx: Ctx) -> None:
     """A prompt of the first byte of a 3-byte character alone, so its text is not UTF-8: still served."""
     lead = ctx.running.service.engine.tokenizer("世")["input_ids"][0]
@@ -295,6 +305,34 @@ CASES = [
     Case("top_k beyond the vocabulary keeps all", huge_top_k_keeps_all, OK, ""),
     Case("seed: the whole uint64 range", lambda c: c.generate(text="a", seed=2**64 - 1, temperature=1.0), OK, ""),
     Case("empty stop string", lambda c: c.generate(text="a", stop=("",)), INVALID, "stop_strings must be non-empty strings"),
+    Case("min_new_tokens over max_new_tokens", lambda c: c.generate(text="a", max_new_tokens=5, min_new_tokens=10),
+         INVALID, "min_new_tokens must be an integer in [0, max_new_tokens = 5], got 10"),
+    Case("min_new_tokens over the default max_new_tokens", lambda c: c.generate(text="a", min_new_tokens=300), INVALID,
+         "min_new_tokens must be an integer in [0, max_new_tokens = 256], got 300"),
+    Case("repetition_penalty 0", lambda c: c.generate(text="a", repetition_penalty=0.0), INVALID,
+         "repetition_penalty must be a finite number > 0 (1: none), got 0.0"),
+    Case("repetition_penalty negative", lambda c: c.generate(text="a", repetition_penalty=-1.0), INVALID,
+         "repetition_penalty must be a finite number > 0 (1: none), got -1.0"),
+    Case("repetition_penalty NaN", lambda c: c.generate(text="a", repetition_penalty=float("nan")), INVALID,
+         "repetition_penalty must be a finite number > 0 (1: none), got nan"),
+    Case("repetition_penalty infinite", lambda c: c.generate(text="a", repetition_penalty=float("inf")), INVALID,
+         "repetition_penalty must be a finite number > 0 (1: none), got inf"),
+    Case("presence_penalty above 2", lambda c: c.generate(text="a", presence_penalty=2.5), INVALID,
+         "presence_penalty must be in [-2, 2], got 2.5"),
+    Case("presence_penalty NaN", lambda c: c.generate(text="a", presence_penalty=float("nan")), INVALID,
+         "presence_penalty must be in [-2, 2], got nan"),
+    Case("frequency_penalty below -2", lambda c: c.generate(text="a", frequency_penalty=-3.0), INVALID,
+         "frequency_penalty must be in [-2, 2], got -3.0"),
+    Case("frequency_penalty NaN", lambda c: c.generate(text="a", frequency_penalty=float("nan")), INVALID,
+         "frequency_penalty must be in [-2, 2], got nan"),
+    Case("top_logprobs 21", lambda c: c.generate(text="a", top_logprobs=21), INVALID,
+         "top_logprobs must be in [0, 20], got 21"),
+    Case("top_logprobs 2^32-1", lambda c: c.generate(text="a", top_logprobs=2**32 - 1), INVALID,
+         "top_logprobs must be in [0, 20], got 4294967295"),
+    Case("top_logprobs 20 is accepted", twenty_alternatives, OK, ""),
+    Case("n 17", lambda c: c.generate(text="a", n=17), INVALID, "n (samples) must be in [1, 16] (0 means 1), got 17"),
+    Case("n 2^32-1", lambda c: c.generate(text="a", n=2**32 - 1), INVALID, "must be in [1, 16] (0 means 1), got 4294967295"),
+    Case("n 0 means 1", n_zero_means_one, OK, ""),
     # adapter ids
     Case("unknown adapter", lambda c: c.generate(text="a", adapter_id="nope"), NOT_FOUND, "no adapter 'nope' is loaded"),
     Case("generate: id with a slash", lambda c: c.generate(text="a", adapter_id="a/b"), INVALID, ID_RULE),
@@ -394,7 +432,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def ctx(model_path, zoo, tmp_path_factory):  # noqa: F811
+def ctx(model_path, zoo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad-input")
     root = tmp / "root"
     root.mkdir()
@@ -403,7 +441,7 @@ def ctx(model_path, zoo, tmp_path_factory):  # noqa: F811
     (root / "escape").symlink_to(zoo["lora"])
     running = start_server(model_path, tmp, adapter_roots=(root,), max_upload_bytes=MAX_UPLOAD, max_prompt_bytes=10_000,
                            max_concurrent_uploads=2, max_staged_bytes=MAX_STAGED, upload_idle_seconds=IDLE_SECONDS,
-                           engine=dict(num_kv_blocks=48, max_lora_rank=16))
+                           engine={"num_kv_blocks": 48, "max_lora_rank": 16})
     client = QuiverClient(running.target, timeout=60)
     client.upload_adapter("lora", zoo["lora"])
     client.load_adapter("prefix", "prefix")

@@ -26,9 +26,9 @@ def tokenizer(model_path):
 
 def test_stream_and_unary_agree_for_every_prompt_form(running, tokenizer):
     prompts = {
-        "text": dict(text="héllo 世界"),
-        "token_ids": dict(token_ids=[5, 17, 99, 3]),
-        "chat": dict(chat="hi there"),
+        "text": {"text": "héllo 世界"},
+        "token_ids": {"token_ids": [5, 17, 99, 3]},
+        "chat": {"chat": "hi there"},
     }
     with QuiverClient(running.target) as client:
         for form, prompt in prompts.items():
