@@ -6,9 +6,10 @@ service through Serve's gRPC proxy, each request routed to a replica that alread
                                                     shared adapter store (a directory all replicas see)
 
 - Routing: the adapter id is Serve's multiplexed model id. Clients send it as `multiplexed_model_id`
-  metadata (`quiver.deploy.routing.AdapterRoutingInterceptor`; the `quiver` CLI always does). Serve prefers a
-  replica that holds the adapter; when those are all busy (`max_ongoing_requests`), the request spills to
-  another replica, which loads the adapter from the store.
+  metadata (`quiver.deploy.routing.AdapterRoutingInterceptor`; the `quiver` CLI always does). The deployment's
+  request router (`quiver.deploy.adapter_router`) prefers a replica that reports the adapter on its device
+  (its routing stats), then one that holds it in host memory or on disk; when those are all busy
+  (`max_ongoing_requests`), the request spills to another replica, which loads the adapter from the store.
 - Residency: Serve's per-replica LRU of adapters decides what each engine keeps registered
   (`quiver.deploy.residency`). Its size is tied to the engine's host cache: `host_cache_bytes // max_adapter_bytes`
   adapters, so an adapter Serve keeps on a replica is never re-read from disk.
@@ -32,14 +33,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import ray
 from ray import serve
-from ray.serve.config import gRPCOptions
+from ray.serve.config import RequestRouterConfig, gRPCOptions
 
 from quiver.adapters.store import AdapterStore, validate_adapter_id
 from quiver.api.auth import AuthInterceptor
@@ -50,8 +51,9 @@ from quiver.api.inference import InferenceServicer, server_info
 from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from quiver.api.state import ServingState
 from quiver.config import EngineConfig, ModelConfig
+from quiver.deploy.adapter_router import DEVICE_STAT, AdapterResidencyRouter
 from quiver.deploy.residency import ReplicaEngine, Residency
-from quiver.errors import QuiverError
+from quiver.errors import FailedPrecondition, QuiverError
 from quiver.metrics import Metrics
 from quiver.v1 import adapters_pb2, inference_pb2
 
@@ -84,6 +86,7 @@ class RayDeployConfig:
     num_cpus: float = 1.0  # per replica (0 lets CPU-only replicas share a node freely, as tests do)
     max_replicas_per_node: int | None = None
     events_dir: Path | None = None  # each replica appends its adapter loads/unloads/evictions here (JSON lines)
+    routing_stats_period_s: float = 2.0  # how often each replica reports the adapters on its device to the router
     app_name: str = "quiver"
 
     @property
@@ -111,7 +114,7 @@ def _status_on_context(empty: type):
         async def call(self, request, grpc_context):
             try:
                 return await method(self, request, grpc_context)
-            except Exception:
+            except Exception:  # noqa: BLE001 - every error: `_call` has set its status on the context
                 return empty()
 
         return call
@@ -169,15 +172,13 @@ class QuiverReplica:
 
     @_status_on_context(inference_pb2.GenerateResponse)
     async def Generate(self, request: inference_pb2.GenerateRequest, grpc_context) -> inference_pb2.GenerateResponse:
-        async with self._call("/quiver.v1.InferenceService/Generate", grpc_context):
-            async with self._adapter(request.adapter_id):
-                return await self._inference.Generate(request, _ProxyContext(grpc_context))
+        async with self._call("/quiver.v1.InferenceService/Generate", grpc_context), self._adapter(request.adapter_id):
+            return await self._inference.Generate(request, _ProxyContext(grpc_context))
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest, grpc_context) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        async with self._call("/quiver.v1.InferenceService/GenerateStream", grpc_context):
-            async with self._adapter(request.adapter_id):
-                async for message in self._inference.GenerateStream(request, _ProxyContext(grpc_context)):
-                    yield message
+        async with self._call("/quiver.v1.InferenceService/GenerateStream", grpc_context), self._adapter(request.adapter_id):
+            async for message in self._inference.GenerateStream(request, _ProxyContext(grpc_context)):
+                yield message
 
     @_status_on_context(inference_pb2.GetServerInfoResponse)
     async def GetServerInfo(self, request: inference_pb2.GetServerInfoRequest, grpc_context) -> inference_pb2.GetServerInfoResponse:
@@ -206,6 +207,17 @@ class QuiverReplica:
     async def ListAdapters(self, request: adapters_pb2.ListAdaptersRequest, grpc_context) -> adapters_pb2.ListAdaptersResponse:
         async with self._call("/quiver.v1.AdapterService/ListAdapters", grpc_context):
             return await self._catalogue.list()
+
+    # ---- Serve's request router --------------------------------------------------------------------------
+
+    async def record_routing_stats(self) -> dict:
+        """Serve's controller polls this every `routing_stats_period_s`: the adapter ids on this replica's device,
+        which `AdapterResidencyRouter` prefers for their requests."""
+        try:
+            adapters = await asyncio.to_thread(self._service.list_adapters)
+        except FailedPrecondition:  # the engine is stopping: nothing to prefer this replica for
+            return {DEVICE_STAT: []}
+        return {DEVICE_STAT: sorted(a.adapter_id for a in adapters if a.location == "device")}
 
     # ---- helpers -------------------------------------------------------------------------------------
 
@@ -274,11 +286,15 @@ class _EventLog:
 
 
 def application(config: RayDeployConfig):
-    """The Serve application: QuiverReplica with the replica count (or autoscaling) and resources of `config`."""
+    """The Serve application: QuiverReplica with the replica count (or autoscaling) and resources of `config`,
+    routed by `AdapterResidencyRouter`."""
     scaling = {"autoscaling_config": config.autoscaling} if config.autoscaling else {"num_replicas": config.num_replicas}
     return QuiverReplica.options(
         **scaling,
         max_ongoing_requests=config.max_ongoing_requests,
+        request_router_config=RequestRouterConfig(
+            request_router_class=AdapterResidencyRouter, request_routing_stats_period_s=config.routing_stats_period_s
+        ),
         ray_actor_options={"num_gpus": gpus_per_replica(config.num_gpus), "num_cpus": config.num_cpus},
         max_replicas_per_node=config.max_replicas_per_node,
     ).bind(config)

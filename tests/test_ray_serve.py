@@ -9,15 +9,17 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
+import random
 import shutil
 import socket
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
@@ -69,7 +71,7 @@ def test_eviction_is_idempotent_and_waits_for_requests(residency):
 
 
 def test_a_new_lease_keeps_an_evicted_adapter_in_use(residency):
-    res, events, service, _ = residency
+    res, events, _service, _ = residency
     old = res.lease("prefix")
     held = res.acquire("prefix")
     old.__del__()
@@ -114,6 +116,67 @@ def test_routing_interceptor_copies_the_adapter_id(model_path, tmp_path):
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         server.stop()
+
+
+# ---- the request router's ranking, without Ray's routing loop -------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class _FakeReplica:
+    name: str
+    multiplexed_model_ids: set = dataclasses.field(default_factory=set)
+    routing_stats: dict = dataclasses.field(default_factory=dict)
+
+
+@needs_ray
+def test_the_router_ranks_the_device_then_holders_then_the_emptiest():
+    from quiver.deploy.adapter_router import DEVICE_STAT, rank_replicas
+
+    dev = _FakeReplica("dev", {"x", "y"}, {DEVICE_STAT: ["x"]})
+    dev2 = _FakeReplica("dev2", {"x"}, {DEVICE_STAT: ["x", "z"]})
+    host = _FakeReplica("host", {"x", "z"}, {DEVICE_STAT: ["z"]})
+    empty = [_FakeReplica(f"empty{i}") for i in range(3)]
+    busy = _FakeReplica("busy", {"a", "b", "c"})
+    fresh = _FakeReplica("fresh")  # no routing stats reported yet
+    replicas = [busy, host, *empty, dev, fresh, dev2]
+    names = lambda ranks: [sorted(r.name for r in rank) for rank in ranks]
+    rng = random.Random(0)
+    ranks = rank_replicas("x", replicas, rng=rng)
+    assert names(ranks[:2]) == [["dev", "dev2"], ["host"]]
+    assert len(ranks) == 3 and len(ranks[2]) == 2 and {r.name for r in ranks[2]} <= {"empty0", "empty1", "empty2", "fresh"}
+    assert names(rank_replicas("z", [busy, dev, host], rng=rng)) == [["host"], ["dev"]]  # then the one with fewer
+    assert names(rank_replicas("b", [busy, dev, host], rng=rng)) == [["busy"], ["dev", "host"]]  # held, then the emptiest
+    assert names(rank_replicas("new", [dev, host], rng=rng)) == [["dev", "host"]]  # held nowhere: fewest held
+    base = rank_replicas("", replicas, rng=rng)  # no adapter: two at random, the shorter queue wins
+    assert len(base) == 1 and len(base[0]) == 2
+    assert rank_replicas("x", []) == [] and rank_replicas("", []) == []
+
+
+@needs_ray
+def test_a_replica_reports_the_adapters_on_its_device(model_path, zoo):
+    """QuiverReplica.record_routing_stats, called as Serve's controller calls it, on a replica's engine."""
+    import asyncio
+    import types
+
+    from quiver.deploy.adapter_router import DEVICE_STAT
+    from quiver.deploy.ray_serve import QuiverReplica
+    from quiver.engine.request import SamplingParams
+
+    service = make_service(model_path, adapter_slots=1)
+    try:
+        for name in ("lora", "bottleneck", "prefix"):
+            service.load_adapter(name, zoo[name])
+        replica = types.SimpleNamespace(_service=service)
+        record = QuiverReplica.func_or_class.record_routing_stats
+        assert asyncio.run(record(replica)) == {DEVICE_STAT: []}
+        params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        for name in ("lora", "bottleneck", "prefix"):  # one slot: the bottleneck takes the lora's
+            service.generate([[5, 9]], params, adapter_ids=[name])
+        assert asyncio.run(record(replica)) == {DEVICE_STAT: ["bottleneck", "prefix"]}
+        service.shutdown()
+        assert asyncio.run(record(replica)) == {DEVICE_STAT: []}
+    finally:
+        service.shutdown()
 
 
 # ---- a real Ray instance --------------------------------------------------------------------------------
@@ -238,7 +301,7 @@ class TestTwoLocalReplicas:
     """One Ray instance for the class: ~15 s to start."""
 
     def test_uploads_go_to_the_shared_store(self, local_app, zoo):
-        proxy, store, events, started = local_app
+        proxy, store, _events, started = local_app
         print(f"Ray + Serve + 2 replicas ready in {started:.1f} s")
         for name, path in zoo.items():
             adapter = proxy.client.upload_adapter(name, path)
@@ -278,7 +341,7 @@ class TestTwoLocalReplicas:
 
 
     def test_requests_stick_to_the_replica_holding_their_adapter(self, local_app, zoo, reference):
-        proxy, store, events, _ = local_app
+        proxy, _store, events, _ = local_app
         names = {"sticky-lora": "lora", "sticky-prefix": "prefix", "sticky-bottleneck": "bottleneck"}
         for name, source in names.items():  # fresh ids: each is loaded by the replica that takes its upload
             proxy.client.upload_adapter(name, zoo[source])
@@ -296,7 +359,7 @@ class TestTwoLocalReplicas:
 
 
     def test_a_hot_adapter_spills_to_the_second_replica_and_is_loaded_there(self, local_app, zoo, reference):
-        proxy, store, events, _ = local_app
+        proxy, _store, events, _ = local_app
         proxy.client.upload_adapter("hot", zoo["ptuning"])  # a new id: loaded on the replica that took the upload
         _wait_for_routing()
         (home,) = _holders(events, "hot")
@@ -310,7 +373,7 @@ class TestTwoLocalReplicas:
 
 
     def test_evicted_adapters_are_unloaded_once(self, local_app, zoo, reference):
-        proxy, store, events, _ = local_app
+        proxy, _store, events, _ = local_app
         for _ in range(2):  # seven adapters over two replicas that keep three each: Serve evicts
             for name in zoo:
                 tokens, *_ = proxy.generate(name, PROMPTS[2])
@@ -321,7 +384,7 @@ class TestTwoLocalReplicas:
             if e["event"] in ("load", "unload"):
                 by_replica_adapter[(e["replica"], e["adapter_id"])].append(e["event"])
         for key, sequence in by_replica_adapter.items():  # load, unload, load, ...: never unloaded twice
-            assert all(a != b for a, b in zip(sequence, sequence[1:])) and sequence[0] == "load", (key, sequence)
+            assert all(a != b for a, b in itertools.pairwise(sequence)) and sequence[0] == "load", (key, sequence)
         kinds = Counter(e["event"] for e in log)
         assert kinds["unload"] >= 1 and kinds["evict"] >= kinds["unload"]
         assert kinds["evict-again"] >= 1  # Serve called __del__ a second time (the garbage collector); ignored
