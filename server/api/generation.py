@@ -22,7 +22,11 @@
    every sample has finished. A failure of one sample (its stream raises the engine's typed error) ends the call
    with that error.
 
-Ending early (the caller stops iterating and closes the generator, or its task is cancelled) aborts every
+Every piece carries the call's `request_id` and the adapter (id, version) it pinned. The metrics timer is
+the call's (its tokens are those of all samples); the access line reports the call (access_log.py).
+
+Ending early (the caller stops iterating and closes the generator, e.g. with contextlib.aclosing; or its task is
+cancelled) aborts every
 sample in the engine, freeing its KV blocks, and records the call as CANCELLED, or DEADLINE_EXCEEDED when
 `deadline_passed()` says the call's deadline has passed. An error raised inside is recorded with its status
 (errors.status_code) and re-raised unchanged. Either way the metrics and the access line are written once,

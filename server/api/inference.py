@@ -1,6 +1,7 @@
 """InferenceService: Generate, GenerateStream and GetServerInfo over the engine service (generation.py does the
 generation; this file turns its pieces into messages)."""
 
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -32,15 +33,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         samples: dict[int, pb.Sample] = {}
         response = pb.GenerateResponse()
+        text = functools.cache(self._generator.token_text)  # a token's text, decoded once per call
         async for piece in self._generate(request, context):
             response.request_id = piece.request_id
             _set_adapter(response, piece)
             if piece.prompt_logprobs is not None and piece.index == 0:
-                response.prompt_logprobs.extend(logprob_messages(piece.prompt_logprobs, self._generator.token_text))
+                response.prompt_logprobs.extend(logprob_messages(piece.prompt_logprobs, text))
             sample = samples.setdefault(piece.index, pb.Sample(index=piece.index))
             sample.text += piece.text
             sample.token_ids.extend(piece.token_ids)
-            sample.logprobs.extend(logprob_messages(piece.logprobs, self._generator.token_text))
+            sample.logprobs.extend(logprob_messages(piece.logprobs, text))
             if piece.finish is not None:
                 sample.finish_reason = FINISH_REASONS[piece.finish.reason]
                 sample.usage.CopyFrom(_usage(piece))
@@ -56,14 +58,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        text = functools.cache(self._generator.token_text)  # a token's text, decoded once per call
         async for piece in self._generate(request, context):
             message = pb.GenerateStreamResponse(
                 request_id=piece.request_id, index=piece.index, text=piece.text, token_ids=piece.token_ids,
-                logprobs=logprob_messages(piece.logprobs, self._generator.token_text),
+                logprobs=logprob_messages(piece.logprobs, text),
             )
             _set_adapter(message, piece)
             if piece.prompt_logprobs is not None:
-                message.prompt_logprobs.extend(logprob_messages(piece.prompt_logprobs, self._generator.token_text))
+                message.prompt_logprobs.extend(logprob_messages(piece.prompt_logprobs, text))
             if piece.finish is not None:
                 message.finish_reason = FINISH_REASONS[piece.finish.reason]
                 message.usage.CopyFrom(_usage(piece))
