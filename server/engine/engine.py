@@ -22,8 +22,9 @@ from quiver.adapters.registry import AdapterRegistry
 from quiver.adapters.weights import AdapterWeights
 from quiver.config import EngineConfig
 from quiver.engine.block_manager import BlockManager
-from quiver.engine.request import FinishReason, Request, RequestOutput, SamplingParams
+from quiver.engine.request import FinishReason, Request, RequestOutput, SamplingParams, Status
 from quiver.engine.runner import ModelRunner, QueuedWrites, kv_cache_shape
+from quiver.engine.samples import HeldSamples, sample_params
 from quiver.engine.scheduler import Scheduler
 from quiver.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError, ResourceExhausted
 from quiver.kernels import select_ops
@@ -43,6 +44,7 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queried_tokens: int  # known tokens of requests admitted through the prefix cache
     prefix_cache_hit_tokens: int  # of those, tokens whose KV was reused instead of computed
+    prompt_tokens_computed: int = 0  # prompt tokens actually run through the model (not taken from the cache)
 
 
 class Engine:
@@ -74,6 +76,7 @@ class Engine:
             prefix_caching=config.enable_prefix_caching,
         )
         self.requests: dict[str, Request] = {}
+        self.held = HeldSamples()  # samples 1..n-1 of calls whose sample 0 has not computed its prompt yet
         self._arrivals = itertools.count()
         log.info("KV pool: %d blocks of %d tokens, prefix caching %s; kernels: %s", num_blocks, config.block_size,
                  "on" if config.enable_prefix_caching else "off", ops.name)
@@ -85,12 +88,49 @@ class Engine:
         """Validate and queue a request. Raises InvalidArgument, NotFound (adapter), AlreadyExists or
         ResourceExhausted. `cache_salt` is its prefix-cache scope: it shares cached KV blocks only with
         requests of the same salt (None is a scope of its own, the global one)."""
+        self._check_room(1)
+        request = self._new_request(request_id, prompt_token_ids, params, adapter_id, cache_salt)
+        self.scheduler.add(request)
+        return request
+
+    def add_samples(
+        self, request_ids: list[str], prompt_token_ids: list[int], params: SamplingParams, *,
+        adapter_id: str | None = None, cache_salt: str | None = None,
+    ) -> list[Request]:
+        """Validate and add one request per id, all of the same prompt, sample i with `sample_params(params, i)`:
+        the first is queued, the others held until its prompt is computed (see samples.py). All or none:
+        raises as `add_request` does."""
+        self._check_room(len(request_ids))
+        if len(set(request_ids)) != len(request_ids):
+            raise InvalidArgument(f"the sample request ids are not distinct: {request_ids!r}")
+        requests: list[Request] = []
+        try:
+            for i, request_id in enumerate(request_ids):
+                requests.append(
+                    self._new_request(request_id, prompt_token_ids, sample_params(params, i), adapter_id, cache_salt)
+                )
+        except Exception:
+            for request in requests:
+                self._unregister(request)
+            raise
+        self.scheduler.add(requests[0])
+        if len(requests) > 1:
+            self.held.hold(requests[0], requests[1:])
+        return requests
+
+    def _check_room(self, n: int) -> None:
+        if len(self.scheduler.waiting) + len(self.held) + n > self.config.max_queue_len:
+            raise ResourceExhausted(f"the waiting queue is full ({self.config.max_queue_len} requests); retry later")
+
+    def _new_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, adapter_id: str | None,
+        cache_salt: str | None,
+    ) -> Request:
+        """A validated request, with its adapter version pinned, known by id but not queued."""
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise InvalidArgument(f"cache_salt must be a string or None, got {type(cache_salt).__name__}")
         if request_id in self.requests:
             raise AlreadyExists(f"request id {request_id!r} is already in use")
-        if len(self.scheduler.waiting) >= self.config.max_queue_len:
-            raise ResourceExhausted(f"the waiting queue is full ({self.config.max_queue_len} requests); retry later")
         version = self.adapters.pin(adapter_id) if adapter_id else None
         try:
             virtual = version.weights_tokens if version is not None else 0
@@ -99,13 +139,19 @@ class Engine:
             if version is not None:
                 self.adapters.unpin(version)
             raise
+        stops = params.stop_token_ids + (() if params.ignore_eos else tuple(sorted(self.eos_token_ids)))
         request = Request(
             request_id, list(prompt_token_ids), params, adapter=version, arrival=next(self._arrivals),
-            cache_salt=cache_salt,
+            cache_salt=cache_salt, early_stop_ids=tuple(t for t in stops if t < self.vocab_size),
         )
         self.requests[request_id] = request
-        self.scheduler.add(request)
         return request
+
+    def _unregister(self, request: Request) -> None:
+        """Forget a request that was never queued."""
+        if request.adapter is not None:
+            self.adapters.unpin(request.adapter)
+        del self.requests[request.request_id]
 
     # ---- adapters (engine thread) --------------------------------------------------------------------
 
@@ -155,11 +201,14 @@ class Engine:
         return _output(request, ())
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.held)
 
     def step(self) -> list[RequestOutput]:
         """One forward over every scheduled token; returns what each sampled request produced, and the last
         output (with `error`) of each request a failure ended."""
+        if self.held:
+            for request in self.held.ready():
+                self.scheduler.add(request)
         chunks = self.scheduler.schedule()
         outputs = []
         for request, error in self.scheduler.take_failed():
@@ -193,7 +242,7 @@ class Engine:
         params = request.params
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             return FinishReason.STOP
-        if params.stop_strings:
+        if params.stop_strings and len(request.output_token_ids) >= params.min_new_tokens:
             tail = self.tokenizer.decode(request.output_token_ids[-_STOP_WINDOW:])
             if any(s in tail for s in params.stop_strings):
                 return FinishReason.STOP
@@ -213,7 +262,10 @@ class Engine:
             self.runner.clear_blocks(blocks)
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
-        self.scheduler.finish(request)
+        if self.held.discard(request):  # never queued: it holds no blocks
+            request.status = Status.FINISHED
+        else:
+            self.scheduler.finish(request)
         if request.adapter is not None:
             self.adapters.unpin(request.adapter)
         request.finish_reason = reason
@@ -227,12 +279,13 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self.held),
             kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queried_tokens=self.scheduler.prefix_cache_queried_tokens,
             prefix_cache_hit_tokens=self.scheduler.prefix_cache_hit_tokens,
+            prompt_tokens_computed=self.scheduler.prompt_tokens_computed,
         )
 
 
@@ -240,6 +293,14 @@ _STOP_WINDOW = 32  # output tokens decoded to look for a stop string; stop strin
 
 
 def _output(request: Request, new_tokens: tuple[int, ...], *, error: BaseException | None = None) -> RequestOutput:
+    """Its output for this step; with the new tokens' logprobs, and its prompt logprobs on its first token, if asked."""
+    logprobs = ()
+    prompt_logprobs = None
+    if request.extras and new_tokens:
+        if request.params.logprobs is not None:
+            logprobs = tuple(request.token_logprobs[-len(new_tokens):])
+        if request.prompt_logprobs is not None and len(request.output_token_ids) == len(new_tokens):
+            prompt_logprobs = tuple(request.prompt_logprobs)
     return RequestOutput(
         request_id=request.request_id,
         new_token_ids=new_tokens,
@@ -247,6 +308,8 @@ def _output(request: Request, new_tokens: tuple[int, ...], *, error: BaseExcepti
         num_prompt_tokens=len(request.prompt_token_ids),
         num_output_tokens=len(request.output_token_ids),
         error=error,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
 
 

@@ -39,7 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False
-    min_new_tokens: int = 0  # EOS and stop_token_ids cannot end it before this many tokens
+    min_new_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end it before this many tokens
     repetition_penalty: float = 1.0  # transformers': over prompt and output tokens, logit < 0 times it, else over it
     presence_penalty: float = 0.0  # OpenAI's: minus this for every token already generated, in [-2, 2]
     frequency_penalty: float = 0.0  # OpenAI's: minus this times how often a token was generated, in [-2, 2]
@@ -79,6 +79,7 @@ class SamplingParams:
 
 
 MAX_TOP_LOGPROBS = 20
+MAX_SAMPLES = 16  # samples of one prompt per call (EngineService.submit_samples)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,24 @@ class Request:
     cache_salt: str | None = None  # prefix-cache scope: blocks are shared only between requests with equal salts
     num_preemptions: int = 0
     skipped_steps: int = 0  # scheduling steps it waited because its adapter could not be placed (see Scheduler)
+    early_stop_ids: tuple[int, ...] = ()  # what min_new_tokens masks: EOS (unless ignore_eos), the stop token ids
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if params.logprobs
+    # if params.prompt_logprobs: [None, lp(t1), ...], filled as its prompt rows are computed (in one step or over
+    # several chunks), or given whole (another sample of the same prompt computed them)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    extras: bool = field(init=False)  # whether its logits need more than a plain pick (penalties, logprobs, ...)
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.extras = p.penalized or p.min_new_tokens > 0 or p.logprobs is not None or p.prompt_logprobs
+        if p.prompt_logprobs and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """Whether its prompt rows must go through the LM head: its prompt logprobs are not all known yet
+        (it then takes no blocks from the prefix cache)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def kv_adapter(self) -> tuple[str, int] | None:

@@ -1,7 +1,8 @@
 """Build one step's batch tensors, run the frozen model once over all scheduled tokens, sample.
 
 Logits are computed only for the rows that are sampled (the last row of each chunk that reaches the end
-of its request's known tokens).
+of its request's known tokens), and for the prompt rows of requests asking prompt logprobs. Requests asking
+penalties, min_new_tokens or logprobs have their rows processed before the pick (penalties.py, logprobs.py).
 """
 
 import logging
@@ -13,8 +14,10 @@ from transformers import PreTrainedModel
 
 from quiver.adapters.placement import DeviceWrite, PrefixWrite
 from quiver.adapters.weights import BOTTLENECK_SITES, BottleneckWeights, LoraWeights, PrefixWeights
+from quiver.engine import logprobs
+from quiver.engine.penalties import apply_penalties
 from quiver.engine.request import Request
-from quiver.engine.sampler import Sampler, not_finite
+from quiver.engine.sampler import Sampler, finite_rows, not_finite
 from quiver.engine.scheduler import ScheduledChunk
 from quiver.errors import FailedPrecondition, QuiverError
 from quiver.kernels import KernelOps
@@ -107,6 +110,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Request] = []
+        extras: list[int] = []  # indices in `sampled` of the requests whose logits need more than a plain pick
+        prompt_spans: list[tuple[Request, int, int, int]] = []  # chunks whose prompt rows give prompt logprobs
         bs = self.block_size
         for chunk in chunks:
             request, begin = chunk.request, chunk.request.num_computed_tokens
@@ -118,6 +123,11 @@ class ModelRunner:
             slots += [table[p // bs] * bs + p % bs for p in range(offset + begin, offset + end)]
             starts.append(starts[-1] + chunk.num_tokens)
             seq_lens.append(offset + end)
+            if request.extras:  # one flag: a batch where no request asks anything more pays nothing else
+                if chunk.samples:
+                    extras.append(len(sampled))
+                if request.needs_prompt_rows:
+                    prompt_spans.append((request, begin, end, starts[-2]))
             if chunk.samples:
                 sample_rows.append(starts[-1] - 1)
                 sampled.append(request)
@@ -134,9 +144,18 @@ class ModelRunner:
         # cheap, and also false if a huge sum overflows (checked exactly then); read after sampling, which waits
         finite = hidden.sum(dtype=torch.float32).isfinite()
         outcomes: list[tuple[Request, int | Exception]] = []
+        if prompt_spans:
+            logprobs.record_prompt(self.lm_head, hidden, prompt_spans)
         if sampled:
             logits = self.lm_head(hidden[sample_rows]).float()  # [B_sampled, V]
-            outcomes = list(zip(sampled, self.sampler.sample(logits, sampled), strict=True))
+            if extras:
+                rows_finite = finite_rows(logits)  # the model's own logits, before penalties mask tokens to -inf
+                apply_penalties(logits, sampled, extras)
+                tokens = self.sampler.pick(logits, sampled, rows_finite)
+                logprobs.record_sampled(logits, sampled, extras, tokens)
+            else:
+                tokens = self.sampler.sample(logits, sampled)
+            outcomes = list(zip(sampled, tokens, strict=True))
         if not finite:
             outcomes = _with_overflows(outcomes, chunks, starts, hidden)
         return outcomes + dropped

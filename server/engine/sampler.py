@@ -13,7 +13,7 @@ import secrets
 
 import torch
 
-from quiver.engine.request import Request
+from quiver.engine.request import Request, SamplingParams
 from quiver.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
         """logits [B, V] float32, row i for requests[i] -> per request its next token id, or the error that
         ends it (see the module docstring). Finiteness is checked for the whole batch at once."""
+        return self.pick(logits, requests, finite_rows(logits))
+
+    def pick(self, logits: torch.Tensor, requests: list[Request], finite: torch.Tensor) -> list[int | Exception]:
+        """Like `sample`, where `finite` [B] says which rows were finite before some of their tokens were masked
+        to -inf (penalties.py): those rows are picked from, the others end their requests."""
         best = logits.argmax(dim=-1)  # [B]
-        finite = logits.sum(dim=-1).isfinite()  # [B]; cheap, and also false where a huge row's sum overflows
-        if not finite.all():
-            finite = torch.isfinite(logits).all(dim=-1)  # exact, on the rare path
         tokens: list = best.masked_fill_(~finite, -1).tolist()
         for i, request in enumerate(requests):
             if tokens[i] < 0:
@@ -54,7 +56,7 @@ class Sampler:
         top-p. The top token's logit is 0 and the others' at most 0 (-inf if they overflow), so no row is NaN."""
         params = request.params
         logits = logits.cpu()
-        logits = (logits - logits.max()) / min(max(params.temperature, _MIN_TEMPERATURE), _MAX_TEMPERATURE)
+        logits = (logits - logits.max()) / temperature_of(params)
         if 0 < params.top_k < logits.shape[-1]:
             kth = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -73,6 +75,19 @@ class Sampler:
             g = torch.Generator().manual_seed(seed)
             self._generators[request.request_id] = g
         return g
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> [B] bool: whether each row is all finite."""
+    finite = logits.sum(dim=-1).isfinite()  # cheap, and also false where a huge row's sum overflows
+    if not finite.all():
+        finite = torch.isfinite(logits).all(dim=-1)  # exact, on the rare path
+    return finite
+
+
+def temperature_of(params: SamplingParams) -> float:
+    """The temperature a request's logits are divided by: 1 when greedy, else held within float32's normal range."""
+    return min(max(params.temperature, _MIN_TEMPERATURE), _MAX_TEMPERATURE) if not params.greedy else 1.0
 
 
 def not_finite(request: Request) -> FailedPrecondition:

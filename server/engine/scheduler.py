@@ -18,8 +18,8 @@ computes only the rest; after each step the full blocks a request completed are 
 """
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from quiver.engine.block_manager import BlockManager, block_key, root_key
 from quiver.engine.request import Request, Status
@@ -85,6 +85,7 @@ class Scheduler:
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) block copies to do before the next forward
         self.prefix_cache_queried_tokens = 0  # known tokens of requests admitted through the prefix cache
         self.prefix_cache_hit_tokens = 0  # of those, tokens whose KV was found there instead of computed
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (again, after a preemption)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -130,7 +131,7 @@ class Scheduler:
             else:
                 try:
                     placed = self.place(request)
-                except Exception as error:  # its own failure (e.g. its adapter cannot be read): it alone ends
+                except Exception as error:  # noqa: BLE001 -- its own failure (e.g. its adapter cannot be read): it alone ends
                     request.status = Status.FINISHED  # out of the queue; a waiting request holds no blocks
                     self.failed.append((request, error))
                     continue
@@ -184,10 +185,15 @@ class Scheduler:
         (no adapter prefix, or one of whole blocks), so that its blocks hold nothing but its tokens."""
         return self.prefix_caching and request.prefix_len % self.blocks.block_size == 0
 
+    def _looks_up(self, request: Request) -> bool:
+        """Whether the request may take blocks from the prefix cache: not while it needs its prompt rows computed
+        (prompt logprobs); its own full blocks are still registered for others."""
+        return self._caches(request) and not request.needs_prompt_rows
+
     def _share_cached(self, request: Request) -> None:
         """Append the cached blocks holding the start of the request's tokens to its block table and skip
         computing them. Its last token is always computed: its row yields the next token."""
-        if not self._caches(request):
+        if not self._looks_up(request):
             return
         tokens = request.all_token_ids
         limit = (request.num_tokens - 1) // self.blocks.block_size
@@ -198,7 +204,7 @@ class Scheduler:
 
     def _count_cache_use(self, request: Request) -> None:
         """At admission: what the request looked up in the prefix cache and what it found."""
-        if self._caches(request):
+        if self._looks_up(request):
             self.prefix_cache_queried_tokens += request.num_tokens
             self.prefix_cache_hit_tokens += request.num_computed_tokens
 
@@ -208,6 +214,9 @@ class Scheduler:
         bs = self.blocks.block_size
         for chunk in chunks:
             request = chunk.request
+            if request.num_computed_tokens < len(request.prompt_token_ids):
+                end = min(request.num_computed_tokens + chunk.num_tokens, len(request.prompt_token_ids))
+                self.prompt_tokens_computed += end - request.num_computed_tokens
             begin = request.num_computed_tokens // bs
             request.num_computed_tokens += chunk.num_tokens
             end = request.num_computed_tokens // bs

@@ -11,26 +11,32 @@ import itertools
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from quiver.adapters.snapshots import Snapshot
 from quiver.adapters.weights import AdapterKind, AdapterWeights
 from quiver.engine import openmp
 from quiver.engine.engine import Engine, EngineStats
 from quiver.engine.request import FinishReason, RequestOutput, SamplingParams
+from quiver.engine.samples import sample_ids
 from quiver.errors import FailedPrecondition, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
 
 class RequestStream:
-    """The outputs of one request, in order; the last one has `finished` set."""
+    """The outputs of one request, in order; the last one has `finished` set. `index`: which sample of its call
+    it is (submit_samples); `adapter`: the (adapter id, version) it pinned, None for the base model."""
 
-    def __init__(self, request_id: str, service: "EngineService", loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self, request_id: str, service: "EngineService", loop: asyncio.AbstractEventLoop | None, index: int = 0
+    ) -> None:
         self.request_id = request_id
+        self.index = index
+        self.adapter: tuple[str, int] | None = None  # set when the engine adds the request
         self._service = service
         self._loop = loop
         self._sync: queue.SimpleQueue = queue.SimpleQueue()
@@ -159,8 +165,9 @@ class EngineService:
             added = []
             try:
                 for request_id, prompt, request_params, adapter_id, salt in requests:
-                    engine.add_request(request_id, prompt, request_params, adapter_id=adapter_id, cache_salt=salt)
+                    request = engine.add_request(request_id, prompt, request_params, adapter_id=adapter_id, cache_salt=salt)
                     added.append(request_id)
+                    streams[len(added) - 1].adapter = request.kv_adapter
             except Exception:
                 for request_id in added:
                     engine.abort(request_id)
@@ -175,9 +182,47 @@ class EngineService:
         stream = RequestStream(request_id, self, loop)
 
         def add(engine: Engine) -> RequestStream:
-            engine.add_request(request_id, list(prompt), params, adapter_id=adapter_id, cache_salt=cache_salt)
+            request = engine.add_request(request_id, list(prompt), params, adapter_id=adapter_id, cache_salt=cache_salt)
+            stream.adapter = request.kv_adapter
             self._streams[request_id] = stream
             return stream
+
+        return self._call(add)
+
+    def submit_samples(
+        self, prompt_token_ids: list[int], params: SamplingParams, n: int, *, adapter_id: str | None = None,
+        request_id: str | None = None, cache_salt: str | None = None,
+    ) -> list[RequestStream]:
+        """Queue n samples of one prompt (1 <= n <= MAX_SAMPLES, else InvalidArgument); stream i has `index` i and
+        request id f"{request_id}.{i}" (request_id itself when n == 1), and draws with seed (seed + i) mod 2^64
+        when a seed is given. The prompt is computed once: see samples.py. All or none, like `submit_many`.
+        Aborting every stream aborts the call."""
+        return self._submit_samples(prompt_token_ids, params, n, adapter_id, request_id, cache_salt, loop=None).result()
+
+    async def submit_samples_async(
+        self, prompt_token_ids: list[int], params: SamplingParams, n: int, *, adapter_id: str | None = None,
+        request_id: str | None = None, cache_salt: str | None = None,
+    ) -> list[RequestStream]:
+        """Like `submit_samples`, for a caller in an event loop; iterate the streams with `async for`."""
+        future = self._submit_samples(
+            prompt_token_ids, params, n, adapter_id, request_id, cache_salt, loop=asyncio.get_running_loop()
+        )
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the caller went away: every sample it added is aborted
+            future.add_done_callback(_abort_if_added)
+            raise
+
+    def _submit_samples(self, prompt, params, n, adapter_id, request_id, cache_salt, *, loop) -> Future:
+        ids = sample_ids(request_id if request_id is not None else f"req-{next(self._ids)}", n)
+        streams = [RequestStream(sample_id, self, loop, index=i) for i, sample_id in enumerate(ids)]
+
+        def add(engine: Engine) -> list[RequestStream]:
+            requests = engine.add_samples(ids, list(prompt), params, adapter_id=adapter_id, cache_salt=cache_salt)
+            for stream, request in zip(streams, requests, strict=True):
+                stream.adapter = request.kv_adapter
+                self._streams[stream.request_id] = stream
+            return streams
 
         return self._call(add)
 
@@ -298,7 +343,7 @@ class EngineService:
                 continue  # its caller went away before it ran
             try:
                 future.set_result(fn(self.engine))
-            except Exception as e:  # typed errors go back to the caller
+            except Exception as e:  # noqa: BLE001 -- typed errors go back to the caller
                 future.set_exception(e)
 
     def _fail_pending(self) -> None:
@@ -337,9 +382,11 @@ class EngineService:
 
 
 def _abort_if_added(future: Future) -> None:
-    """For a submit whose caller went away once it had started: abort the request it added, if it did."""
+    """For a submit whose caller went away once it had started: abort the request(s) it added, if it did."""
     if not future.cancelled() and future.exception() is None:
-        future.result().abort()
+        added = future.result()
+        for stream in added if isinstance(added, list) else [added]:
+            stream.abort()
 
 
 _STOP = object()
