@@ -2,6 +2,7 @@
 its sample), seeded samples that reproduce single requests with seed + i, and responses that say which adapter
 version served them, the version changing when the adapter is replaced."""
 
+import time
 from collections import defaultdict
 
 from quiver.client import QuiverClient
@@ -83,3 +84,18 @@ def test_responses_say_which_adapter_version_served_them(model_path, tmp_path, z
             assert (other.adapter_id, other.adapter_version) == ("", 0)
     finally:
         running.stop()
+
+
+def test_cancelling_a_stream_of_samples_aborts_every_sample(running):
+    with QuiverClient(running.target) as client:
+        stream = client.generate_stream(token_ids=PROMPT, max_new_tokens=400, ignore_eos=True, temperature=1.0, n=3)
+        seen = set()
+        for message in stream:
+            seen.add(message.index)
+            if len(seen) == 3:
+                stream.cancel()
+                break
+    deadline = time.monotonic() + 10
+    while running.service.engine.blocks.num_used and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert running.service.engine.blocks.num_used == 0 and running.service.stats().num_running == 0
