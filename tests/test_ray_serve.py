@@ -468,3 +468,40 @@ def test_replicas_on_distinct_fake_gpu_nodes(model_path, zoo, reference, tmp_pat
             serve.shutdown()
             ray.shutdown()
             cluster.shutdown()
+
+
+@needs_ray
+def test_requests_go_to_the_replica_with_their_adapter_on_the_device(model_path, zoo, tmp_path):
+    """Two replicas hold adapter "a"; one slot each. Once the other replica has written "b" over "a", the routing
+    stats say which replica has "a" on its device, and every request for "a" goes there (Serve's own multiplexed
+    routing would pick either holder)."""
+    import ray
+    from ray import serve
+
+    from quiver.deploy.ray_serve import start
+
+    events = tmp_path / "events"
+    config = _config(model_path, tmp_path / "store", events, num_replicas=2, max_ongoing_requests=4)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, adapter_slots=1), routing_stats_period_s=0.3)
+    port = _free_port()
+    with _ray_tmpdir():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            start(config, grpc_port=port, http_port=_free_port())
+            proxy = Proxy(port)
+            proxy.client.upload_adapter("a", zoo["lora"])
+            proxy.client.upload_adapter("b", zoo["bottleneck"])
+            _wait_for_routing()
+            with concurrent.futures.ThreadPoolExecutor(24) as pool:  # a replica takes 4 at once: "a" spills
+                list(pool.map(lambda i: proxy.stream("a", PROMPTS[0]), range(24)))
+            assert len(_holders(events, "a")) == 2
+            (writer,) = _holders(events, "b")
+            _, replica, _ = proxy.generate("b", PROMPTS[0])  # "b" takes the writer's one slot from "a"
+            assert replica == writer
+            time.sleep(3)  # the replicas report their devices every 0.3 s; the proxy's router hears by long poll
+            served = Counter(proxy.generate("a", PROMPTS[i % 3])[1] for i in range(10))
+            assert len(served) == 1 and writer not in served, served
+            proxy.client.close()
+        finally:
+            serve.shutdown()
+            ray.shutdown()
