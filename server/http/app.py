@@ -106,7 +106,7 @@ def build_app(
             if not body.stream:
                 if not await _collect(request, fmt, pieces):
                     return Response(status_code=499)  # the client went away; nobody reads this
-                return JSONResponse(fmt.response(), headers=_headers(fmt))
+                return JSONResponse(fmt.response(), headers=_headers(fmt.request_id, fmt.adapter))
             first = await anext(pieces)
         except NotFound:
             await pieces.aclose()
@@ -115,7 +115,7 @@ def build_app(
             await pieces.aclose()
             raise
         events = _events(fmt, first, pieces, include_usage=body.include_usage, server_dirs=server_dirs)
-        return StreamingResponse(events, media_type="text/event-stream", headers=_headers_of(fmt, first))
+        return StreamingResponse(events, media_type="text/event-stream", headers=_headers(first.request_id, first.adapter))
 
     router = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
@@ -148,16 +148,12 @@ def _not_found(model: str, base: str) -> ModelNotFound:
                          "(GET /v1/models lists them)")
 
 
-def _headers(fmt: Format) -> dict[str, str]:
-    headers = {"x-request-id": fmt.request_id, "x-quiver-adapter-version": str(fmt.adapter[1] if fmt.adapter else 0)}
-    if fmt.adapter is not None:
-        headers["x-quiver-adapter"] = fmt.adapter[0]
+def _headers(request_id: str, adapter: tuple[str, int] | None) -> dict[str, str]:
+    """What served the call: its request id, and the adapter version (0 and no adapter id for the base model)."""
+    headers = {"x-request-id": request_id, "x-quiver-adapter-version": str(adapter[1] if adapter else 0)}
+    if adapter is not None:
+        headers["x-quiver-adapter"] = adapter[0]
     return headers
-
-
-def _headers_of(fmt: Format, first: Piece) -> dict[str, str]:
-    fmt.request_id, fmt.adapter = first.request_id, first.adapter
-    return _headers(fmt)
 
 
 async def _collect(request: Request, fmt: Format, pieces: AsyncIterator[Piece]) -> bool:
