@@ -74,9 +74,10 @@ class Metrics:
         self.adapter_load_seconds = Histogram(
             "quiver_adapter_load_seconds",
             "Making an adapter ready, by where its weights came from. Loads (read, validate, register): upload "
-            "(UploadAdapter), path (LoadAdapter, --adapters-dir), store (from the upload store). Device placements "
-            "that needed a write (from the placement to the write performed, at the end of its step): host_cache "
-            "(weights in host memory), store or path (read again from disk: the kept snapshot, or the directory)",
+            "(UploadAdapter; an uploaded adapter restored at start), path (LoadAdapter, --adapters-dir). Device "
+            "placements that needed a write (from the placement to the write performed, at the end of its step): "
+            "host_cache (weights in host memory), store or path (read again from disk: the server's snapshot of its "
+            "files, or the directory it was registered from)",
             ["source"], buckets=_LATENCY_BUCKETS, registry=r)
 
     def watch(self, service: EngineService) -> None:
