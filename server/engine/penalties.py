@@ -21,6 +21,7 @@ import torch
 from quiver.engine.request import Request
 
 _MAX = torch.finfo(torch.float32).max
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
@@ -51,7 +52,8 @@ def _repetition(logits: torch.Tensor, requests: list[Request], rows: list[int]) 
     sub = logits.index_select(0, index)  # [R, V]
     seen = torch.zeros_like(sub, dtype=torch.bool)
     seen.index_put_(_occurrences([r.all_token_ids for r in requests], dev), torch.tensor(True, device=dev))
-    p = torch.tensor([r.params.repetition_penalty for r in requests], dtype=sub.dtype, device=dev)[:, None]
+    p = torch.tensor([r.params.repetition_penalty for r in requests], dtype=torch.float64, device=dev)[:, None]
+    p = p.clamp_(_TINY, _MAX).to(sub.dtype)  # within float32's normal range: never 0 or inf (0 * inf is NaN)
     penalised = torch.where(sub < 0, sub * p, sub / p).clamp_(-_MAX, _MAX)
     logits.index_copy_(0, index, torch.where(seen, penalised, sub))
 

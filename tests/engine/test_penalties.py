@@ -142,3 +142,32 @@ def test_min_new_tokens_masks_eos_and_stop_token_ids_until_reached(model_path, b
     assert got["stop-min"] == (ref, reason) and got["eos-min"] == (ref, reason)
     # ignore_eos: EOS ends nothing, so it is not masked either (the plain greedy tokens)
     assert got["eos-ignored"] == (probe[:6], FinishReason.LENGTH)
+
+
+def test_a_batch_asking_nothing_more_never_reaches_the_penalties_or_logprobs(model_path, monkeypatch):
+    """The plain path (greedy and sampled rows, no penalty, min_new_tokens or logprobs) stays as it was."""
+    from quiver.engine import logprobs, runner
+
+    def boom(*args, **kwargs):
+        raise AssertionError("called on the plain path")
+
+    monkeypatch.setattr(runner, "apply_penalties", boom)
+    monkeypatch.setattr(logprobs, "record_sampled", boom)
+    monkeypatch.setattr(logprobs, "record_prompt", boom)
+    got = _run(_engine(model_path), [
+        ("greedy", PROMPTS[0], SamplingParams(max_new_tokens=4, ignore_eos=True), None),
+        ("sampled", PROMPTS[1], SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=0.9, seed=1), None),
+    ])
+    assert all(reason is FinishReason.LENGTH for _, reason in got.values())
+
+
+def test_extreme_accepted_penalties_never_make_a_row_fail(model_path):
+    """A tiny repetition penalty pushes seen logits past float32's range: they are held at its edge, so the
+    request goes on (it is not taken for a model whose output overflowed)."""
+    engine = _engine(model_path)
+    got = _run(engine, [
+        (f"{p}-{t}", PROMPTS[2], SamplingParams(max_new_tokens=5, ignore_eos=True, repetition_penalty=p,
+                                                 frequency_penalty=2.0, temperature=t, seed=2, logprobs=3), None)
+        for p in (1e-39, 1e-300, 1e300) for t in (0.0, 0.5, 1e-40)
+    ])
+    assert all(len(tokens) == 5 and reason is FinishReason.LENGTH for tokens, reason in got.values()), got
