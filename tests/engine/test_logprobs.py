@@ -127,3 +127,26 @@ def test_prompt_logprobs_compute_every_prompt_row_despite_the_prefix_cache(model
     # the cache still serves a later plain request: all but its last block
     _run(engine, [("again", prompt, plain, None)])
     assert engine.stats().prefix_cache_hit_tokens - after.prefix_cache_hit_tokens == 28
+
+
+def test_logprobs_survive_preemption_and_recomputation(model_path):
+    """A pool too small for every request: some are preempted (mid-prompt or mid-output) and recomputed; each
+    still gets one logprob per token and its prompt logprobs once, all equal to the reference."""
+    engine = engine_for(model_path, num_kv_blocks=12, block_size=8, max_num_batched_tokens=24)
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 160, (n,), generator=g).tolist() for n in (17, 33, 5, 40, 12, 26)]
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=2, prompt_logprobs=True)
+    got = _run(engine, [(str(i), p, params, None) for i, p in enumerate(prompts)])
+    assert engine.scheduler.num_preemptions > 0
+    base = eager(model_path)
+    for i, prompt in enumerate(prompts):
+        entry = got[str(i)]
+        logits = _reference_logits(base, prompt, entry["tokens"])
+        want = torch.log_softmax(logits, dim=-1)
+        assert len(entry["logprobs"]) == len(entry["tokens"]) == 10
+        for j, token in enumerate(entry["tokens"]):
+            _check(entry["logprobs"][j], want[len(prompt) - 1 + j], token, 2, f"{i} token {j}")
+        (prompt_lps,) = entry["prompt"]
+        assert len(prompt_lps) == len(prompt)
+        for p in range(1, len(prompt)):
+            _check(prompt_lps[p], want[p - 1], prompt[p], 2, f"{i} prompt {p}")
