@@ -21,7 +21,7 @@ import grpc
 from quiver.api.cache_scope import CacheScope
 from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from quiver.client import QuiverClient
-from quiver.config import EngineConfig
+from quiver.config import DEFAULT_ADAPTER_SERIES, EngineConfig
 from quiver.deploy.routing import AdapterRoutingInterceptor
 from quiver.errors import QuiverError
 from quiver.v1 import adapters_pb2
@@ -68,6 +68,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port (0: any free port, logged)")
     g.add_argument("--metrics-host", default="127.0.0.1",
                    help="address /metrics listens on; it is plain HTTP without a token whatever --host, TLS and tokens say")
+    g.add_argument("--metrics-max-adapters", type=int, default=DEFAULT_ADAPTER_SERIES,
+                   help="adapter ids with their own per-adapter series (the most requested); the rest are summed as adapter=\"other\"")
     g.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="every adapter directory in it is loaded at start, under its name")
     g.add_argument("--max-upload-bytes", type=int, default=1 << 30, help="largest adapter upload")
     g.add_argument("--max-prompt-bytes", type=int, default=DEFAULT_MAX_PROMPT_BYTES,
@@ -214,7 +216,7 @@ def _serve(args) -> None:
         max_stored_adapters=args.max_stored_adapters, max_concurrent_uploads=args.max_concurrent_uploads,
         max_staged_bytes=args.max_staged_bytes, upload_idle_seconds=args.upload_idle_seconds,
         max_prompt_bytes=args.max_prompt_bytes, prefix_cache_scope=CacheScope(args.prefix_cache_scope),
-        metrics_host=args.metrics_host, admin_token=_read_token(args.admin_token_file),
+        metrics_host=args.metrics_host, metrics_max_adapters=args.metrics_max_adapters, admin_token=_read_token(args.admin_token_file),
         client_tokens=read_tokens(args.client_token_file) if args.client_token_file else (),
         tls_cert=args.tls_cert, tls_key=args.tls_key, grace_seconds=args.grace_period,
         http_port=args.http_port, http_host=args.http_host,

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEFAULT_ADAPTER_SERIES = 50  # adapter ids with Prometheus series of their own; the rest are summed into adapter="other"
+
 
 def default_cache_dir() -> Path:
     """Where converted models live: $QUIVER_CACHE_DIR, else $XDG_CACHE_HOME/quiver, else ~/.cache/quiver."""

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from quiver.adapters.weights import AdapterKind
+from quiver.config import DEFAULT_ADAPTER_SERIES
 from quiver.engine.engine import Engine
 from quiver.engine.request import RequestOutput
 from quiver.engine.service import EngineService
@@ -45,7 +46,6 @@ class NoAdapter(enum.Enum):
         return self.value
 
 
-DEFAULT_ADAPTER_SERIES = 50  # adapter ids with a series of their own; the rest are summed into adapter="other"
 OTHER = "other"  # the adapter label value of every adapter without a series of its own
 TIERS = ("device", "host", "disk")  # where an adapter's weights are, fastest first (ListAdapters' location)
 

@@ -34,6 +34,7 @@ from quiver.api.generation import Generator
 from quiver.api.inference import InferenceServicer
 from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from quiver.api.state import ServingState
+from quiver.config import DEFAULT_ADAPTER_SERIES
 from quiver.engine.request import RequestOutput
 from quiver.engine.service import EngineService
 from quiver.errors import QuiverError
@@ -55,6 +56,7 @@ class ServerConfig:
     port: int = 50051  # 0: any free port (see QuiverServer.port)
     metrics_port: int | None = 9464  # the Prometheus endpoint (plain HTTP, no token); 0: any free port; None: none
     metrics_host: str = "127.0.0.1"  # where the Prometheus endpoint listens (not `host`: it has no auth)
+    metrics_max_adapters: int = DEFAULT_ADAPTER_SERIES  # adapter ids with their own per-adapter series
     adapters_dir: Path | None = None  # every adapter directory in it is loaded at start, under its name
     adapter_roots: tuple[Path, ...] = ()  # where LoadAdapter may read from
     max_upload_bytes: int = 1 << 30
@@ -81,7 +83,7 @@ class QuiverServer:
             raise ValueError(f"--max-staged-bytes ({config.max_staged_bytes}) is below --max-upload-bytes "
                              f"({config.max_upload_bytes}): no upload of the largest size could finish")
         self.config = config
-        self.metrics = Metrics()
+        self.metrics = Metrics(max_adapter_series=config.metrics_max_adapters)
         self.state = ServingState()
         self.store = AdapterStore(
             config.store_dir, max_adapter_bytes=config.max_upload_bytes, max_adapters=config.max_stored_adapters,
@@ -155,7 +157,7 @@ class QuiverServer:
         for path in found:
             await self._restore(service, path.name, path, source="path")
         for adapter_id in self.store.ids():
-            await self._restore(service, adapter_id, self.store.path(adapter_id), source="upload")
+            await self._restore(service, adapter_id, self.store.path(adapter_id), source="store")
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving: %d adapters", len(self.state.adapter_kinds))
 
