@@ -2,13 +2,12 @@
 
 from collections.abc import Callable
 
-from quiver.engine.request import MAX_TOP_LOGPROBS, FinishReason, SamplingParams, TokenLogprob
+from quiver.engine.request import MAX_SAMPLES, MAX_TOP_LOGPROBS, FinishReason, SamplingParams, TokenLogprob
 from quiver.engine.service import AdapterInfo
 from quiver.errors import InvalidArgument
 from quiver.v1 import adapters_pb2, inference_pb2
 
 DEFAULT_MAX_NEW_TOKENS = 256  # when StoppingCriteria.max_new_tokens is 0
-MAX_N = 16  # SamplingParams.n; the engine's MAX_SAMPLES
 
 FINISH_REASONS = {FinishReason.STOP: inference_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH}
 LOCATIONS = {
@@ -43,9 +42,9 @@ def sampling_params(sampling: inference_pb2.SamplingParams, stopping: inference_
 
 
 def sample_count(sampling: inference_pb2.SamplingParams) -> int:
-    """SamplingParams.n, 0 meaning 1; InvalidArgument over MAX_N."""
-    if sampling.n > MAX_N:
-        raise InvalidArgument(f"n (samples) must be in [1, {MAX_N}] (0 means 1), got {sampling.n}")
+    """SamplingParams.n, 0 meaning 1; InvalidArgument over MAX_SAMPLES."""
+    if sampling.n > MAX_SAMPLES:
+        raise InvalidArgument(f"n (samples) must be in [1, {MAX_SAMPLES}] (0 means 1), got {sampling.n}")
     return sampling.n or 1
 
 

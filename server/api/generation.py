@@ -47,7 +47,7 @@ from quiver.api.errors import status_code
 from quiver.api.prompts import prompt_token_ids
 from quiver.api.state import ServingState
 from quiver.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
-from quiver.engine.service import EngineService, RequestStream
+from quiver.engine.service import RequestStream
 from quiver.metrics import Metrics
 from quiver.v1 import inference_pb2 as pb
 
@@ -121,10 +121,12 @@ class Generator:
                 engine = service.engine
                 ids = await asyncio.to_thread(prompt_token_ids, request.prompt, engine.tokenizer,
                                               max_bytes=self._max_prompt_bytes, max_model_len=engine.max_model_len)
-                streams = await _submit(service, ids, request, adapter_id=adapter)
+                streams = await service.submit_samples_async(ids, request.params, request.n, adapter_id=adapter,
+                                                             cache_salt=request.cache_salt)
                 timer.admitted(num_prompt_tokens=len(ids))
+                # the engine names the samples f"{call id}.{i}" when n > 1, else the call id itself
                 call_id = streams[0].request_id if len(streams) == 1 else streams[0].request_id.removesuffix(".0")
-                served = getattr(streams[0], "adapter", None)  # TEMPORARY getattr until RequestStream.adapter lands
+                served = streams[0].adapter
                 record.started(request_id=call_id, n=len(streams), prompt_tokens=len(ids), adapter=served)
                 pieces = _pieces(streams, engine.tokenizer, request.params, call_id, served)
                 try:
@@ -147,16 +149,6 @@ class Generator:
                     status = grpc.StatusCode.DEADLINE_EXCEEDED
                 timer.finished(status.name)
                 record.emit(status.name)
-
-
-async def _submit(
-    service: EngineService, ids: list[int], request: GenerationInput, *, adapter_id: str | None
-) -> list[RequestStream]:
-    """TEMPORARY: the engine's submit_samples_async once it lands; until then n == 1 through submit_async."""
-    submit_samples = getattr(service, "submit_samples_async", None)
-    if submit_samples is not None:
-        return await submit_samples(ids, request.params, request.n, adapter_id=adapter_id, cache_salt=request.cache_salt)
-    return [await service.submit_async(ids, request.params, adapter_id=adapter_id, cache_salt=request.cache_salt)]
 
 
 async def _pieces(
