@@ -44,9 +44,16 @@ class RequestStream:
         self._done = False
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        """Called by the loop thread only."""
+        """Called by the loop thread only. A reader whose event loop was closed is gone: its request is aborted
+        (putting to that loop would raise on the loop thread and stop it)."""
         if self._async is not None:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
+            except RuntimeError:
+                if self._loop.is_closed():
+                    self._service.abort(self.request_id)  # ignored once it has ended
+                    return
+                raise
         else:
             self._sync.put(item)
 

@@ -114,13 +114,19 @@ def test_aborting_every_stream_ends_the_call_held_samples_included(service):
 def test_async_samples_stream_and_aborting_them_ends_the_call(service):
     async def scenario():
         streams = await service.submit_samples_async(PROMPT, SamplingParams(max_new_tokens=300, ignore_eos=True), 3)
-        firsts = [await s.__anext__() for s in streams[:1]]
+        first = await streams[0].__anext__()
         for s in streams:
             s.abort()
-        return streams, firsts
+        reasons = []
+        for s in streams:  # drained within the loop: the engine thread hands outputs to it
+            async for out in s:
+                if out.finished:
+                    reasons.append(out.finish_reason)
+        return streams, first, reasons
 
-    streams, firsts = asyncio.run(scenario())
-    assert firsts[0].new_token_ids and all(s.index == i for i, s in enumerate(streams))
+    streams, first, reasons = asyncio.run(scenario())
+    assert first.new_token_ids and [s.index for s in streams] == [0, 1, 2]
+    assert reasons == [FinishReason.ABORT] * 3
     assert wait_idle(service) == []
 
 
@@ -153,3 +159,14 @@ def test_streams_report_the_adapter_version_they_pinned(service, zoo):
     for s in [*streams, base, one]:
         _drain(s)
     assert wait_idle(service) == []
+
+
+def test_a_reader_whose_event_loop_closed_is_aborted_and_the_engine_serves_on(service):
+    async def scenario():
+        streams = await service.submit_samples_async(PROMPT, SamplingParams(max_new_tokens=300, ignore_eos=True), 2)
+        await streams[0].__anext__()  # then the loop closes with both streams unread
+
+    asyncio.run(scenario())
+    assert wait_idle(service) == []
+    assert service._thread.is_alive()
+    assert len(_drain(service.submit(PROMPT, SamplingParams(max_new_tokens=2)))[0]) == 2
