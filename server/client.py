@@ -47,8 +47,8 @@ class QuiverClient:
     def request(
         *, text: str | None = None, token_ids: list[int] | None = None, chat: str | None = None, adapter_id: str = "",
         max_new_tokens: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
-        seed: int | None = None, stop: tuple[str, ...] = (), ignore_eos: bool = False, min_new_tokens: int = 0,
-        repetition_penalty: float | None = None, presence_penalty: float | None = None,
+        seed: int | None = None, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (), ignore_eos: bool = False,
+        min_new_tokens: int = 0, repetition_penalty: float | None = None, presence_penalty: float | None = None,
         frequency_penalty: float | None = None, n: int = 0, top_logprobs: int | None = None,
         prompt_logprobs: bool = False, cache_scope: str = "",
     ) -> inference_pb2.GenerateRequest:
@@ -67,7 +67,8 @@ class QuiverClient:
             prompt_logprobs=prompt_logprobs,
         )
         stopping = inference_pb2.StoppingCriteria(
-            max_new_tokens=max_new_tokens, stop_strings=stop, ignore_eos=ignore_eos, min_new_tokens=min_new_tokens
+            max_new_tokens=max_new_tokens, stop_strings=stop, stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+            min_new_tokens=min_new_tokens,
         )
         return inference_pb2.GenerateRequest(
             adapter_id=adapter_id, prompt=prompt, sampling=sampling, stopping=stopping, cache_scope=cache_scope

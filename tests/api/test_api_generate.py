@@ -97,3 +97,14 @@ def test_a_deadline_ends_the_call_and_aborts_the_request(running):
                 call(client.request(token_ids=[3, 4], max_new_tokens=480, ignore_eos=True))
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             _wait_blocks_free(running)
+
+
+def test_min_new_tokens_keeps_a_stop_token_from_ending_the_generation_early(running):
+    with QuiverClient(running.target) as client:
+        free = client.generate(token_ids=[7, 8, 9], max_new_tokens=8, ignore_eos=True)
+        stop = free.token_ids[0]
+        early = client.generate(token_ids=[7, 8, 9], max_new_tokens=8, ignore_eos=True, stop_token_ids=[stop])
+        held = client.generate(token_ids=[7, 8, 9], max_new_tokens=8, ignore_eos=True, stop_token_ids=[stop],
+                               min_new_tokens=4)
+    assert list(early.token_ids) == [stop] and early.finish_reason == pb.FINISH_REASON_STOP
+    assert len(held.token_ids) >= 4 and stop not in held.token_ids[:4]
