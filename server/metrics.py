@@ -74,7 +74,7 @@ class Metrics:
         self.adapter_load_seconds = Histogram(
             "quiver_adapter_load_seconds",
             "Making an adapter ready, by where its weights came from. Loads (read, validate, register): upload "
-            "(UploadAdapter; an uploaded adapter restored at start), path (LoadAdapter, --adapters-dir). Device "
+            "(UploadAdapter), store (an uploaded adapter restored at start), path (LoadAdapter, --adapters-dir). Device "
             "placements that needed a write (from the placement to the write performed, at the end of its step): "
             "host_cache (weights in host memory), store or path (read again from disk: the server's snapshot of its "
             "files, or the directory it was registered from)",
@@ -104,12 +104,13 @@ class RequestTimer:
         self._start = time.perf_counter()
         self._first: float | None = None
         self._last: float | None = None
-        self._tokens = 0
+        self._tokens: dict[int, int] = {}  # tokens by sample index (a call with n samples decodes them side by side)
 
     def admitted(self, *, num_prompt_tokens: int) -> None:
         self._m.prompt_tokens.labels(self._kind).inc(num_prompt_tokens)
 
-    def tokens(self, n: int) -> None:
+    def tokens(self, n: int, *, index: int = 0) -> None:
+        """`n` new tokens of sample `index`."""
         if n == 0:
             return
         now = time.perf_counter()
@@ -117,7 +118,7 @@ class RequestTimer:
             self._first = now
             self._m.time_to_first_token.labels(self._kind).observe(now - self._start)
         self._last = now
-        self._tokens += n
+        self._tokens[index] = self._tokens.get(index, 0) + n
         self._m.generation_tokens.labels(self._kind).inc(n)
 
     def finished(self, status: str) -> None:
@@ -125,8 +126,9 @@ class RequestTimer:
         if self._last is None:
             return
         self._m.e2e_latency.labels(self._kind).observe(self._last - self._start)
-        if self._tokens > 1:
-            self._m.time_per_output_token.labels(self._kind).observe((self._last - self._first) / (self._tokens - 1))
+        longest = max(self._tokens.values(), default=0)  # the samples' tokens come side by side: the longest paces
+        if longest > 1:
+            self._m.time_per_output_token.labels(self._kind).observe((self._last - self._first) / (longest - 1))
 
 
 @dataclass(frozen=True)

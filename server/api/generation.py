@@ -131,7 +131,7 @@ class Generator:
                 pieces = _pieces(streams, engine.tokenizer, request.params, call_id, served)
                 try:
                     async for piece in pieces:
-                        timer.tokens(len(piece.token_ids))
+                        timer.tokens(len(piece.token_ids), index=piece.index)
                         record.tokens(len(piece.token_ids))
                         if piece.finish is not None:
                             record.finished(piece.index, piece.finish.reason)
