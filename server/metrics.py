@@ -169,6 +169,8 @@ class _EngineCollector(Collector):
                        stats.prefix_cache_queried_tokens)
         yield _counter("quiver_prefix_cache_hit_tokens", "Tokens whose KV was found in the prefix cache, not computed",
                        stats.prefix_cache_hit_tokens)
+        yield _counter("quiver_prompt_tokens_computed", "Prompt tokens run through the model (not taken from the prefix "
+                       "cache; the samples of an n > 1 call share their prompt's full blocks)", stats.prompt_tokens_computed)
         try:
             snap = self._last = self._service._call(_read_adapters).result()
             current = snap.adapters

@@ -2,7 +2,9 @@
 its sample), seeded samples that reproduce single requests with seed + i, and responses that say which adapter
 version served them, the version changing when the adapter is replaced."""
 
+import re
 import time
+import urllib.request
 from collections import defaultdict
 
 from quiver.client import QuiverClient
@@ -99,3 +101,21 @@ def test_cancelling_a_stream_of_samples_aborts_every_sample(running):
     while running.service.engine.blocks.num_used and time.monotonic() < deadline:
         time.sleep(0.02)
     assert running.service.engine.blocks.num_used == 0 and running.service.stats().num_running == 0
+
+
+def _scraped(running, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{running.server.metrics_port}/metrics", timeout=10).read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
+
+
+def test_prometheus_shows_the_prompt_computed_once_for_n_samples(running):
+    """A 43-token prompt, n = 4: 43 prompt tokens for sample 0, and for each other sample only its last partial
+    block (the full blocks come from the prefix cache; its last token is always computed, for its logits)."""
+    prompt = [(7 * i) % 150 + 3 for i in range(43)]
+    with QuiverClient(running.target) as client:
+        block = client.server_info().limits.kv_block_size
+        before = _scraped(running, "quiver_prompt_tokens_computed_total")
+        client.generate(token_ids=prompt, max_new_tokens=3, ignore_eos=True, temperature=1.0, seed=5, n=4)
+        computed = _scraped(running, "quiver_prompt_tokens_computed_total") - before
+    tail = 43 - block * ((43 - 1) // block)
+    assert 0 < tail < 43 and computed == 43 + 3 * tail
