@@ -21,7 +21,7 @@ import grpc
 from quiver.api.cache_scope import CacheScope
 from quiver.api.prompts import DEFAULT_MAX_PROMPT_BYTES
 from quiver.client import QuiverClient
-from quiver.config import DEFAULT_ADAPTER_SERIES, EngineConfig
+from quiver.config import DEFAULT_ADAPTER_SERIES, EngineConfig, default_threads
 from quiver.deploy.routing import AdapterRoutingInterceptor
 from quiver.errors import QuiverError
 from quiver.v1 import adapters_pb2
@@ -47,6 +47,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-lora-rank", type=int, default=64, help="largest LoRA rank accepted")
     e.add_argument("--max-bottleneck-size", type=int, default=64, help="largest bottleneck size accepted")
     e.add_argument("--host-cache-bytes", type=int, default=2 << 30, help="parsed adapter weights kept in host memory")
+    e.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the engine's steps (default: every core but one, see README)")
     e.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full instead of reusing the KV blocks of prompts that begin the same way")
 
@@ -58,6 +60,7 @@ def _engine_config(args) -> EngineConfig:
         max_queue_len=args.max_queue_len, kernel_backend=args.kernel_backend, adapter_slots=args.adapter_slots,
         max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size,
         host_cache_bytes=args.host_cache_bytes, enable_prefix_caching=not args.no_prefix_caching,
+        num_threads=args.threads if args.threads is not None else default_threads(),
     )
 
 

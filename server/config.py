@@ -45,7 +45,24 @@ class EngineConfig:
     # under it, deleted at exit; one left by a crash is deleted by the next engine started with the same one
     adapter_snapshot_dir: Path | None = None
     enable_prefix_caching: bool = True  # requests share the KV blocks of the tokens they begin with
+    # torch's intra-op threads for the engine's steps (process-wide); None: torch's default (every core). The
+    # CLI's default is `default_threads()`: see there
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+def default_threads() -> int:
+    """The engine's default thread count: every core this process may run on but one (at least one).
+
+    A step's parallel regions end at a barrier where the team's threads wait for each other, so a team as
+    wide as the machine runs only as fast as its most descheduled thread: with one core kept busy by another
+    process, a decode step on 2 threads of this 2-core machine took 3.2x as long, on 1 thread 1.03x
+    (`python -m benchmarks.neighbour`, benchmarks/RESULTS.md, "Sharing the machine"). A server is never
+    alone on its cores (its own gRPC and HTTP threads are such a neighbour), so it leaves one core free.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)

@@ -1,9 +1,12 @@
 """The thread-safe / async API the gRPC layer uses: submit and stream, abort, batch generate, errors."""
 
 import asyncio
+import os
 
 import pytest
+import torch
 
+from quiver.config import default_threads
 from quiver.engine.request import FinishReason, SamplingParams
 from quiver.engine.service import EngineService
 from quiver.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -140,3 +143,18 @@ def test_cache_salts_reach_the_engine_through_every_submit(service):
     assert hit_tokens() == 48
     with pytest.raises(InvalidArgument, match="differ in length"):
         service.submit_many([prompt], params, cache_salts=[])
+
+
+def test_the_engine_thread_runs_with_the_configured_thread_count(path):
+    """EngineConfig.num_threads is what the engine's own thread computes with (the CLI's default: every core
+    but one, `default_threads`)."""
+    before = torch.get_num_threads()
+    try:
+        service = EngineService(engine_for(path, num_kv_blocks=16, block_size=4, num_threads=1))
+        try:
+            assert service._call(lambda engine: torch.get_num_threads()).result() == 1
+        finally:
+            service.shutdown()
+    finally:
+        torch.set_num_threads(before)
+    assert default_threads() == max(1, len(os.sched_getaffinity(0)) - 1)

@@ -55,6 +55,8 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.eos_token_ids = _eos_ids(model, loaded.tokenizer)
+        if config.num_threads is not None:  # process-wide; threads started later (the engine's) inherit it
+            torch.set_num_threads(config.num_threads)
         ops = select_ops(config.kernel_backend, loaded.device)
         self.runner = ModelRunner(
             model, ops=ops, block_size=config.block_size, adapter_slots=config.adapter_slots,
