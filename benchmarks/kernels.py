@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from quiver.kernels import TORCH_OPS
+from quiver.kernels.ops import kv_entry_bytes
 
 HIDDEN, QKV, RANKS, SLOTS = 4096, (4096, 1024, 1024), (8, 16, 32, 64), 1024
 KV_HEADS, HEAD_DIM, HEADS, BLOCK = 8, 128, 32, 16
@@ -156,7 +157,8 @@ def torch_plan(op, args, kwargs) -> dict:
     if op == "paged_attention":
         return {"plan": TORCH_OPS.plan_attention(
             query_starts=kwargs["query_starts"].tolist(), seq_lens=kwargs["seq_lens"].tolist(),
-            block_tables=kwargs["block_tables"].tolist(), block_size=args[1].shape[1], device=args[0].device)}
+            block_tables=kwargs["block_tables"].tolist(), block_size=args[1].shape[1],
+            entry_bytes=kv_entry_bytes(args[1]), device=args[0].device)}
     if op.startswith("lora_"):
         return {"plan": TORCH_OPS.plan_lora(
             seg_starts=kwargs["seg_starts"].tolist(), seg_slots=kwargs["seg_slots"].tolist(),

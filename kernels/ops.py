@@ -160,6 +160,7 @@ class PlanAttention(Protocol):
         seq_lens: Sequence[int],  # e.g. [40, 17]
         block_tables: Sequence[Sequence[int]],  # e.g. [[0, 3, 4], [5, 1, 2]]
         block_size: int,
+        entry_bytes: int,  # bytes of one token's keys and values in one layer of the cache (2 · KVH · D · itemsize)
         device: torch.device,
     ) -> object | None:
         """What `paged_attention` precomputes from a step's metadata, built once and passed to every layer's call
@@ -179,9 +180,14 @@ class PlanLora(Protocol):
         these ranks and passed as `plan`; None where the backend needs nothing."""
 
 
+def kv_entry_bytes(k_cache: torch.Tensor) -> int:
+    """`PlanAttention`'s entry_bytes for a layer's key cache [NB, BS, KVH, D]: one token's keys and values."""
+    return 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+
+
 def no_attention_plan(
     *, query_starts: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int,
-    device: torch.device,
+    entry_bytes: int, device: torch.device,
 ) -> None:
     """`PlanAttention` of a backend whose attention precomputes nothing."""
 

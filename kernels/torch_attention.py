@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quiver.kernels.ops import kv_entry_bytes
+
 
 def store_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -33,7 +35,8 @@ def paged_attention(
     out = torch.empty_like(query)
     if plan is None:
         plan = plan_attention(query_starts=query_starts.tolist(), seq_lens=seq_lens.tolist(),
-                              block_tables=block_tables.tolist(), block_size=k_cache.shape[1], device=query_starts.device)
+                              block_tables=block_tables.tolist(), block_size=k_cache.shape[1],
+                              entry_bytes=kv_entry_bytes(k_cache), device=query_starts.device)
     k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
     kvh, dim = k_cache.shape[2:]
     heads = query.shape[1]
@@ -55,11 +58,13 @@ def paged_attention(
     return out
 
 
-# KV entries gathered per batched decode call (sequences of similar length together, as many as fit). Measured
-# on CPU with 64 sequences of 90-400 entries (GQA 9/3 heads), about 8 sequences a call was ~2x faster than 16 or
-# 64 (the gathered KV of a small call is still in cache when attention reads it) and than one call per sequence
-# (call overhead); short sequences fit many more a call, which is what saves host time when steps are small.
-_DECODE_GROUP_ENTRIES = 2048
+# Bytes of KV gathered per batched decode call (sequences of similar length together, as many as fit). Measured
+# on CPU with 64 sequences of 90-400 entries (GQA 9/3 heads of 64, fp32: 1.5 KiB an entry), about 8 sequences
+# (~3 MiB) a call was ~2x faster than 16 or 64 (the gathered KV of a small call is still in cache when attention
+# reads it) and than one call per sequence (call overhead); short or small entries fit many more sequences a
+# call, which is what saves host time when steps are small (benchmarks/RESULTS.md, "The step's host work").
+_DECODE_GROUP_BYTES = 3 << 20
+
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class AttentionPlan:
 
 def plan_attention(
     *, query_starts: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int,
-    device: torch.device,
+    entry_bytes: int, device: torch.device,
 ) -> AttentionPlan:
     """`ops.PlanAttention`: decode rows grouped by length, a causal mask per prefill chunk."""
     starts, lens, tables, bs = query_starts, seq_lens, block_tables, block_size
@@ -97,7 +102,7 @@ def plan_attention(
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
     decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
     groups = []
-    for group in _decode_groups(decode, lens):
+    for group in _decode_groups(decode, lens, max(1, _DECODE_GROUP_BYTES // entry_bytes)):
         length = max(lens[b] for b in group)
         mask = None
         if any(lens[b] != length for b in group):
@@ -113,11 +118,11 @@ def plan_attention(
     return AttentionPlan(groups, chunks)
 
 
-def _decode_groups(decode: list[int], lens: Sequence[int]) -> list[list[int]]:
-    """`decode` (sorted by length) cut into runs whose padded KV (count x the longest) fits the entry budget."""
+def _decode_groups(decode: list[int], lens: Sequence[int], max_entries: int) -> list[list[int]]:
+    """`decode` (sorted by length) cut into runs whose padded KV (count x the longest) fits `max_entries`."""
     groups: list[list[int]] = []
     for b in decode:
-        if groups and (len(groups[-1]) + 1) * lens[b] <= _DECODE_GROUP_ENTRIES:
+        if groups and (len(groups[-1]) + 1) * lens[b] <= max_entries:
             groups[-1].append(b)
         else:
             groups.append([b])

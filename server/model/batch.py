@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from quiver.kernels import KernelOps
+from quiver.kernels.ops import kv_entry_bytes
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ def build_step(
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         query_starts=torch.tensor(query_starts, dtype=torch.int32, device=device),
         attention_plan=ops.plan_attention(
-            query_starts=query_starts, seq_lens=seq_lens, block_tables=tables, block_size=kv_cache.shape[3], device=device
+            query_starts=query_starts, seq_lens=seq_lens, block_tables=tables, block_size=kv_cache.shape[3],
+            entry_bytes=kv_entry_bytes(kv_cache[0, 0]), device=device,
         ),
         adapters=adapters,
     )

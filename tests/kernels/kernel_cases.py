@@ -30,7 +30,7 @@ ATTENTION_CASES = {
     "prefill-chunk-with-context-gqa4": ([13], [21], 8, 2, 4, 16, torch.bfloat16),
     "mixed-gqa3": ([1, 9, 1, 70, 2], [30, 0, 5, 12, 7], 6, 2, 16, 16, torch.float16),
     "mixed-mha-d24-empty-seq": ([1, 5, 0, 1], [9, 4, 3, 0], 2, 2, 4, 24, torch.bfloat16),
-    # more decode sequences than one batched call takes (the last call gets one), lengths in a mixed order
+    # many decode sequences, lengths in a mixed order (test_kernel_torch also splits them over several calls)
     "decode-many-gqa3": ([1] * 17 + [3], [33, 2, 17, 40, 5, 9, 9, 26, 0, 12, 31, 7, 22, 3, 15, 38, 11, 6],
                          6, 2, 4, 16, torch.float32),
 }

@@ -96,6 +96,24 @@ def test_paged_attention(name):
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
+def test_paged_attention_over_several_decode_calls():
+    """Decode sequences split over batched calls by the plan's KV budget (a large entry makes it small: about
+    60 entries a call here), each call padded to its longest sequence and masked, against the oracle."""
+    q_lens, ctx_lens, n_heads, kv_heads, block_size, head_dim, dtype = ATTENTION_CASES["decode-many-gqa3"]
+    batch = paged_batch(q_lens, ctx_lens, n_heads=n_heads, kv_heads=kv_heads, head_dim=head_dim,
+                        block_size=block_size, dtype=dtype, gen=torch.Generator().manual_seed(6))
+    query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
+    plan = torch_attention.plan_attention(
+        query_starts=batch["query_starts"].tolist(), seq_lens=batch["seq_lens"].tolist(),
+        block_tables=batch["block_tables"].tolist(), block_size=block_size,
+        entry_bytes=torch_attention._DECODE_GROUP_BYTES // 60, device=query.device)
+    assert len(plan.decode) > 4 and any(g.mask is not None for g in plan.decode)
+    out = torch_attention.paged_attention(query, k_cache, v_cache, **batch, plan=plan)
+    ref = reference.paged_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"],
+                                    batch["query_starts"], batch["scale"])
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
 def test_kv_writes():
     gen = torch.Generator().manual_seed(6)
     kv = torch.full((2, 2, 6, 4, 2, 8), float("nan"))
