@@ -99,7 +99,7 @@ def _split(segments, device) -> LoraPlan:
     rows = [t for s, e, _, _ in short for t in range(s, e)]
     slots = [w for s, e, w, _ in short for _ in range(s, e)]
     ranks = [r for s, e, _, r in short for _ in range(s, e)]
-    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
     grid = bands = None
     distinct = sorted({w for _, _, w, _ in short})
     # in place when reading the slot range once costs less than gathering a copy per row and reading it
@@ -130,7 +130,7 @@ def _make_grid(short, device) -> _Grid:
     cell_off = None
     if len(rows) < span * depth or min(ranks) < r_max:
         cell_off = (torch.arange(r_max) >= torch.tensor(rank_of)[:, None]).view(span, depth, r_max).to(device)
-    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
     return _Grid(lo, span, depth, r_max, as_tensor([k * depth + j for k, j in cells]), as_tensor(row_of), cell_off)
 
 
@@ -257,10 +257,11 @@ def lora_expand(
 
     buf is cast to b's dtype before the product; rows of no-adapter segments are untouched.
     """
-    offs = [int(o) for o in out_offsets]
-    scale_of = scales.tolist()
+    # one projection runs over all of y (the offsets run from 0 to its width): nothing to read from a tensor
+    offs = [0, y.shape[1]] if len(out_offsets) == 2 else [int(o) for o in out_offsets]
     plan = _planned(plan, seg_starts, seg_slots, ranks)
     long, short = plan.long, plan.short
+    scale_of = scales.tolist() if long else None  # host scalars for the long segments' in-place products
     for s, e, w, r in long:
         for p in range(len(offs) - 1):
             lo, hi = offs[p], offs[p + 1]
