@@ -59,7 +59,8 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         ops = select_ops(config.kernel_backend, loaded.device)
         self.runner = ModelRunner(
-            model, ops=ops, block_size=config.block_size, adapter_slots=config.adapter_slots,
+            model, ops=ops, block_size=config.block_size, max_model_len=self.max_model_len,
+            adapter_slots=config.adapter_slots,
             max_lora_rank=config.max_lora_rank, max_bottleneck_size=config.max_bottleneck_size,
         )
         # sized after the adapter layers took their memory

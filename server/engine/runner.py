@@ -24,6 +24,7 @@ from quiver.kernels import KernelOps
 from quiver.model import attention
 from quiver.model.batch import AdapterBatch, StepContext, build_step
 from quiver.model.layers import AdapterLinear, install_adapter_layers, plan_layers
+from quiver.model.step_inputs import StepInputs, fresh
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ModelRunner:
         *,
         ops: KernelOps,
         block_size: int,
+        max_model_len: int,  # virtual + real tokens of a sequence at most: sizes the decode steps' block tables
         adapter_slots: int = 0,  # weight-adapter (LoRA, bottleneck) slots; 0: no adapter layers
         max_lora_rank: int = 0,
         max_bottleneck_size: int = 0,
@@ -64,6 +66,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kv_cache: torch.Tensor | None = None  # [L, 2, NB, BS, KVH, D], by allocate_kv_cache
         self.sampler = Sampler()
+        self.inputs = StepInputs(max_blocks=-(-max_model_len // block_size), device=self.device)  # decode steps'
         self.context = StepContext()  # the current step, for the attention modules and the adapter layers
         attention.attach(model, self.context)
         self.adapter_slots = adapter_slots
@@ -100,6 +103,9 @@ class ModelRunner:
                 return dropped
         chunks = sorted(chunks, key=_slot_of)
         dev = self.device
+        # a decode step (one token a sequence) reads persistent buffers, the same storage at every step of its bucket
+        buffers = self.inputs.for_decode(len(chunks)) if all(c.num_tokens == 1 for c in chunks) else None
+        tensor = buffers.fill if buffers is not None else fresh(dev)
         if copies:
             src, dst = zip(*copies)
             self.ops.copy_blocks(self.kv_cache, torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
@@ -133,12 +139,13 @@ class ModelRunner:
                 sampled.append(request)
         step = build_step(
             kv_cache=self.kv_cache, ops=self.ops, slot_mapping=slots, block_tables=[c.request.block_table for c in chunks],
-            seq_lens=seq_lens, query_starts=starts, adapters=self._adapter_batch(chunks, starts), device=dev,
+            seq_lens=seq_lens, query_starts=starts, adapters=self._adapter_batch(chunks, starts, tensor), device=dev,
+            buffers=buffers,
         )
         with self.context.stepping(step):
             hidden = self.decoder(
-                input_ids=torch.tensor([input_ids], device=dev),
-                position_ids=torch.tensor([positions], device=dev),
+                input_ids=tensor("input_ids", input_ids)[None],
+                position_ids=tensor("positions", positions)[None],
                 use_cache=False,
             ).last_hidden_state[0]  # [T, hidden]
         # cheap, and also false if a huge sum overflows (checked exactly then); read after sampling, which waits
@@ -160,7 +167,7 @@ class ModelRunner:
             outcomes = _with_overflows(outcomes, chunks, starts, hidden)
         return outcomes + dropped
 
-    def _adapter_batch(self, chunks: list[ScheduledChunk], starts: list[int]) -> AdapterBatch | None:
+    def _adapter_batch(self, chunks: list[ScheduledChunk], starts: list[int], tensor) -> AdapterBatch | None:
         """One segment per run of consecutive chunks with the same weight-adapter slot, with every adapter layer's
         plans for them; None if no chunk has one."""
         if not self.adapter_layers or all(_slot_of(c) < 0 for c in chunks):
@@ -180,8 +187,8 @@ class ModelRunner:
             activations=activations, device=dev,
         )
         return AdapterBatch(
-            seg_starts=torch.tensor(seg_starts, dtype=torch.int32, device=dev),
-            seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=dev),
+            seg_starts=tensor("seg_starts", seg_starts),  # `tensor`: the step's buffers' fill, or fresh tensors
+            seg_slots=tensor("seg_slots", seg_slots),
             activations=activations,
             slots=frozenset(w for w in seg_slots if w >= 0),
             lora_plans=lora_plans,

@@ -1,0 +1,118 @@
+"""A graph-ready decode (issue 18): a decode step's forward performs no host synchronisation, and reads its
+per-step inputs from buffers whose storage stays the same from one decode step to the next of its batch-size
+bucket — for the base model and every adapter kind decoding in one batch.
+
+No host synchronisation: the forward runs under a TorchDispatchMode that fails on any op that reads a tensor's value back to the host
+(`_local_scalar_dense`, `item`, `is_nonzero`, `nonzero`, ...) and with `Tensor.tolist` / `Tensor.item` /
+`Tensor.__bool__` patched to fail, for base, LoRA (two configurations), bottleneck, prefix tuning, P-tuning v2,
+prompt tuning and P-tuning requests decoding in one batch. What a step reads back after its forward (the tokens,
+the finiteness check) is outside the forward and not checked here."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from quiver.engine.request import SamplingParams
+from tests.support.adapter_zoo import save_zoo
+from tests.support.models import engine_for, save_tiny
+
+SYNCING = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "allclose", "masked_select")
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any dispatched op that reads device values back to the host; counts the ops it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNCING:
+            raise AssertionError(f"host synchronisation in the decode forward: aten.{name}")
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse(name):
+    def refused(self, *args, **kwargs):
+        raise AssertionError(f"Tensor.{name} in the decode forward")
+    return refused
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def engine(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    model_path = save_tiny(request.param, root)
+    engine = engine_for(model_path, num_kv_blocks=128, block_size=4, max_num_batched_tokens=64, adapter_slots=4,
+                        max_lora_rank=8, max_bottleneck_size=8)
+    for name, path in save_zoo(model_path, root / "adapters").items():
+        engine.register_adapter(name, engine.read_adapter(path), source=path)
+    return engine
+
+
+def _decoding(engine) -> list[str | None]:
+    """The base model and every adapter of the zoo, one request each, all prompts computed: the next steps decode."""
+    ids = [None, *engine.adapters.current]
+    assert len(ids) >= 8  # the base model and every kind of the zoo
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    for i, adapter_id in enumerate(ids):
+        engine.add_request(f"r{i}", [5 + i, 6, 7, 8, 9, 10], params, adapter_id=adapter_id)
+    while any(not r.output_token_ids for r in engine.requests.values()):
+        engine.step()
+    assert all(r.num_computed_tokens == r.num_tokens - 1 for r in engine.requests.values())
+    return ids
+
+
+def test_a_mixed_decode_forward_never_reads_back_to_the_host(engine, monkeypatch):
+    ids = _decoding(engine)
+
+    decoder = engine.runner.decoder
+    forward = decoder.forward
+    probe = NoHostSync()
+    checked = []
+
+    def guarded(*args, **kwargs):
+        with monkeypatch.context() as m:
+            for name in ("tolist", "item", "__bool__"):
+                m.setattr(torch.Tensor, name, _refuse(name))
+            with probe:
+                out = forward(*args, **kwargs)
+        checked.append(args or tuple(kwargs))
+        return out
+
+    monkeypatch.setattr(decoder, "forward", guarded)
+    for _ in range(3):  # decode steps of every request at once
+        outputs = engine.step()
+        assert len(outputs) == len(ids) and all(out.error is None for out in outputs)
+    assert len(checked) == 3 and probe.ops > 0
+    for request_id in list(engine.requests):
+        engine.abort(request_id)
+
+
+def test_decode_steps_of_one_bucket_read_the_same_buffers(engine, monkeypatch):
+    ids = _decoding(engine)
+    decoder, context = engine.runner.decoder, engine.runner.context
+    forward = decoder.forward
+    seen = []
+
+    def recording(*args, input_ids, position_ids, **kwargs):
+        step = context.step
+        tensors = {"input_ids": input_ids, "positions": position_ids, "slot_mapping": step.slot_mapping,
+                   "block_tables": step.block_tables, "seq_lens": step.seq_lens, "query_starts": step.query_starts,
+                   "seg_starts": step.adapters.seg_starts, "seg_slots": step.adapters.seg_slots}
+        seen.append(({name: t.data_ptr() for name, t in tensors.items()}, input_ids.shape[1]))
+        return forward(*args, input_ids=input_ids, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", recording)
+    engine.step()
+    engine.step()
+    engine.abort("r0")  # one sequence fewer: the same bucket of batch sizes
+    engine.step()
+    assert [n for _, n in seen] == [len(ids), len(ids), len(ids) - 1]
+    assert seen[0][0] == seen[1][0] == seen[2][0]
+    engine.add_request("prefill", [3, 4, 5, 6, 7], SamplingParams(max_new_tokens=2))  # a prefill step: built afresh
+    engine.step()
+    assert seen[3][0]["input_ids"] != seen[0][0]["input_ids"]
+    for request_id in list(engine.requests):
+        engine.abort(request_id)
