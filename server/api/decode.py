@@ -7,8 +7,8 @@ not UTF-8) would end the call with UNKNOWN and log a server traceback, though th
 that message, inside the outer interceptors, so auth is checked first and the error mapping reports it.
 """
 
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError

@@ -4,7 +4,8 @@
 the whole iteration of a response stream. Exceptions raised by the call pass through it.
 """
 
-from typing import AsyncContextManager, Callable
+from collections.abc import Callable
+from typing import AsyncContextManager
 
 import grpc
 

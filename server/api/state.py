@@ -2,7 +2,7 @@
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from quiver.adapters.weights import AdapterKind
 from quiver.engine.service import EngineService

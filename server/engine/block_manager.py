@@ -14,7 +14,7 @@ and the free list is empty; so it counts as free.
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def root_key(adapter: tuple[str, int] | None, salt: str | None = None) -> bytes:
