@@ -58,8 +58,11 @@ class InputBuffers:
 
     def fill_tables(self, tables: list[list[int]]) -> torch.Tensor:
         """The first len(tables) rows get the tables (padded to a common width, as they come); those rows, whole."""
+        width = len(tables[0])
+        if width > self.block_tables.shape[1]:  # never within max_model_len; kept correct if it happens
+            self.block_tables = self.block_tables.new_zeros(self.size, width)
         rows = self.block_tables[: len(tables)]
-        rows[:, : len(tables[0])].copy_(torch.tensor(tables, dtype=torch.int32))
+        rows[:, :width].copy_(torch.tensor(tables, dtype=torch.int32))
         return rows
 
 
