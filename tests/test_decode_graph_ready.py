@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from quiver.engine.request import SamplingParams
+from quiver.model.step_inputs import StepInputs, bucket_of
 from tests.support.adapter_zoo import save_zoo
 from tests.support.models import engine_for, save_tiny
 
@@ -116,3 +117,16 @@ def test_decode_steps_of_one_bucket_read_the_same_buffers(engine, monkeypatch):
     assert seen[3][0]["input_ids"] != seen[0][0]["input_ids"]
     for request_id in list(engine.requests):
         engine.abort(request_id)
+
+
+def test_buckets_and_buffers():
+    assert [bucket_of(n) for n in (1, 2, 3, 5, 100, 512, 513, 1100)] == [1, 2, 4, 8, 128, 512, 1024, 1536]
+    inputs = StepInputs(max_blocks=2, device=torch.device("cpu"))
+    buffers = inputs.for_decode(3)
+    assert inputs.for_decode(4) is buffers and inputs.for_decode(5) is not buffers
+    tables = buffers.fill_tables([[1, 2], [3, 4], [5, 6]])
+    assert tables.tolist() == [[1, 2], [3, 4], [5, 6]] and tables.data_ptr() == buffers.block_tables.data_ptr()
+    assert buffers.fill_tables([[7], [8]])[:, :1].tolist() == [[7], [8]]  # narrower: the columns beyond are not read
+    assert buffers.fill_tables([[1, 2, 3]]).tolist() == [[1, 2, 3]]  # wider than max_blocks: the buffer grows
+    ids = buffers.fill("input_ids", [9, 8])
+    assert ids.tolist() == [9, 8] and ids.dtype == torch.int64 and ids.data_ptr() == buffers.buffers["input_ids"].data_ptr()
