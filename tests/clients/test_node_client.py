@@ -26,8 +26,11 @@ def client_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("node-client")
     for name in ("package.json", "quiver.js"):
         shutil.copy(CLIENT / name, folder / name)
-    done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
-                          capture_output=True, text=True, timeout=300)
+    try:
+        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=False,
+                              capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip("npm could not install @grpc/grpc-js within 180 s (no registry?)")
     if done.returncode != 0:
         pytest.skip(f"npm could not install @grpc/grpc-js (no registry?): {done.stderr[-500:]}")
     return folder
@@ -39,7 +42,7 @@ def _node(client_dir: Path, target: str, *args: str, token: str | None = None) -
     if token is not None:
         env["QUIVER_TOKEN"] = token
     return subprocess.run(["node", str(client_dir / "quiver.js"), *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_node_client_uploads_lists_and_streams_like_the_python_client(client_dir, model_path, zoo, tmp_path):
