@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from quiver.engine.request import SamplingParams
-from quiver.model.step_inputs import StepInputs, bucket_of
+from quiver.model.step_inputs import FreshInputs, StepInputs, bucket_of
 from tests.support.adapter_zoo import save_zoo
 from tests.support.models import engine_for, save_tiny
 
@@ -124,6 +124,7 @@ def test_buckets_and_buffers():
     inputs = StepInputs(max_blocks=2, device=torch.device("cpu"))
     buffers = inputs.for_decode(3)
     assert inputs.for_decode(4) is buffers and inputs.for_decode(5) is not buffers
+    assert inputs.for_step([1, 1, 1]) is buffers and isinstance(inputs.for_step([1, 2]), FreshInputs)
     tables = buffers.fill_tables([[1, 2], [3, 4], [5, 6]])
     assert tables.tolist() == [[1, 2], [3, 4], [5, 6]] and tables.data_ptr() == buffers.block_tables.data_ptr()
     assert buffers.fill_tables([[7], [8]])[:, :1].tolist() == [[7], [8]]  # narrower: the columns beyond are not read

@@ -24,7 +24,7 @@ from quiver.kernels import KernelOps
 from quiver.model import attention
 from quiver.model.batch import AdapterBatch, StepContext, build_step
 from quiver.model.layers import AdapterLinear, install_adapter_layers, plan_layers
-from quiver.model.step_inputs import StepInputs, fresh
+from quiver.model.step_inputs import FreshInputs, InputBuffers, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,8 @@ class ModelRunner:
                 return dropped
         chunks = sorted(chunks, key=_slot_of)
         dev = self.device
-        # a decode step (one token a sequence) reads persistent buffers, the same storage at every step of its bucket
-        buffers = self.inputs.for_decode(len(chunks)) if all(c.num_tokens == 1 for c in chunks) else None
-        tensor = buffers.fill if buffers is not None else fresh(dev)
+        # a decode step (one token a sequence) writes its inputs into its bucket's persistent buffers, a prefill afresh
+        inputs = self.inputs.for_step([c.num_tokens for c in chunks])
         if copies:
             src, dst = zip(*copies)
             self.ops.copy_blocks(self.kv_cache, torch.tensor(src, device=dev), torch.tensor(dst, device=dev))
@@ -139,13 +138,13 @@ class ModelRunner:
                 sampled.append(request)
         step = build_step(
             kv_cache=self.kv_cache, ops=self.ops, slot_mapping=slots, block_tables=[c.request.block_table for c in chunks],
-            seq_lens=seq_lens, query_starts=starts, adapters=self._adapter_batch(chunks, starts, tensor), device=dev,
-            buffers=buffers,
+            seq_lens=seq_lens, query_starts=starts, adapters=self._adapter_batch(chunks, starts, inputs), device=dev,
+            inputs=inputs,
         )
         with self.context.stepping(step):
             hidden = self.decoder(
-                input_ids=tensor("input_ids", input_ids)[None],
-                position_ids=tensor("positions", positions)[None],
+                input_ids=inputs.fill("input_ids", input_ids)[None],
+                position_ids=inputs.fill("positions", positions)[None],
                 use_cache=False,
             ).last_hidden_state[0]  # [T, hidden]
         # cheap, and also false if a huge sum overflows (checked exactly then); read after sampling, which waits
@@ -167,7 +166,9 @@ class ModelRunner:
             outcomes = _with_overflows(outcomes, chunks, starts, hidden)
         return outcomes + dropped
 
-    def _adapter_batch(self, chunks: list[ScheduledChunk], starts: list[int], tensor) -> AdapterBatch | None:
+    def _adapter_batch(
+        self, chunks: list[ScheduledChunk], starts: list[int], inputs: InputBuffers | FreshInputs
+    ) -> AdapterBatch | None:
         """One segment per run of consecutive chunks with the same weight-adapter slot, with every adapter layer's
         plans for them; None if no chunk has one."""
         if not self.adapter_layers or all(_slot_of(c) < 0 for c in chunks):
@@ -187,8 +188,8 @@ class ModelRunner:
             activations=activations, device=dev,
         )
         return AdapterBatch(
-            seg_starts=tensor("seg_starts", seg_starts),  # `tensor`: the step's buffers' fill, or fresh tensors
-            seg_slots=tensor("seg_slots", seg_slots),
+            seg_starts=inputs.fill("seg_starts", seg_starts),
+            seg_slots=inputs.fill("seg_slots", seg_slots),
             activations=activations,
             slots=frozenset(w for w in seg_slots if w >= 0),
             lora_plans=lora_plans,
@@ -286,6 +287,7 @@ class ModelRunner:
         step = build_step(
             kv_cache=self.kv_cache, ops=self.ops, slot_mapping=[blocks[p // bs] * bs + p % bs for p in range(n)],
             block_tables=[blocks], seq_lens=[n], query_starts=[0, n], adapters=None, device=dev,
+            inputs=FreshInputs(dev),
         )
         with self.context.stepping(step):
             self.decoder(

@@ -17,7 +17,7 @@ import torch
 
 from quiver.kernels import KernelOps
 from quiver.kernels.ops import kv_entry_bytes
-from quiver.model.step_inputs import InputBuffers, fresh
+from quiver.model.step_inputs import FreshInputs, InputBuffers
 
 
 @dataclass(frozen=True)
@@ -71,21 +71,19 @@ class StepContext:
 def build_step(
     *, kv_cache: torch.Tensor, ops: KernelOps, slot_mapping: list[int], block_tables: list[list[int]],
     seq_lens: list[int], query_starts: list[int], adapters: AdapterBatch | None, device: torch.device,
-    buffers: InputBuffers | None = None,
+    inputs: InputBuffers | FreshInputs,
 ) -> StepBatch:
     """The step object of this metadata (host lists; block table rows may differ in length), with its attention
-    plan. With `buffers` (a decode step's bucket) the tensors are views of them, refilled in place."""
+    plan; its tensors are written through `inputs` (a decode step's persistent buffers, or fresh tensors)."""
     width = max(len(t) for t in block_tables)
     tables = [t + [0] * (width - len(t)) for t in block_tables]
-    tensor = buffers.fill if buffers is not None else fresh(device)
     return StepBatch(
         kv_cache=kv_cache,
         ops=ops,
-        slot_mapping=tensor("slot_mapping", slot_mapping),
-        block_tables=(buffers.fill_tables(tables) if buffers is not None
-                      else torch.tensor(tables, dtype=torch.int32, device=device)),
-        seq_lens=tensor("seq_lens", seq_lens),
-        query_starts=tensor("query_starts", query_starts),
+        slot_mapping=inputs.fill("slot_mapping", slot_mapping),
+        block_tables=inputs.fill_tables(tables),
+        seq_lens=inputs.fill("seq_lens", seq_lens),
+        query_starts=inputs.fill("query_starts", query_starts),
         attention_plan=ops.plan_attention(
             query_starts=query_starts, seq_lens=seq_lens, block_tables=tables, block_size=kv_cache.shape[3],
             entry_bytes=kv_entry_bytes(kv_cache[0, 0]), device=device,

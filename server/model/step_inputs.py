@@ -26,12 +26,6 @@ _FIELDS = {
     "seg_starts": (torch.int32, 1),
     "seg_slots": (torch.int32, 0),
 }
-FIELD_DTYPES = {name: dtype for name, (dtype, _) in _FIELDS.items()}
-
-
-def fresh(device: torch.device):
-    """`InputBuffers.fill` for a step that runs eagerly: a new tensor of the field's dtype each call."""
-    return lambda name, values: torch.tensor(values, dtype=FIELD_DTYPES[name], device=device)
 
 
 def bucket_of(num_seqs: int) -> int:
@@ -66,6 +60,19 @@ class InputBuffers:
         return rows
 
 
+class FreshInputs:
+    """`InputBuffers`' interface for a step that runs eagerly (a prefill): new tensors each call."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def fill(self, name: str, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=_FIELDS[name][0], device=self.device)
+
+    def fill_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(tables, dtype=torch.int32, device=self.device)
+
+
 class StepInputs:
     """The runner's persistent decode inputs, by bucket (made on first use)."""
 
@@ -73,6 +80,13 @@ class StepInputs:
         self.max_blocks = max_blocks  # blocks per sequence at most: the context's length over the block size
         self.device = device
         self._buckets: dict[int, InputBuffers] = {}
+
+    def for_step(self, num_tokens: list[int]) -> InputBuffers | FreshInputs:
+        """Where a step with these tokens per sequence writes its inputs: its bucket's buffers when it is a
+        decode step (one token a sequence), else fresh tensors."""
+        if any(n != 1 for n in num_tokens):
+            return FreshInputs(self.device)
+        return self.for_decode(len(num_tokens))
 
     def for_decode(self, num_seqs: int) -> InputBuffers:
         size = bucket_of(num_seqs)
