@@ -45,6 +45,42 @@ def random_lora(model, targets: list[str], rank: int, seed: int) -> LoraWeights:
     return LoraWeights(modules=modules)
 
 
+class TwoGroups:
+    """The default model decoding `n` chat prompts twice, on the base model (group "base") and each with its own
+    random LoRA adapter (group "lora"), every prompt computed; `step_ms` times decode steps of one group alone.
+    `max_steps`: decode steps the caller will take in all (nobody finishes before)."""
+
+    def __init__(self, n: int, *, rank: int, targets: list[str], max_steps: int) -> None:
+        self.loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+        config = EngineConfig(max_num_seqs=2 * n, adapter_slots=n, max_lora_rank=rank, kv_cache_bytes=4 << 30)
+        self.engine = engine = Engine(self.loaded, config)  # a pool that holds every sequence: no preemption
+        for i in range(n):
+            engine.register_adapter(f"lora{i}", random_lora(self.loaded.model, targets, rank, i), source=None)
+        params = SamplingParams(max_new_tokens=128 + max_steps, ignore_eos=True)
+        for i, prompt in enumerate(data.chat_prompts(self.loaded.tokenizer, n)):  # the same prompts in both groups
+            engine.add_request(f"base{i}", prompt, params)
+            engine.add_request(f"lora{i}", prompt, params, adapter_id=f"lora{i}")
+        while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.requests.values()):
+            engine.step()
+        scheduler = engine.scheduler
+        self._preemptions = scheduler.num_preemptions
+        self._groups = {g: [r for r in scheduler.running if r.request_id.startswith(g)] for g in ("base", "lora")}
+
+    def step_ms(self, group: str, steps: int) -> float:
+        """The mean time of `steps` decode steps of `group`'s sequences alone, in ms."""
+        engine, scheduler = self.engine, self.engine.scheduler
+        everyone = list(scheduler.running)
+        scheduler.running[:] = self._groups[group]
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        elapsed = (time.perf_counter() - start) / steps * 1e3
+        if scheduler.num_preemptions != self._preemptions or any(r.request_id not in engine.requests for r in everyone):
+            raise RuntimeError("a sequence was preempted or finished: the steps measured are not all alike")
+        scheduler.running[:] = everyone
+        return elapsed
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=64)
@@ -54,39 +90,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="decode steps per round and side")
     args = p.parse_args()
 
-    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
     n = args.prompts
-    config = EngineConfig(max_num_seqs=2 * n, adapter_slots=n, max_lora_rank=args.rank, kv_cache_bytes=4 << 30)
-    engine = Engine(loaded, config)  # a pool that holds every sequence: no preemption
-    for i in range(n):
-        engine.register_adapter(f"lora{i}", random_lora(loaded.model, args.targets.split(","), args.rank, i), source=None)
-    params = SamplingParams(max_new_tokens=128 + 4 * args.rounds * args.steps, ignore_eos=True)  # none finishes
-    prompts = data.chat_prompts(loaded.tokenizer, n)
-    for i, prompt in enumerate(prompts):  # the same prompts twice: once on the base model, once with adapters
-        engine.add_request(f"base{i}", prompt, params)
-        engine.add_request(f"lora{i}", prompt, params, adapter_id=f"lora{i}")
-    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.requests.values()):
-        engine.step()
-
-    layers = [m for m in loaded.model.modules() if isinstance(m, AdapterLinear)]
+    two = TwoGroups(n, rank=args.rank, targets=args.targets.split(","), max_steps=4 * args.rounds * args.steps)
+    layers = [m for m in two.loaded.model.modules() if isinstance(m, AdapterLinear)]
     fused_ops = layers[0].ops
     unfused_ops = dataclasses.replace(fused_ops, lora_apply=two_ops)
-    scheduler = engine.scheduler
-    preemptions = scheduler.num_preemptions
-    groups = {g: [r for r in scheduler.running if r.request_id.startswith(g)] for g in ("base", "lora")}
 
     def timed(group: str, ops, out: list[float]) -> None:
         for layer in layers:
             layer.ops = ops
-        everyone = list(scheduler.running)
-        scheduler.running[:] = groups[group]  # only this group's sequences decode in these steps
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
-        out.append((time.perf_counter() - start) / args.steps * 1e3)
-        if scheduler.num_preemptions != preemptions or any(r.request_id not in engine.requests for r in everyone):
-            raise RuntimeError("a sequence was preempted or finished: the steps measured are not all alike")
-        scheduler.running[:] = everyone  # nobody finishes: max_new_tokens covers every step taken
+        out.append(two.step_ms(group, args.steps))
 
     # The floor: only the two products per adapter layer, one row per adapter, over the stacks in place, i.e.
     # reading every adapter's A and B once (what any LoRA step must do), with nothing around them.

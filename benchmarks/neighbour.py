@@ -23,13 +23,8 @@ import time
 
 import torch
 
-from benchmarks import data, machine
-from benchmarks.lora_step import random_lora
-from quiver.config import EngineConfig, ModelConfig, default_cache_dir
-from quiver.engine.engine import Engine
-from quiver.engine.request import SamplingParams
-from quiver.model import attention
-from quiver.model.loader import load_model
+from benchmarks import machine
+from benchmarks.lora_step import TwoGroups
 
 BUSY_LOOP = "while True: pass"
 
@@ -45,39 +40,17 @@ def main() -> None:
     args = p.parse_args()
     thread_counts = [int(t) for t in args.threads.split(",")]
 
-    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
-    n = args.prompts
-    engine = Engine(loaded, EngineConfig(max_num_seqs=2 * n, adapter_slots=n, max_lora_rank=args.rank,
-                                         kv_cache_bytes=4 << 30))
-    for i in range(n):
-        engine.register_adapter(f"lora{i}", random_lora(loaded.model, args.targets.split(","), args.rank, i), source=None)
-    total = len(thread_counts) * 2 * args.rounds * args.steps * 2
-    params = SamplingParams(max_new_tokens=64 + total, ignore_eos=True)  # none finishes
-    for i, prompt in enumerate(data.chat_prompts(loaded.tokenizer, n)):
-        engine.add_request(f"base{i}", prompt, params)
-        engine.add_request(f"lora{i}", prompt, params, adapter_id=f"lora{i}")
-    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.requests.values()):
-        engine.step()
-    scheduler = engine.scheduler
-    groups = {g: [r for r in scheduler.running if r.request_id.startswith(g)] for g in ("base", "lora")}
-
-    def step_ms(group: str) -> float:
-        everyone = list(scheduler.running)
-        scheduler.running[:] = groups[group]  # only this group's sequences decode in these steps
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            engine.step()
-        scheduler.running[:] = everyone
-        return (time.perf_counter() - start) / args.steps * 1e3
+    two = TwoGroups(args.prompts, rank=args.rank, targets=args.targets.split(","),
+                    max_steps=len(thread_counts) * 2 * args.rounds * args.steps * 2)
 
     def measure() -> dict[str, float]:
         times: dict[str, list[float]] = {"base": [], "lora": []}
         for _ in range(args.rounds):
             for group, values in times.items():
-                values.append(step_ms(group))
+                values.append(two.step_ms(group, args.steps))
         return {group: statistics.median(values) for group, values in times.items()}
 
-    results = {"machine": machine.describe(), "sequences": n, "rank": args.rank, "targets": args.targets, "runs": []}
+    results = {"machine": machine.describe(), "sequences": args.prompts, "rank": args.rank, "targets": args.targets, "runs": []}
     for threads in thread_counts:
         torch.set_num_threads(threads)
         idle = measure()
