@@ -1,7 +1,8 @@
 """Errors of the HTTP endpoint in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
-The typed errors of quiver.errors map to HTTP statuses as server/api/errors.py maps them to gRPC codes, and
-their messages reach the client through the same `client_message` (the server's directories cut out):
+The typed errors of quiver.errors map to HTTP statuses through the gRPC code server/api/errors.py gives them
+(`status_code`), and their messages reach the client through the same `client_message` (the server's
+directories cut out):
 
     InvalidArgument, a request body that does not validate   400 invalid_request_error
     Unauthenticated                                           401 authentication_error
@@ -17,33 +18,24 @@ their messages reach the client through the same `client_message` (the server's 
 import logging
 from pathlib import Path
 
+import grpc
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from quiver.api.errors import client_message
-from quiver.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    QuiverError,
-    ResourceExhausted,
-    Unauthenticated,
-    Unavailable,
-)
+from quiver.api.errors import client_message, status_code
+from quiver.errors import NotFound, QuiverError, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
-_STATUSES: dict[type[QuiverError], tuple[int, str]] = {
-    InvalidArgument: (400, "invalid_request_error"),
-    Unauthenticated: (401, "authentication_error"),
-    PermissionDenied: (403, "permission_error"),
-    NotFound: (404, "invalid_request_error"),
-    AlreadyExists: (409, "invalid_request_error"),
-    ResourceExhausted: (429, "rate_limit_error"),
-    FailedPrecondition: (400, "invalid_request_error"),
-    Unavailable: (503, "server_error"),
+_STATUSES: dict[grpc.StatusCode, tuple[int, str]] = {  # by the gRPC code of the error
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
 }
 
 
@@ -60,11 +52,8 @@ def error_body(message: str, type_: str, *, param: str | None = None, code: str 
 
 
 def status_of(error: BaseException) -> tuple[int, str]:
-    """The HTTP status and OpenAI error type of `error`."""
-    for cls in type(error).__mro__:
-        if cls in _STATUSES:
-            return _STATUSES[cls]
-    return 500, "server_error"
+    """The HTTP status and OpenAI error type of `error` (500 server_error for a bug: gRPC's INTERNAL)."""
+    return _STATUSES.get(status_code(error), (500, "server_error"))
 
 
 def quiver_error_body(error: QuiverError, *, server_dirs: tuple[Path, ...]) -> tuple[int, dict]:
