@@ -121,6 +121,20 @@ class RequestTimer:
         self._tokens[index] = self._tokens.get(index, 0) + n
         self._m.generation_tokens.labels(self._kind).inc(n)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated so far, all samples together."""
+        return sum(self._tokens.values())
+
+    @property
+    def first_token_seconds(self) -> float | None:
+        """From the call's start to its first token; None before one came."""
+        return self._first - self._start if self._first is not None else None
+
+    def elapsed(self) -> float:
+        """Seconds since the call's start."""
+        return time.perf_counter() - self._start
+
     def finished(self, status: str) -> None:
         self._m.requests.labels(status, self._kind).inc()
         if self._last is None:

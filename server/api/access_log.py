@@ -24,24 +24,22 @@ logged (ids are validated names, the rest numbers and fixed words).
 """
 
 import logging
-import time
 
 from quiver.engine.request import FinishReason
+from quiver.metrics import RequestTimer
 
 log = logging.getLogger("quiver.access")
 
 
 class AccessRecord:
-    """What one call's access line reports, filled in as the call goes; `emit` writes the line once."""
+    """What one call's access line reports, filled in as the call goes; `emit` writes the line once, with the
+    times and token count of the call's metrics timer."""
 
     def __init__(self) -> None:
-        self._start = time.perf_counter()
-        self._first_token: float | None = None
         self.request_id = "-"
         self.adapter: tuple[str, int] | None = None  # (id, version) pinned, or (asked-for id, 0) before that
         self.n = 1
         self.prompt_tokens = 0
-        self.output_tokens = 0
         self.finish: list[FinishReason | None] = [None]  # one per sample
 
     def started(self, *, request_id: str, n: int, prompt_tokens: int, adapter: tuple[str, int] | None) -> None:
@@ -52,22 +50,18 @@ class AccessRecord:
         self.adapter = adapter
         self.finish = [None] * n
 
-    def tokens(self, n: int) -> None:
-        if n and self._first_token is None:
-            self._first_token = time.perf_counter()
-        self.output_tokens += n
-
     def finished(self, index: int, reason: FinishReason) -> None:
         self.finish[index] = reason
 
-    def emit(self, status: str) -> None:
-        total_ms = (time.perf_counter() - self._start) * 1e3
-        ttft = f"{(self._first_token - self._start) * 1e3:.1f}" if self._first_token is not None else "-"
+    def emit(self, status: str, timer: RequestTimer) -> None:
+        total_ms = timer.elapsed() * 1e3
+        first = timer.first_token_seconds
+        ttft = f"{first * 1e3:.1f}" if first is not None else "-"
         adapter_id, version = self.adapter if self.adapter is not None else ("-", 0)
         finish = ",".join(r.value if r is not None else "-" for r in self.finish)
         log.info(
             "request_id=%s adapter=%s adapter_version=%d n=%d prompt_tokens=%d output_tokens=%d finish=%s status=%s "
             "ttft_ms=%s total_ms=%.1f",
-            self.request_id, adapter_id, version, self.n, self.prompt_tokens, self.output_tokens, finish, status, ttft,
+            self.request_id, adapter_id, version, self.n, self.prompt_tokens, timer.num_tokens, finish, status, ttft,
             total_ms,
         )

@@ -132,7 +132,6 @@ class Generator:
                 try:
                     async for piece in pieces:
                         timer.tokens(len(piece.token_ids), index=piece.index)
-                        record.tokens(len(piece.token_ids))
                         if piece.finish is not None:
                             record.finished(piece.index, piece.finish.reason)
                         yield piece
@@ -148,7 +147,7 @@ class Generator:
                 if status is grpc.StatusCode.CANCELLED and deadline_passed():
                     status = grpc.StatusCode.DEADLINE_EXCEEDED
                 timer.finished(status.name)
-                record.emit(status.name)
+                record.emit(status.name, timer)
 
 
 async def _pieces(
