@@ -1,18 +1,14 @@
 """The `quiver` CLI against a real server, and `quiver serve` as a process: SIGTERM drains and exits 0."""
 
-import os
 import re
 import signal
-import subprocess
-import sys
-import threading
 
 from grpc_health.v1 import health_pb2
 
 from quiver.cli import build_parser, main
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
-from tests.support.harness import health, start_server
+from tests.support.harness import health, serve_process, start_server
 
 
 def test_client_commands(model_path, tmp_path, zoo, capsys):
@@ -39,22 +35,9 @@ def test_client_commands(model_path, tmp_path, zoo, capsys):
 
 
 def test_serve_drains_on_sigterm_and_exits_0(model_path, tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "quiver.cli", "serve", "--model", str(model_path), "--device", "cpu", "--port", "0",
-         "--metrics-port", "0", "--store-dir", str(tmp_path / "store"),
-         "--kv-cache-bytes", str(1 << 20), "--max-prompt-bytes", "5000", "--prefix-cache-scope", "global",
-         "--max-concurrent-uploads", "2", "--max-staged-bytes", str(3 << 30), "--upload-idle-seconds", "5",
-         "--metrics-host", "127.0.0.1"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
-    )
-    try:
-        port = None
-        for line in process.stderr:
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                port = match.group(1)
-            if "serving:" in line:
-                break
-        threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe from filling
+    flags = ("--max-prompt-bytes", "5000", "--prefix-cache-scope", "global", "--max-concurrent-uploads", "2",
+             "--max-staged-bytes", str(3 << 30), "--upload-idle-seconds", "5", "--metrics-host", "127.0.0.1")
+    with serve_process(model_path, tmp_path, *flags, find=r"listening on 127\.0\.0\.1:(\d+)") as (process, port):
         target = f"127.0.0.1:{port}"
         assert health(target) == health_pb2.HealthCheckResponse.SERVING
         with QuiverClient(target) as c:
@@ -65,10 +48,6 @@ def test_serve_drains_on_sigterm_and_exits_0(model_path, tmp_path):
             rest = list(stream)
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH and rest[-1].usage.completion_tokens == 300
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
 
 def _helps(parser) -> dict[str, str]:

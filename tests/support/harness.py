@@ -2,9 +2,15 @@
 `http_port=0`, its OpenAI-compatible HTTP endpoint too)."""
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
+import os
+import re
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -100,3 +106,28 @@ def self_signed_certificate(tmp: Path) -> tuple[Path, Path]:
     (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                     serialization.NoEncryption()))
     return tmp / "cert.pem", tmp / "key.pem"
+
+
+@contextlib.contextmanager
+def serve_process(model_path: Path, tmp: Path, *flags: str, find: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`quiver serve` on the tiny model in a child process, any free ports, store under `tmp`, plus `flags`:
+    (the process, the first group of regex `find` in its log) once it logs "serving:". Killed on exit if it
+    still runs."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quiver.cli", "serve", "--model", str(model_path), "--device", "cpu", "--port", "0",
+         "--metrics-port", "0", "--store-dir", str(tmp / "store"), "--kv-cache-bytes", str(1 << 20), *flags],
+        cwd=tmp, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        found = None
+        for line in process.stderr:
+            if found is None and (match := re.search(find, line)):
+                found = match.group(1)
+            if "serving:" in line:
+                break
+        threading.Thread(target=process.stderr.read, daemon=True).start()  # keep the pipe from filling
+        yield process, found
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
