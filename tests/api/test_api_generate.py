@@ -13,8 +13,12 @@ from quiver.v1 import inference_pb2 as pb
 
 
 def _wait_blocks_free(running, timeout: float = 10) -> None:
+    """Until the KV blocks are free and the loop's stats snapshot (taken after its turn) shows nothing running."""
+    def idle() -> bool:
+        return running.service.engine.blocks.num_used == 0 and running.service.stats().num_running == 0
+
     end = time.monotonic() + timeout
-    while running.service.engine.blocks.num_used and time.monotonic() < end:
+    while not idle() and time.monotonic() < end:
         time.sleep(0.02)
     assert running.service.engine.blocks.num_used == 0
 

@@ -2,6 +2,7 @@
 send nothing. Whatever many uploaders do, the staging area stays within its budget, the extra uploads are
 refused with RESOURCE_EXHAUSTED, and nothing is left staged after."""
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -28,11 +29,12 @@ def _chunk(name: str, data: bytes) -> apb.UploadAdapterRequest:
 def _staged_bytes(staging: Path) -> int:
     """Bytes in the staging directory now, files vanishing under the walk counted as gone."""
     total = 0
-    for path in list(staging.rglob("*")):
-        try:
-            total += path.stat().st_size if path.is_file() else 0
-        except FileNotFoundError:
-            pass
+    for root, _, files in os.walk(staging):  # os.walk skips directories removed under it
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
     return total
 
 
