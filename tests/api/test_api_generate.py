@@ -1,7 +1,6 @@
 """Generate and GenerateStream over a real server: prompt forms, streaming text, stop strings, the
 incremental detokenizer, cancellation and deadlines freeing KV blocks."""
 
-import time
 
 import grpc
 import pytest
@@ -10,17 +9,6 @@ from transformers import AutoTokenizer
 from quiver.api.detokenize import TextStream
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
-
-
-def _wait_blocks_free(running, timeout: float = 10) -> None:
-    """Until the KV blocks are free and the loop's stats snapshot (taken after its turn) shows nothing running."""
-    def idle() -> bool:
-        return running.service.engine.blocks.num_used == 0 and running.service.stats().num_running == 0
-
-    end = time.monotonic() + timeout
-    while not idle() and time.monotonic() < end:
-        time.sleep(0.02)
-    assert running.service.engine.blocks.num_used == 0
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +78,7 @@ def test_cancelling_a_stream_aborts_the_request_and_frees_its_blocks(running):
         with pytest.raises(grpc.RpcError) as e:
             next(stream)
         assert e.value.code() == grpc.StatusCode.CANCELLED
-    _wait_blocks_free(running)
-    assert running.service.stats().num_running == 0
+    running.wait_idle()
 
 
 def test_a_deadline_ends_the_call_and_aborts_the_request(running):
@@ -100,7 +87,7 @@ def test_a_deadline_ends_the_call_and_aborts_the_request(running):
             with pytest.raises(grpc.RpcError) as e:
                 call(client.request(token_ids=[3, 4], max_new_tokens=480, ignore_eos=True))
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            _wait_blocks_free(running)
+            running.wait_idle()
 
 
 def test_min_new_tokens_keeps_a_stop_token_from_ending_the_generation_early(running):

@@ -3,7 +3,6 @@ its sample), seeded samples that reproduce single requests with seed + i, and re
 version served them, the version changing when the adapter is replaced."""
 
 import re
-import time
 import urllib.request
 from collections import defaultdict
 
@@ -97,10 +96,7 @@ def test_cancelling_a_stream_of_samples_aborts_every_sample(running):
             if len(seen) == 3:
                 stream.cancel()
                 break
-    deadline = time.monotonic() + 10
-    while running.service.engine.blocks.num_used and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert running.service.engine.blocks.num_used == 0 and running.service.stats().num_running == 0
+    running.wait_idle()
 
 
 def _scraped(running, name: str) -> float:

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -62,6 +63,17 @@ class RunningServer:
     def run_async(self, coroutine) -> Future:
         """Start `coroutine` on the server's loop; its result comes through the returned future."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    def wait_idle(self, timeout: float = 10) -> None:
+        """Until the KV blocks are free and the loop's stats snapshot (taken after its turn, so it can trail
+        the freed blocks) shows nothing running; asserts both."""
+        def idle() -> bool:
+            return self.service.engine.blocks.num_used == 0 and self.service.stats().num_running == 0
+
+        end = time.monotonic() + timeout
+        while not idle() and time.monotonic() < end:
+            time.sleep(0.02)
+        assert self.service.engine.blocks.num_used == 0 and self.service.stats().num_running == 0
 
     def stop(self) -> None:
         self.run(self.server.stop())
