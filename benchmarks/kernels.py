@@ -158,7 +158,7 @@ def torch_plan(op, args, kwargs) -> dict:
         return {"plan": TORCH_OPS.plan_attention(
             query_starts=kwargs["query_starts"].tolist(), seq_lens=kwargs["seq_lens"].tolist(),
             block_tables=kwargs["block_tables"].tolist(), block_size=args[1].shape[1],
-            entry_bytes=kv_entry_bytes(args[1]), device=args[0].device)}
+            entry_bytes=kv_entry_bytes(args[1]), kv_heads=args[1].shape[2], device=args[0].device)}
     if op.startswith("lora_"):
         return {"plan": TORCH_OPS.plan_lora(
             seg_starts=kwargs["seg_starts"].tolist(), seg_slots=kwargs["seg_slots"].tolist(),

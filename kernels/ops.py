@@ -161,6 +161,7 @@ class PlanAttention(Protocol):
         block_tables: Sequence[Sequence[int]],  # e.g. [[0, 3, 4], [5, 1, 2]]
         block_size: int,
         entry_bytes: int,  # bytes of one token's keys and values in one layer of the cache (2 · KVH · D · itemsize)
+        kv_heads: int,  # KVH
         device: torch.device,
     ) -> object | None:
         """What `paged_attention` precomputes from a step's metadata, built once and passed to every layer's call
@@ -187,7 +188,7 @@ def kv_entry_bytes(k_cache: torch.Tensor) -> int:
 
 def no_attention_plan(
     *, query_starts: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int,
-    entry_bytes: int, device: torch.device,
+    entry_bytes: int, kv_heads: int, device: torch.device,
 ) -> None:
     """`PlanAttention` of a backend whose attention precomputes nothing."""
 

@@ -28,25 +28,30 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV (shapes: `ops.PagedAttention`).
 
-    Decode rows (q = 1) go through batched calls, a few sequences of similar length at a time; prefill
-    chunks one call each. A call gathers its sequences' blocks whole (a block is one contiguous row of
-    the cache) and attends over them token-major, without reordering them head-major first.
+    Decode rows (q = 1) go through batched matmuls, a few sequences of similar length at a time, whose keys and
+    values are gathered head-major by entry ([b, KVH, n, D], one index_select each); prefill chunks one SDPA
+    call each, over their blocks gathered whole (a block is one contiguous row of the cache).
     """
     out = torch.empty_like(query)
     if plan is None:
         plan = plan_attention(query_starts=query_starts.tolist(), seq_lens=seq_lens.tolist(),
                               block_tables=block_tables.tolist(), block_size=k_cache.shape[1],
-                              entry_bytes=kv_entry_bytes(k_cache), device=query_starts.device)
-    k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
+                              entry_bytes=kv_entry_bytes(k_cache), kv_heads=k_cache.shape[2], device=query_starts.device)
     kvh, dim = k_cache.shape[2:]
     heads = query.shape[1]
+    k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
+    k_vectors, v_vectors = k_cache.reshape(-1, dim), v_cache.reshape(-1, dim)  # [NB * BS * KVH, D]: one row per entry and head
     for group in plan.decode:
         b = group.rows.shape[0]
-        k = k_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, : group.length].transpose(1, 2)
-        v = v_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, : group.length].transpose(1, 2)
-        q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim)  # a kv head's G query heads as G rows
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=group.mask, scale=scale)
-        out.index_copy_(0, group.rows, o.reshape(b, heads, dim))
+        # head-major: [b, KVH, n, D], so that both products are plain batched matmuls over (sequence, kv head)
+        k = k_vectors.index_select(0, group.entries).view(b, kvh, -1, dim).to(query.dtype)
+        v = v_vectors.index_select(0, group.entries).view(b, kvh, -1, dim).to(query.dtype)
+        q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim) * scale  # a kv head's G query heads as G rows
+        scores = torch.matmul(q, k.transpose(2, 3))  # [b, KVH, G, n]
+        if group.mask is not None:
+            scores.masked_fill_(group.mask, float("-inf"))
+        o = torch.matmul(torch.softmax(scores, dim=-1), v)  # [b, KVH, G, D]
+        out.index_copy_(0, group.rows, o.view(b, heads, dim))
     for chunk in plan.prefill:
         k = k_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)  # [KVH, n, D]
         v = v_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)
@@ -70,9 +75,11 @@ _DECODE_GROUP_BYTES = 3 << 20
 @dataclass(frozen=True)
 class _DecodeGroup:
     rows: torch.Tensor  # [b] int64: the sequences' query rows
-    blocks: torch.Tensor  # [b * n] int64: each sequence's first n blocks, n = the longest one's
-    length: int  # KV entries attended: the longest sequence's
-    mask: torch.Tensor | None  # [b, 1, 1, length] bool; None when every sequence has that length
+    # [b * KVH * n] int64, n = the longest sequence's length: the cache row (entry slot · KVH + head) of each
+    # sequence's entry j for each kv head, head-major; a shorter sequence's entries beyond its length repeat
+    # its entry 0 (masked: it never reads another sequence's blocks)
+    entries: torch.Tensor
+    mask: torch.Tensor | None  # [b, 1, 1, n] bool, true beyond a sequence's length; None when all have length n
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ class AttentionPlan:
 
 def plan_attention(
     *, query_starts: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int,
-    entry_bytes: int, device: torch.device,
+    entry_bytes: int, kv_heads: int, device: torch.device,
 ) -> AttentionPlan:
     """`ops.PlanAttention`: decode rows grouped by length, a causal mask per prefill chunk."""
     starts, lens, tables, bs = query_starts, seq_lens, block_tables, block_size
@@ -103,12 +110,18 @@ def plan_attention(
     decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
     groups = []
     for group in _decode_groups(decode, lens, max(1, _DECODE_GROUP_BYTES // entry_bytes)):
-        length = max(lens[b] for b in group)
+        n = max(lens[b] for b in group)
+        nb = -(-n // bs)
+        blocks = torch.tensor([(list(tables[b]) + [0] * nb)[:nb] for b in group], dtype=torch.int64)  # [b, nb]
+        slots = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :n]  # [b, n]
         mask = None
-        if any(lens[b] != length for b in group):
-            mask = (torch.arange(length, device=device) < as_long([lens[b] for b in group])[:, None])[:, None, None, :]
-        blocks = as_long([block for b in group for block in tables[b][: -(-length // bs)]])
-        groups.append(_DecodeGroup(as_long([starts[b] for b in group]), blocks, length, mask))
+        group_lens = torch.tensor([lens[b] for b in group])
+        if any(lens[b] != n for b in group):
+            beyond = torch.arange(n) >= group_lens[:, None]  # [b, n]
+            slots = torch.where(beyond, slots[:, :1], slots)
+            mask = beyond[:, None, None, :].to(device)
+        entries = slots[:, None, :] * kv_heads + torch.arange(kv_heads)[None, :, None]  # [b, KVH, n]
+        groups.append(_DecodeGroup(as_long([starts[b] for b in group]), entries.flatten().to(device), mask))
     chunks = []
     for b, q in enumerate(q_lens):
         if q > 1:

@@ -86,7 +86,7 @@ def build_step(
         query_starts=inputs.fill("query_starts", query_starts),
         attention_plan=ops.plan_attention(
             query_starts=query_starts, seq_lens=seq_lens, block_tables=tables, block_size=kv_cache.shape[3],
-            entry_bytes=kv_entry_bytes(kv_cache[0, 0]), device=device,
+            entry_bytes=kv_entry_bytes(kv_cache[0, 0]), kv_heads=kv_cache.shape[4], device=device,
         ),
         adapters=adapters,
     )

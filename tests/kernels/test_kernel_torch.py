@@ -106,7 +106,7 @@ def test_paged_attention_over_several_decode_calls():
     plan = torch_attention.plan_attention(
         query_starts=batch["query_starts"].tolist(), seq_lens=batch["seq_lens"].tolist(),
         block_tables=batch["block_tables"].tolist(), block_size=block_size,
-        entry_bytes=torch_attention._DECODE_GROUP_BYTES // 60, device=query.device)
+        entry_bytes=torch_attention._DECODE_GROUP_BYTES // 60, kv_heads=kv_heads, device=query.device)
     assert len(plan.decode) > 4 and any(g.mask is not None for g in plan.decode)
     out = torch_attention.paged_attention(query, k_cache, v_cache, **batch, plan=plan)
     ref = reference.paged_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"],
