@@ -7,8 +7,8 @@ The skeleton has TinyLlama's 22 layers with hidden size 64 (4 heads, 2 KV heads,
     lora        64 distinct LoRA adapters (r=8 on q_proj and v_proj), two sequences each
     mixed       all six kinds: LoRA, bottleneck, prefix tuning, P-tuning v2, prompt tuning, P-tuning
 For each case: the median of the engine's decode steps (`Engine.step`: scheduling, the forward, sampling)
-and the median of transformers' eager forward of the same 128 tokens over a `DynamicCache` holding the same
-contexts (its cache cropped back after each forward), rounds alternating. The ratio engine / eager is what the
+and the median of transformers' eager forward of the same 128 tokens over a `DynamicCache` holding contexts
+of the same lengths (both grow a token a step; rounds of steps alternate), with its greedy pick. The ratio engine / eager is what the
 engine's host work costs against transformers' own; `tokens_sha` fingerprints the engine's greedy tokens.
 
     python -m benchmarks.step_overhead                 # JSON on stdout and in benchmarks/out/step_overhead.json
@@ -93,7 +93,8 @@ def start(engine: Engine, named: list[tuple[str, Path]], steps: int) -> None:
 
 
 class Eager:
-    """transformers' eager forward of the 128 sequences' next tokens over a DynamicCache of their contexts."""
+    """transformers' eager forward of the 128 sequences' next tokens over a DynamicCache of their contexts, which
+    grow by one token a step as the engine's do (both sides run the same number of steps, alternating)."""
 
     def __init__(self, model_path: Path) -> None:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
@@ -102,12 +103,15 @@ class Eager:
         with torch.inference_mode():
             logits = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True).logits
         self.next_ids = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
-        self.position = torch.full((SEQUENCES, 1), CONTEXT)
+        self.position = CONTEXT
 
     @torch.inference_mode()
     def step(self) -> None:
-        self.model(input_ids=self.next_ids, position_ids=self.position, past_key_values=self.cache, use_cache=True)
-        self.cache.crop(-1)  # back to the contexts
+        position_ids = torch.full((SEQUENCES, 1), self.position)
+        logits = self.model(input_ids=self.next_ids, position_ids=position_ids, past_key_values=self.cache,
+                            use_cache=True).logits
+        self.next_ids = logits[:, -1].argmax(-1, keepdim=True)
+        self.position += 1
 
 
 def timed(fn, n: int) -> list[float]:
@@ -127,7 +131,6 @@ def run_case(model_path: Path, root: Path, case: str, *, rounds: int, steps: int
     start(engine, named, total_steps)
     engine_times: list[float] = []
     eager_times: list[float] = []
-    eager.step()  # warm
     for _ in range(rounds):
         engine_times += timed(engine.step, steps)
         eager_times += timed(eager.step, steps)

@@ -68,8 +68,8 @@ def _decoding(engine) -> list[str | None]:
 def test_a_mixed_decode_forward_never_reads_back_to_the_host(engine, monkeypatch):
     ids = _decoding(engine)
 
-    decoder = engine.runner.decoder
-    forward = decoder.forward
+    runner = engine.runner
+    forward = runner.forward
     probe = NoHostSync()
     checked = []
 
@@ -82,7 +82,7 @@ def test_a_mixed_decode_forward_never_reads_back_to_the_host(engine, monkeypatch
         checked.append(args or tuple(kwargs))
         return out
 
-    monkeypatch.setattr(decoder, "forward", guarded)
+    monkeypatch.setattr(runner, "forward", guarded)
     for _ in range(3):  # decode steps of every request at once
         outputs = engine.step()
         assert len(outputs) == len(ids) and all(out.error is None for out in outputs)
@@ -93,19 +93,19 @@ def test_a_mixed_decode_forward_never_reads_back_to_the_host(engine, monkeypatch
 
 def test_decode_steps_of_one_bucket_read_the_same_buffers(engine, monkeypatch):
     ids = _decoding(engine)
-    decoder, context = engine.runner.decoder, engine.runner.context
-    forward = decoder.forward
+    runner, context = engine.runner, engine.runner.context
+    forward = runner.forward
     seen = []
 
-    def recording(*args, input_ids, position_ids, **kwargs):
+    def recording(*, input_ids, positions, **kwargs):
         step = context.step
-        tensors = {"input_ids": input_ids, "positions": position_ids, "slot_mapping": step.slot_mapping,
+        tensors = {"input_ids": input_ids, "positions": positions, "slot_mapping": step.slot_mapping,
                    "block_tables": step.block_tables, "seq_lens": step.seq_lens, "query_starts": step.query_starts,
                    "seg_starts": step.adapters.seg_starts, "seg_slots": step.adapters.seg_slots}
-        seen.append(({name: t.data_ptr() for name, t in tensors.items()}, input_ids.shape[1]))
-        return forward(*args, input_ids=input_ids, position_ids=position_ids, **kwargs)
+        seen.append(({name: t.data_ptr() for name, t in tensors.items()}, input_ids.shape[0]))
+        return forward(input_ids=input_ids, positions=positions, **kwargs)
 
-    monkeypatch.setattr(decoder, "forward", recording)
+    monkeypatch.setattr(runner, "forward", recording)
     engine.step()
     engine.step()
     engine.abort("r0")  # one sequence fewer: the same bucket of batch sizes

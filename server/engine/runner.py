@@ -21,8 +21,8 @@ from quiver.engine.sampler import Sampler, finite_rows, not_finite
 from quiver.engine.scheduler import ScheduledChunk
 from quiver.errors import FailedPrecondition, QuiverError
 from quiver.kernels import KernelOps
-from quiver.model import attention
 from quiver.model.batch import AdapterBatch, StepContext, build_step
+from quiver.model.forward import CompactDecoder
 from quiver.model.layers import AdapterLinear, install_adapter_layers, plan_layers
 from quiver.model.step_inputs import FreshInputs, InputBuffers, StepInputs
 
@@ -59,7 +59,6 @@ class ModelRunner:
         max_bottleneck_size: int = 0,
     ) -> None:
         self.model = model
-        self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.ops = ops
         self.device = model.device
@@ -67,8 +66,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [L, 2, NB, BS, KVH, D], by allocate_kv_cache
         self.sampler = Sampler()
         self.inputs = StepInputs(max_blocks=-(-max_model_len // block_size), device=self.device)  # decode steps'
-        self.context = StepContext()  # the current step, for the attention modules and the adapter layers
-        attention.attach(model, self.context)
+        self.context = StepContext()  # the current step, for the forward and the adapter layers
         self.adapter_slots = adapter_slots
         self.max_lora_rank = max_lora_rank
         self.max_bottleneck_size = max_bottleneck_size
@@ -79,6 +77,7 @@ class ModelRunner:
                 bottleneck_size=max_bottleneck_size,
                 bottleneck_sites=frozenset(BOTTLENECK_SITES.values()),
             )
+        self.forward = CompactDecoder(model, context=self.context)  # after the adapter layers: it fuses their bases
 
     @torch.inference_mode()
     def execute(
@@ -142,11 +141,9 @@ class ModelRunner:
             inputs=inputs,
         )
         with self.context.stepping(step):
-            hidden = self.decoder(
-                input_ids=inputs.fill("input_ids", input_ids)[None],
-                position_ids=inputs.fill("positions", positions)[None],
-                use_cache=False,
-            ).last_hidden_state[0]  # [T, hidden]
+            hidden = self.forward(
+                input_ids=inputs.fill("input_ids", input_ids), positions=inputs.fill("positions", positions)
+            )  # [T, hidden]
         # cheap, and also false if a huge sum overflows (checked exactly then); read after sampling, which waits
         finite = hidden.sum(dtype=torch.float32).isfinite()
         outcomes: list[tuple[Request, int | Exception]] = []
@@ -290,11 +287,7 @@ class ModelRunner:
             inputs=FreshInputs(dev),
         )
         with self.context.stepping(step):
-            self.decoder(
-                inputs_embeds=embeddings.to(dev, self.model.dtype)[None],
-                position_ids=torch.arange(n, device=dev)[None],
-                use_cache=False,
-            )
+            self.forward(inputs_embeds=embeddings.to(dev, self.model.dtype), positions=torch.arange(n, device=dev))
 
 
 def _with_overflows(

@@ -107,19 +107,22 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        self.add_delta(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return y
+
+    def add_delta(self, y2: torch.Tensor, x2: torch.Tensor) -> None:
+        """y2 [T, out] (rows contiguous; e.g. this projection's columns of a fused GEMM's output) += the step's
+        adapter deltas for the layer's input x2 [T, in]; nothing when no slot of the step has weights here."""
         step = self.context.step
         batch = step.adapters if step is not None else None
         if batch is None:
-            return y
-        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
-        y2 = y.view(-1, y.shape[-1])  # [T, out]
+            return
         if not self.lora_slots.isdisjoint(batch.slots):
             self.ops.lora_apply(y2, x2, self.lora_a, self.lora_b, out_offsets=self.out_offsets, seg_starts=batch.seg_starts,
                                 seg_slots=batch.seg_slots, ranks=self.lora_ranks, scales=self.lora_scales,
                                 plan=batch.lora_plans[self.index])
         if self.bottleneck_size and batch.activations and not self.bn_slots.isdisjoint(batch.slots):
             self._bottleneck(y2, batch)
-        return y
 
     def _bottleneck(self, y2: torch.Tensor, batch: AdapterBatch) -> None:
         h = y2.clone()  # the delta reads the layer's output before any of it is added
@@ -174,6 +177,7 @@ def install_adapter_layers(
     prefix = next(name for name, module in model.named_modules() if module is decoder_layers)
     wrapped: dict[str, AdapterLinear] = {}  # in index order
     for i, block in enumerate(decoder_layers):
+        _unwrap(block)  # a model an earlier runner served: its wrappers give way to this runner's
         for name, module in list(block.named_modules()):
             if not isinstance(module, nn.Linear):
                 continue
@@ -186,3 +190,11 @@ def install_adapter_layers(
             setattr(parent, attr, layer)
             wrapped[f"{prefix}.{i}.{name}"] = layer
     return wrapped
+
+
+def _unwrap(block: nn.Module) -> None:
+    """Put back the plain `nn.Linear` of every `AdapterLinear` in `block`."""
+    for name, module in list(block.named_modules()):
+        if isinstance(module, AdapterLinear):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(block.get_submodule(parent_name) if parent_name else block, attr, module.base_layer)

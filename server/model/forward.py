@@ -1,0 +1,128 @@
+"""The serving forward of the supported families (Llama, Qwen2, Mistral), written as serving engines write it.
+
+transformers loads the model and stays the reference the tests compare against; this forward runs the same
+weights with fewer, larger ops over all of a step's tokens packed in one row ([T, hidden], see batch.py):
+    x = norm(h);  qkv = x · [Wq; Wk; Wv]ᵀ            one GEMM (the three weights fused, biases too)
+    q, k = rope(q, k)                                 tables gathered once per step for all layers
+    store k, v in the paged cache; attend             the backend's ops, with the step's plan
+    h += o_proj(attn)
+    x = norm(h);  gate, up = x · [Wg; Wu]ᵀ            one GEMM
+    h += down_proj(act(gate) · up)
+Adapter deltas stay per projection: after a fused GEMM, each wrapped projection (`AdapterLinear`) adds its
+LoRA delta into its own columns of the output; o_proj and down_proj are called as modules (their bottleneck
+adapters act on their outputs). The fused weights are new tensors and the original projections' weights
+become views of them, so the model's memory does not grow and its transformers forward still works.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+
+from quiver.model.batch import StepContext
+from quiver.model.layers import AdapterLinear
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama/Qwen2/Mistral RMSNorm, op for op (fp32 statistics, scaled in the input dtype)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _fuse(layers: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[AdapterLinear | None, int, int]]]:
+    """One weight [sum out, in] (and bias) for projections sharing an input; each projection's weight (and bias)
+    becomes a view of its rows. Returns (weight, bias, [(its AdapterLinear or None, first column, end)])."""
+    bases = [layer.base_layer if isinstance(layer, AdapterLinear) else layer for layer in layers]
+    with torch.no_grad():
+        weight = torch.cat([b.weight for b in bases])
+        has_bias = [b.bias is not None for b in bases]
+        bias = None
+        if any(has_bias):
+            bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
+    columns, start = [], 0
+    for layer, base in zip(layers, bases):
+        end = start + base.out_features
+        base.weight = nn.Parameter(weight[start:end], requires_grad=False)
+        if base.bias is not None:
+            base.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        columns.append((layer if isinstance(layer, AdapterLinear) else None, start, end))
+        start = end
+    return weight, bias, columns
+
+
+class _Layer:
+    """One decoder block's weights, fused, and its forward over a step's rows."""
+
+    def __init__(self, block: nn.Module, config) -> None:
+        attn, mlp = block.self_attn, block.mlp
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.index = attn.layer_idx
+        self.norm_in = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
+        self.norm_post = (block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon)
+        self.qkv, self.qkv_bias, self.qkv_adapters = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up, self.gate_up_bias, self.gate_up_adapters = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
+        self.act = ACT2FN[config.hidden_act]
+        self.intermediate = self.gate_up_adapters[0][2]  # the gate's columns end where the up projection's begin
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
+        t, d = h.shape[0], self.head_dim
+        x = _rms_norm(h, *self.norm_in)
+        qkv = F.linear(x, self.qkv, self.qkv_bias)  # [T, (H + 2 KVH) D]
+        _add_deltas(qkv, x, self.qkv_adapters)
+        qk_end = (self.heads + self.kv_heads) * d
+        qk = qkv[:, :qk_end].view(t, self.heads + self.kv_heads, d)
+        # rope: x·cos + rotate_half(x)·sin, rotate_half(x) · sin = roll(x, D/2) · sin_signed (see CompactDecoder)
+        qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        v = qkv[:, qk_end:].view(t, self.kv_heads, d)
+        k_cache, v_cache = step.kv_cache[self.index, 0], step.kv_cache[self.index, 1]
+        step.ops.store_kv(k, v, k_cache, v_cache, step.slot_mapping)
+        attn = step.ops.paged_attention(
+            q, k_cache, v_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
+            query_starts=step.query_starts, scale=self.scaling, plan=step.attention_plan,
+        )
+        h = h + self.o_proj(attn.view(t, self.heads * d))
+        x = _rms_norm(h, *self.norm_post)
+        gate_up = F.linear(x, self.gate_up, self.gate_up_bias)  # [T, 2 I]
+        _add_deltas(gate_up, x, self.gate_up_adapters)
+        n = self.intermediate
+        return h + self.down_proj(self.act(gate_up[:, :n]) * gate_up[:, n:])
+
+
+def _add_deltas(y: torch.Tensor, x: torch.Tensor, columns: list[tuple[AdapterLinear | None, int, int]]) -> None:
+    for layer, start, end in columns:
+        if layer is not None:
+            layer.add_delta(y[:, start:end], x)
+
+
+class CompactDecoder:
+    """The decoder's forward over one step (the runner's `StepContext` holds it): hidden states [T, hidden] after
+    the final norm, from token ids or embeddings [T] / [T, hidden] and positions [T]."""
+
+    def __init__(self, model: PreTrainedModel, *, context: StepContext) -> None:
+        decoder = model.get_decoder()
+        self.embed_tokens = decoder.embed_tokens
+        self.rotary = decoder.rotary_emb
+        self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
+        self.layers = [_Layer(block, model.config) for block in decoder.layers]
+        self.context = context
+
+    def __call__(
+        self, *, positions: torch.Tensor, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        step = self.context.step
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = self.rotary(h[None], positions[None])  # [1, T, D] each, in h's dtype
+        half = cos.shape[-1] // 2
+        cos = cos[0, :, None, :]  # [T, 1, D]: every head of a row
+        # rotate_half(x) = cat(-x2, x1) times sin equals roll(x, D/2) times sin with its first half negated
+        sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
+        for layer in self.layers:
+            h = layer(h, cos, sin, step)
+        return _rms_norm(h, *self.norm)
