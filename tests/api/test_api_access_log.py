@@ -9,6 +9,7 @@ import pytest
 
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
+from tests.support.harness import pace_steps
 
 SECRET = "zebra quartz"
 KEYS = ["request_id", "adapter", "adapter_version", "n", "prompt_tokens", "output_tokens", "finish", "status",
@@ -55,7 +56,8 @@ def test_samples_and_an_adapter_are_logged(running, access, zoo):
     assert line["finish"] == ",".join("stop" if s.finish_reason == pb.FINISH_REASON_STOP else "length" for s in out.samples)
 
 
-def test_a_cancelled_call_is_logged_as_cancelled(running, access):
+def test_a_cancelled_call_is_logged_as_cancelled(running, access, monkeypatch):
+    pace_steps(monkeypatch, running.service)
     with QuiverClient(running.target) as client:
         stream = client.generate_stream(text=SECRET, max_new_tokens=400, ignore_eos=True)
         received = 0

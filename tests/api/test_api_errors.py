@@ -8,7 +8,7 @@ import pytest
 from quiver.api.server import ServerConfig
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
-from tests.support.harness import RunningServer, health, make_service, start_server
+from tests.support.harness import RunningServer, health, make_service, pace_steps, start_server
 
 
 def _code(call) -> tuple[grpc.StatusCode, str]:
@@ -38,9 +38,10 @@ def test_bad_requests_are_invalid_argument_or_not_found(running):
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "--adapter-root" in details
 
 
-def test_a_full_queue_is_resource_exhausted(model_path, tmp_path):
+def test_a_full_queue_is_resource_exhausted(model_path, tmp_path, monkeypatch):
     running = RunningServer(ServerConfig(store_dir=tmp_path / "store", port=0, metrics_port=None))
     running.attach(make_service(model_path, max_num_seqs=1, max_queue_len=1))
+    pace_steps(monkeypatch, running.service)
     try:
         with QuiverClient(running.target) as c:
             long = c.request(token_ids=[3, 4], max_new_tokens=400, ignore_eos=True)

@@ -1,13 +1,13 @@
 """Generate and GenerateStream over a real server: prompt forms, streaming text, stop strings, the
 incremental detokenizer, cancellation and deadlines freeing KV blocks."""
 
-
 import grpc
 import pytest
 from transformers import AutoTokenizer
 
 from quiver.api.detokenize import TextStream
 from quiver.client import QuiverClient
+from tests.support.harness import pace_steps
 from quiver.v1 import inference_pb2 as pb
 
 
@@ -67,7 +67,8 @@ def test_detokenizer_never_emits_half_a_character_nor_a_stop_string(tokenizer):
     assert stream.stopped and "".join(deltas) + stream.finish() == "hél" and stream.text == "hél"
 
 
-def test_cancelling_a_stream_aborts_the_request_and_frees_its_blocks(running):
+def test_cancelling_a_stream_aborts_the_request_and_frees_its_blocks(running, monkeypatch):
+    pace_steps(monkeypatch, running.service)
     with QuiverClient(running.target) as client:
         stream = client.generate_stream(client.request(token_ids=[3, 4], max_new_tokens=400, ignore_eos=True))
         for i, _ in enumerate(stream):
@@ -81,7 +82,8 @@ def test_cancelling_a_stream_aborts_the_request_and_frees_its_blocks(running):
     running.wait_idle()
 
 
-def test_a_deadline_ends_the_call_and_aborts_the_request(running):
+def test_a_deadline_ends_the_call_and_aborts_the_request(running, monkeypatch):
+    pace_steps(monkeypatch, running.service)  # 480 tokens take >= 2.4 s: the 0.3 s deadline passes first
     with QuiverClient(running.target, timeout=0.3) as client:
         for call in (client.generate, lambda r: list(client.generate_stream(r))):
             with pytest.raises(grpc.RpcError) as e:

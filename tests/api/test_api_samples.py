@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from quiver.client import QuiverClient
 from quiver.v1 import inference_pb2 as pb
-from tests.support.harness import start_server
+from tests.support.harness import pace_steps, start_server
 
 PROMPT = [7, 8, 9, 10]
 
@@ -87,7 +87,8 @@ def test_responses_say_which_adapter_version_served_them(model_path, tmp_path, z
         running.stop()
 
 
-def test_cancelling_a_stream_of_samples_aborts_every_sample(running):
+def test_cancelling_a_stream_of_samples_aborts_every_sample(running, monkeypatch):
+    pace_steps(monkeypatch, running.service)
     with QuiverClient(running.target) as client:
         stream = client.generate_stream(token_ids=PROMPT, max_new_tokens=400, ignore_eos=True, temperature=1.0, n=3)
         seen = set()

@@ -24,7 +24,7 @@ from quiver.errors import (
     Unavailable,
 )
 from quiver.http.errors import status_of
-from tests.support.harness import RunningServer, self_signed_certificate, start_server
+from tests.support.harness import RunningServer, pace_steps, self_signed_certificate, start_server
 
 
 def _post(url: str, body: bytes | dict, headers: dict | None = None, context=None) -> tuple[int, dict, dict]:
@@ -176,7 +176,8 @@ def _cancelled_line(caplog, timeout: float = 10) -> str:
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
-def test_a_client_that_goes_away_aborts_its_generation(served, caplog, stream):
+def test_a_client_that_goes_away_aborts_its_generation(served, caplog, stream, monkeypatch):
+    pace_steps(monkeypatch, served.service)  # 480 tokens take >= 2.4 s: the client leaves after 0.3 s
     caplog.set_level(logging.INFO, logger="quiver.access")
     body = json.dumps({"model": "llama", "prompt": [3, 4], "max_tokens": 480, "ignore_eos": True, "stream": stream})
     connection = http.client.HTTPConnection("127.0.0.1", served.server.http_port, timeout=0.3)

@@ -32,6 +32,19 @@ from quiver.model.loader import load_model
 SMALL_ENGINE = {"num_kv_blocks": 128, "block_size": 8, "max_num_batched_tokens": 256, "adapter_slots": 4}
 
 
+def pace_steps(monkeypatch, service: EngineService, seconds: float = 0.005) -> None:
+    """Every engine step of `service` takes `seconds` more: a long generation outlasts the client's next actions
+    (a deadline, a cancel, a second call) however fast the engine has become."""
+    engine = service.engine
+    step = engine.step
+
+    def paced():
+        time.sleep(seconds)
+        return step()
+
+    monkeypatch.setattr(engine, "step", paced)
+
+
 def make_service(model_path: Path, *, on_step=None, **engine_config) -> EngineService:
     """A fresh engine (its own model copy) over the tiny model at `model_path`, with its tokenizer."""
     loaded = load_model(ModelConfig(path=str(model_path), device="cpu", dtype="float32"), attn_implementation=attention.register())
