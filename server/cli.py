@@ -49,6 +49,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     e.add_argument("--host-cache-bytes", type=int, default=2 << 30, help="parsed adapter weights kept in host memory")
     e.add_argument("--threads", type=int, default=None,
                    help="torch threads for the engine's steps (default: every core but one, see README)")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (graphs: CUDA with the triton backend)")
     e.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full instead of reusing the KV blocks of prompts that begin the same way")
 
@@ -60,7 +62,7 @@ def _engine_config(args) -> EngineConfig:
         max_queue_len=args.max_queue_len, kernel_backend=args.kernel_backend, adapter_slots=args.adapter_slots,
         max_lora_rank=args.max_lora_rank, max_bottleneck_size=args.max_bottleneck_size,
         host_cache_bytes=args.host_cache_bytes, enable_prefix_caching=not args.no_prefix_caching,
-        num_threads=args.threads if args.threads is not None else default_threads(),
+        num_threads=args.threads if args.threads is not None else default_threads(), enforce_eager=args.enforce_eager,
     )
 
 

@@ -48,6 +48,8 @@ class EngineConfig:
     # torch's intra-op threads for the engine's steps (process-wide); None: torch's default (every core). The
     # CLI's default is `default_threads()`: see there
     num_threads: int | None = None
+    # decode steps run eagerly: no CUDA graphs (which are used on CUDA with the triton backend, server/model/graphs.py)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -131,3 +131,54 @@ def test_buckets_and_buffers():
     assert buffers.fill_tables([[1, 2, 3]]).tolist() == [[1, 2, 3]]  # wider than max_blocks: the buffer grows
     ids = buffers.fill("input_ids", [9, 8])
     assert ids.tolist() == [9, 8] and ids.dtype == torch.int64 and ids.data_ptr() == buffers.buffers["input_ids"].data_ptr()
+
+
+class ReplayTwice:
+    """`DecodeGraphs`' interface on CPU: 'captures' by running the forward once and 'replays' by running it again,
+    as a capture's warm-up run and the first replay do on CUDA: the step's K/V are written twice."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.keys: list = []
+
+    def run(self, key, forward):
+        self.keys.append(key)
+        forward()
+        return forward()
+
+
+def _tokens(engine, ids: list[str | None], steps: int) -> dict[str, list[int]]:
+    params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
+    for i, adapter_id in enumerate(ids):
+        engine.add_request(f"r{i}", [5 + i, 6, 7, 8 + i % 3], params, adapter_id=adapter_id)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work():
+        for out in engine.step():
+            assert out.error is None
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_padded_decode_steps_give_the_tokens_of_unpadded_ones(backend, tmp_path):
+    """Decode steps padded to their bucket (padding rows into the scratch block, one segment of no adapter for
+    them and empty ones after, every loaded adapter's ops run) with their forward run twice per step: the same
+    tokens as plain steps, for the base model and every kind mixed, 9 sequences (bucket 16) then fewer."""
+    model_path = save_tiny("llama", tmp_path)
+    adapters = save_zoo(model_path, tmp_path / "adapters")
+    engines = []
+    for padded in (False, True):
+        engine = engine_for(model_path, num_kv_blocks=128, block_size=4, max_num_batched_tokens=64, adapter_slots=4,
+                            max_lora_rank=8, max_bottleneck_size=8, kernel_backend=backend)
+        for name, path in adapters.items():
+            engine.register_adapter(name, engine.read_adapter(path), source=path)
+        if padded:
+            engine.runner.pad_decode, engine.runner.graphs = True, ReplayTwice()
+        engines.append(engine)
+    ids = [None, *engines[0].adapters.current][:9]
+    ids += [None] * (9 - len(ids))
+    plain, padded = (_tokens(engine, ids, steps=4) for engine in engines)
+    assert padded == plain and len(plain) == 9
+    keys = engines[1].runner.graphs.keys
+    assert keys and all(size == 16 for size, _ in keys) and any(layout is not None for _, layout in keys)

@@ -62,6 +62,7 @@ class Engine:
             model, ops=ops, block_size=config.block_size, max_model_len=self.max_model_len,
             adapter_slots=config.adapter_slots,
             max_lora_rank=config.max_lora_rank, max_bottleneck_size=config.max_bottleneck_size,
+            cuda_graphs=loaded.device.type == "cuda" and ops.name == "triton" and not config.enforce_eager,
         )
         # sized after the adapter layers took their memory
         num_blocks = config.num_kv_blocks or _blocks_for_budget(model, config, loaded.device)

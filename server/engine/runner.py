@@ -23,6 +23,7 @@ from quiver.errors import FailedPrecondition, QuiverError
 from quiver.kernels import KernelOps
 from quiver.model.batch import AdapterBatch, StepContext, build_step
 from quiver.model.forward import CompactDecoder
+from quiver.model.graphs import DecodeGraphs
 from quiver.model.layers import AdapterLinear, install_adapter_layers, plan_layers
 from quiver.model.step_inputs import FreshInputs, InputBuffers, StepInputs
 
@@ -57,6 +58,7 @@ class ModelRunner:
         adapter_slots: int = 0,  # weight-adapter (LoRA, bottleneck) slots; 0: no adapter layers
         max_lora_rank: int = 0,
         max_bottleneck_size: int = 0,
+        cuda_graphs: bool = False,  # decode steps replayed from CUDA graphs (graphs.py); needs CUDA, Triton ops
     ) -> None:
         self.model = model
         self.lm_head = model.get_output_embeddings()
@@ -78,6 +80,11 @@ class ModelRunner:
                 bottleneck_sites=frozenset(BOTTLENECK_SITES.values()),
             )
         self.forward = CompactDecoder(model, context=self.context)  # after the adapter layers: it fuses their bases
+        self._layout: tuple | None = None  # _adapter_layout's, until an adapter is written or cleared
+        self.graphs = DecodeGraphs() if cuda_graphs else None
+        # decode steps padded to their bucket's size, their adapter ops those of every loaded adapter: what a graph
+        # needs (on whenever graphs are; tests turn it on alone to check the padded forward on CPU)
+        self.pad_decode = cuda_graphs
 
     @torch.inference_mode()
     def execute(
@@ -135,15 +142,30 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(starts[-1] - 1)
                 sampled.append(request)
+        tables = [c.request.block_table for c in chunks]
+        num_rows = len(input_ids)
+        padded = self.pad_decode and isinstance(inputs, InputBuffers)
+        if padded:  # rows up to the bucket's size: token 0 at position 0, its K/V into the scratch block
+            pad, scratch = inputs.size - num_rows, self.kv_cache.shape[2] - 1
+            input_ids += [0] * pad
+            positions += [0] * pad
+            slots += [scratch * bs] * pad
+            starts += range(starts[-1] + 1, starts[-1] + 1 + pad)
+            seq_lens += [1] * pad
+            tables += [[scratch]] * pad
+        adapters = self._adapter_batch(chunks, starts, inputs, padded=padded)
         step = build_step(
-            kv_cache=self.kv_cache, ops=self.ops, slot_mapping=slots, block_tables=[c.request.block_table for c in chunks],
-            seq_lens=seq_lens, query_starts=starts, adapters=self._adapter_batch(chunks, starts, inputs), device=dev,
-            inputs=inputs,
+            kv_cache=self.kv_cache, ops=self.ops, slot_mapping=slots, block_tables=tables, seq_lens=seq_lens,
+            query_starts=starts, adapters=adapters, device=dev, inputs=inputs,
         )
+        ids, pos = inputs.fill("input_ids", input_ids), inputs.fill("positions", positions)
         with self.context.stepping(step):
-            hidden = self.forward(
-                input_ids=inputs.fill("input_ids", input_ids), positions=inputs.fill("positions", positions)
-            )  # [T, hidden]
+            if padded and self.graphs is not None and self.graphs.enabled:
+                key = (inputs.size, self._adapter_layout()[0] if adapters is not None else None)
+                hidden = self.graphs.run(key, lambda: self.forward(input_ids=ids, positions=pos))
+            else:
+                hidden = self.forward(input_ids=ids, positions=pos)
+        hidden = hidden[:num_rows]  # [T, hidden]
         # cheap, and also false if a huge sum overflows (checked exactly then); read after sampling, which waits
         finite = hidden.sum(dtype=torch.float32).isfinite()
         outcomes: list[tuple[Request, int | Exception]] = []
@@ -164,10 +186,12 @@ class ModelRunner:
         return outcomes + dropped
 
     def _adapter_batch(
-        self, chunks: list[ScheduledChunk], starts: list[int], inputs: InputBuffers | FreshInputs
+        self, chunks: list[ScheduledChunk], starts: list[int], inputs: InputBuffers | FreshInputs, *, padded: bool
     ) -> AdapterBatch | None:
         """One segment per run of consecutive chunks with the same weight-adapter slot, with every adapter layer's
-        plans for them; None if no chunk has one."""
+        plans for them; None if no chunk has one. `padded` (a decode step padded to its bucket, `starts` holding
+        the padding rows): one more segment of no adapter holds the padding rows and empty ones follow, up to as
+        many segments as the bucket has rows, and the layers run the ops of every adapter they hold."""
         if not self.adapter_layers or all(_slot_of(c) < 0 for c in chunks):
             return None
         seg_starts, seg_slots = [0], []
@@ -179,6 +203,12 @@ class ModelRunner:
                 seg_slots.append(slot)
                 seg_starts.append(end)
         activations = frozenset(c.request.adapter.activation for c in chunks if _slot_of(c) >= 0 and c.request.adapter.activation)
+        slots = frozenset(w for w in seg_slots if w >= 0)
+        if padded:
+            extra = inputs.size - len(seg_slots)
+            seg_starts += [starts[-1]] * extra
+            seg_slots += [-1] * extra
+            _, slots, activations = self._adapter_layout()
         dev = self.device
         lora_plans, bottleneck_plans = plan_layers(
             list(self.adapter_layers.values()), ops=self.ops, seg_starts=seg_starts, seg_slots=seg_slots,
@@ -188,12 +218,27 @@ class ModelRunner:
             seg_starts=inputs.fill("seg_starts", seg_starts),
             seg_slots=inputs.fill("seg_slots", seg_slots),
             activations=activations,
-            slots=frozenset(w for w in seg_slots if w >= 0),
+            slots=slots,
             lora_plans=lora_plans,
             bottleneck_plans=bottleneck_plans,
         )
 
+    def _adapter_layout(self) -> tuple[tuple, frozenset[int], frozenset[str]]:
+        """(key, slots, activations) of the adapters the layers hold now: the key (which layers hold LoRA weights,
+        which hold bottleneck weights, and their non-linearities) names a decode graph; a padded step runs the
+        ops of those slots and non-linearities. Cached until an adapter is written or cleared."""
+        if self._layout is None:
+            layers = list(self.adapter_layers.values())
+            slots = frozenset().union(*(layer.lora_slots | layer.bn_slots for layer in layers))
+            activations = frozenset(a for layer in layers if layer.bottleneck_size for a in layer.bn_activation if a)
+            key = (tuple(i for i, layer in enumerate(layers) if layer.lora_slots),
+                   tuple(i for i, layer in enumerate(layers) if layer.bn_slots), tuple(sorted(activations)))
+            self._layout = (key, slots, activations)
+        return self._layout
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """The pool of `num_blocks` blocks, and one more: the scratch block that padding rows write into."""
+        num_blocks += 1
         shape = kv_cache_shape(self.model, num_blocks=num_blocks, block_size=self.block_size)
         self.kv_cache = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
 
@@ -267,6 +312,7 @@ class ModelRunner:
         return bool(torch.isfinite(self.kv_cache.index_select(2, ids)).all())
 
     def clear_adapter(self, slot: int) -> None:
+        self._layout = None
         for layer in self.adapter_layers.values():
             layer.clear(slot)
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from quiver.kernels import KernelOps
+from quiver.kernels.ops import ACTIVATIONS
 from quiver.model.batch import AdapterBatch, StepContext
 
 
@@ -58,6 +59,8 @@ class AdapterLinear(nn.Module):
             self.register_buffer("bn_sizes", torch.zeros(num_slots, dtype=torch.int32, device=dev), persistent=False)  # [S]
             self.register_buffer("bn_scales", torch.zeros(num_slots, dtype=torch.float32, device=dev), persistent=False)  # [S]
             self.bn_activation: list[str | None] = [None] * num_slots
+            # by non-linearity: bn_sizes where a slot's adapter uses it, else 0 (each act's ops read theirs, in place)
+            self.bn_sizes_by_act = {act: torch.zeros(num_slots, dtype=torch.int32, device=dev) for act in ACTIVATIONS}
 
     # ---- slot management (engine thread, between steps) ---------------------------------------------
 
@@ -90,6 +93,8 @@ class AdapterLinear(nn.Module):
         self.bn_sizes[slot] = bn
         self.bn_scales[slot] = scale
         self.bn_activation[slot] = activation
+        for act, sizes in self.bn_sizes_by_act.items():
+            sizes[slot] = bn if act == activation else 0
         self.bn_size_of[slot] = bn
         self.bn_slots.add(slot)
 
@@ -102,6 +107,8 @@ class AdapterLinear(nn.Module):
         if self.bottleneck_size:
             self.bn_sizes[slot] = 0
             self.bn_activation[slot] = None
+            for sizes in self.bn_sizes_by_act.values():
+                sizes[slot] = 0
 
     # ---- forward ------------------------------------------------------------------------------------
 
@@ -128,14 +135,10 @@ class AdapterLinear(nn.Module):
         h = y2.clone()  # the delta reads the layer's output before any of it is added
         buf = y2.new_empty(1, y2.shape[0], self.bottleneck_size)  # [1, T, bn]
         for act in batch.activations:  # one launch per non-linearity present; other slots count as rank 0
-            sizes = torch.where(self._activation_mask(act), self.bn_sizes, 0)
-            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots, ranks=sizes,
+            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots, ranks=self.bn_sizes_by_act[act],
                        plan=batch.bottleneck_plans[self.index][act])
             self.ops.lora_shrink(h, self.bn_down, out=buf, bias=self.bn_down_bias, activation=act, **seg)
             self.ops.lora_expand(y2, buf, self.bn_up, out_offsets=self.out_offsets, scales=self.bn_scales, bias=self.bn_up_bias, **seg)
-
-    def _activation_mask(self, act: str) -> torch.Tensor:
-        return torch.tensor([a == act for a in self.bn_activation], device=self.bn_sizes.device)
 
     def bottleneck_sizes_of(self, act: str) -> list[int]:
         """The host mirror of the `ranks` its bottleneck ops take for non-linearity `act`: other slots count as 0."""

@@ -1,0 +1,60 @@
+"""CUDA graphs of decode forwards: captured once per key (batch-size bucket and adapter layout), then replayed.
+
+A decode step's forward reads every per-step input from its bucket's persistent buffers (step_inputs.py), pads
+the batch to the bucket's size (padding rows write their K/V into a scratch block no request holds), and runs
+the same ops whatever the step's mix of adapters: the adapter metadata (segments, slots) are tensors the graph
+reads, and the layers run the ops of every adapter loaded on them rather than of the step's own (a slot of rank
+0 costs its kernels nothing). So one graph per bucket serves any mix of adapters and kinds; the key also holds
+the adapter layout (which layers hold LoRA or bottleneck weights, which non-linearities), which changes only
+when an adapter touching new layers is loaded or the last one on some layers leaves.
+
+Capture: the forward first runs once eagerly on a side stream (Triton compiles its kernels, the allocator
+settles); that run writes the step's K/V, which replaying writes again, the same values into the same slots.
+A capture that fails (an op that reads back to the host, a rope variant that checks its length) turns graphs
+off for the rest of the process, logged once: the engine serves on, eagerly.
+"""
+
+import logging
+from collections.abc import Callable, Hashable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DecodeGraphs:
+    def __init__(self) -> None:
+        self.enabled = True
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(self, key: Hashable, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """forward()'s output, replayed from the graph captured for `key` (captured now if there is none)."""
+        entry = self._graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._graphs[key] = self._capture(forward)
+            except Exception as error:  # noqa: BLE001 -- any failure to capture means: serve eagerly
+                self.enabled = False
+                self._graphs.clear()
+                log.warning("CUDA graph capture failed (%s); decode steps run eagerly from now on", error)
+                return forward()
+        graph, output = entry
+        graph.replay()
+        return output
+
+    def _capture(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()  # warm-up: kernels compiled, workspaces allocated, outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # shared by every bucket's graph: one replays at a time
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = forward()
+        return graph, output
