@@ -18,7 +18,6 @@ from quiver.config import EngineConfig, ModelConfig, default_cache_dir
 from quiver.engine import openmp
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
-from quiver.model import attention
 from quiver.model.loader import load_model
 
 
@@ -29,7 +28,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="decode steps per round and side")
     args = p.parse_args()
 
-    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()))
     engine = Engine(loaded, EngineConfig(max_num_seqs=args.prompts))
     params = SamplingParams(max_new_tokens=1 + 2 * args.rounds * args.steps + 64, ignore_eos=True)
     for i, prompt in enumerate(data.chat_prompts(loaded.tokenizer, args.prompts)):

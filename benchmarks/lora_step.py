@@ -21,7 +21,6 @@ from quiver.config import EngineConfig, ModelConfig, default_cache_dir
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.kernels import torch_lora
-from quiver.model import attention
 from quiver.model.layers import AdapterLinear
 from quiver.model.loader import load_model
 
@@ -51,7 +50,7 @@ class TwoGroups:
     `max_steps`: decode steps the caller will take in all (nobody finishes before)."""
 
     def __init__(self, n: int, *, rank: int, targets: list[str], max_steps: int) -> None:
-        self.loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+        self.loaded = load_model(ModelConfig(cache_dir=default_cache_dir()))
         config = EngineConfig(max_num_seqs=2 * n, adapter_slots=n, max_lora_rank=rank, kv_cache_bytes=4 << 30)
         self.engine = engine = Engine(self.loaded, config)  # a pool that holds every sequence: no preemption
         for i in range(n):

@@ -31,7 +31,6 @@ from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.engine.service import EngineService
 from quiver.errors import InvalidArgument
-from quiver.model import attention
 from quiver.model.loader import load_model
 
 QV = ["q_proj", "v_proj"]
@@ -96,7 +95,7 @@ def main() -> None:
     command = shlex.join(["python", *sys.argv])
     budget = args.budget_mib * MIB
 
-    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()))
     config = EngineConfig(num_kv_blocks=64, adapter_slots=2, max_lora_rank=args.max_lora_rank,
                           max_bottleneck_size=args.max_bottleneck_size, host_cache_bytes=budget)
     service = EngineService(Engine(loaded, config))

@@ -43,7 +43,6 @@ from quiver.engine import openmp
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.engine.service import EngineService
-from quiver.model import attention
 from quiver.model.loader import LoadedModel, load_model
 
 # ~1.1B parameters (TinyLlama's shape): 22 layers of hidden 2048, GQA with 4 KV heads
@@ -64,7 +63,7 @@ def popularity(n: int, law: str, count: int, seed: int = 0) -> list[int]:
 def load_base(args) -> tuple[LoadedModel, list[list[int]], list[int], int]:
     """The served model, the prompts, each request's output length and the pad id."""
     if not args.random_llama:
-        loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+        loaded = load_model(ModelConfig(cache_dir=default_cache_dir()))
         tok = loaded.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         if args.data == "tweets":
@@ -80,7 +79,7 @@ def load_base(args) -> tuple[LoadedModel, list[list[int]], list[int], int]:
     torch.manual_seed(0)
     config = LlamaConfig(**(RANDOM_LLAMA | {"num_hidden_layers": args.layers}))
     with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attention.register())
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.eval().requires_grad_(False)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(32, 512))] for _ in range(args.requests)]

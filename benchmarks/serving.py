@@ -32,7 +32,6 @@ from quiver.engine import openmp
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.engine.service import EngineService
-from quiver.model import attention
 from quiver.model.loader import load_model
 
 KINDS = ("lora", "bottleneck", "prefix", "ptuning-v2", "prompt", "ptuning")
@@ -68,7 +67,7 @@ def main() -> None:
     n, new = args.prompts, args.new_tokens
     total = n * new
 
-    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()))
     prompts = data.chat_prompts(loaded.tokenizer, n, max_tweets=args.max_tweets)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     per_kind = max(2, n // len(KINDS) // 2)

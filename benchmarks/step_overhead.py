@@ -31,7 +31,6 @@ from benchmarks.adapter_sets import kind_set, lora_variants
 from quiver.config import EngineConfig
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
-from quiver.model import attention
 from quiver.model.loader import LoadedModel
 
 SEQUENCES = 128
@@ -63,7 +62,7 @@ def adapters(model_path: Path, root: Path, case: str) -> list[tuple[str, Path]]:
 
 
 def engine_for(model_path: Path, named: list[tuple[str, Path]]) -> Engine:
-    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation=attention.register()).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa").eval()
     model.requires_grad_(False)
     loaded = LoadedModel(model=model, tokenizer=None, path=model_path, device=torch.device("cpu"), dtype=torch.float32)
     config = EngineConfig(

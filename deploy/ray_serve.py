@@ -129,14 +129,13 @@ class QuiverReplica:
     def __init__(self, config: RayDeployConfig) -> None:
         from quiver.engine.engine import Engine
         from quiver.engine.service import EngineService
-        from quiver.model import attention
         from quiver.model.loader import load_model
 
         self._config = config
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._node = ray.get_runtime_context().get_node_id()
         self._tags = [("quiver-replica", self._replica), ("quiver-node", self._node)]
-        loaded = load_model(config.model, attn_implementation=attention.register())
+        loaded = load_model(config.model)
         self._service = EngineService(Engine(loaded, config.engine))
         self._state = ServingState()
         self._state.service = self._service

@@ -205,7 +205,6 @@ def _serve(args) -> None:
     from quiver.config import ModelConfig, default_cache_dir
     from quiver.engine.engine import Engine
     from quiver.engine.service import EngineService
-    from quiver.model import attention
     from quiver.model.loader import load_model
 
     cache_dir = args.cache_dir or default_cache_dir()
@@ -228,7 +227,7 @@ def _serve(args) -> None:
     )
 
     def load(on_step) -> "EngineService":
-        loaded = load_model(model_config, attn_implementation=attention.register())
+        loaded = load_model(model_config)
         return EngineService(Engine(loaded, engine_config), on_step=on_step)
 
     asyncio.run(serve(config, load=load))

@@ -6,7 +6,6 @@ import torch
 from quiver.config import EngineConfig, ModelConfig, default_cache_dir
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
-from quiver.model import attention
 from quiver.model.loader import load_model
 from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
 from tests.support.models import RecordingSampler, eager
@@ -16,7 +15,7 @@ NEW = 6
 
 
 def test_mixed_batch_on_the_default_model(tmp_path):
-    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+    loaded = load_model(ModelConfig(cache_dir=default_cache_dir()))
     dirs = save_zoo(loaded.path, tmp_path, scale=0.1)
     engine = Engine(loaded, EngineConfig(num_kv_blocks=256, block_size=16, max_num_batched_tokens=64,
                                          adapter_slots=4, max_lora_rank=8, max_bottleneck_size=8))

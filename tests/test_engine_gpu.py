@@ -7,7 +7,6 @@ from transformers import AutoModelForCausalLM
 from quiver.config import EngineConfig
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
-from quiver.model import attention
 from quiver.model.loader import LoadedModel
 from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
 from tests.support.models import run_staggered, save_tiny
@@ -16,7 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _cuda_engine(path, **config) -> Engine:
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.register()).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").cuda().eval()
     loaded = LoadedModel(model=model, tokenizer=None, path=path, device=torch.device("cuda"), dtype=torch.float32)
     return Engine(loaded, EngineConfig(kernel_backend="triton", **config))
 

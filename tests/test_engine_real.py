@@ -7,7 +7,6 @@ from transformers import AutoModelForCausalLM
 from quiver.config import EngineConfig, ModelConfig, default_cache_dir
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
-from quiver.model import attention
 from quiver.model.loader import load_model
 from tests.support.models import run_staggered
 
@@ -28,7 +27,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def loaded():
-    return load_model(ModelConfig(cache_dir=default_cache_dir()), attn_implementation=attention.register())
+    return load_model(ModelConfig(cache_dir=default_cache_dir()))
 
 
 def _chat(tokenizer, text):

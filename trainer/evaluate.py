@@ -11,7 +11,6 @@ from quiver.config import EngineConfig, ModelConfig
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.engine.service import EngineService
-from quiver.model import attention
 from quiver.model.loader import load_model
 from quiver.trainer.data import Example
 from quiver.trainer.encode import encode_prompt
@@ -35,7 +34,7 @@ def evaluate_served(
 ) -> dict[str, Evaluation]:
     """Greedy answers of every run in `adapters` (name -> adapter directory, or None for the base model alone),
     all in one batch through an `EngineService` over the model at `model_path`."""
-    base = load_model(ModelConfig(path=str(model_path), device=device, dtype=dtype), attn_implementation=attention.register())
+    base = load_model(ModelConfig(path=str(model_path), device=device, dtype=dtype))
     module_names = {name for name, _ in base.model.named_modules()}
     weights = {name: load_adapter(path, base.model.config, module_names=module_names) for name, path in adapters.items() if path}
     engine = Engine(base, _engine_config(list(weights.values())))

@@ -1,4 +1,4 @@
-"""The per-step object: built once per step by the runner, read by the attention function and every adapter layer.
+"""The per-step object: built once per step by the runner, read by the forward's layers and every adapter layer.
 
 All of a step's tokens are packed into one row. Running example: sequence 0 decodes its 40th token,
 sequence 1 prefills a 3-token chunk after 14 computed tokens (block size 16):
@@ -51,7 +51,7 @@ class AdapterBatch:
 
 
 class StepContext:
-    """Where the layers find the current step: one per runner, held by every adapter layer and attention module
+    """Where the layers find the current step: one per runner, held by the forward and every adapter layer
     (not a module global); `step` is set by the runner for the duration of one forward.
     """
 

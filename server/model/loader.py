@@ -78,8 +78,9 @@ def default_model_dir(cache_dir: Path) -> Path:
     return target
 
 
-def load_model(config: ModelConfig, *, attn_implementation: str) -> LoadedModel:
-    """Load the base model frozen on its device, with the given attention implementation."""
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load the base model frozen on its device. The engine runs its own forward over these weights
+    (model/forward.py); the transformers forward, if anything calls it, attends with SDPA."""
     path = Path(config.path) if config.path else default_model_dir(config.cache_dir)
     if not (path / "config.json").is_file():
         raise InvalidArgument(f"{path} is not a Hugging Face model folder (no config.json)")
@@ -92,7 +93,7 @@ def load_model(config: ModelConfig, *, attn_implementation: str) -> LoadedModel:
     dtype = resolve_dtype(config.dtype, device)
     # safetensors only: a folder with pickled `.bin` weights is refused rather than unpickled
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
+        path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
     )
     model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -26,7 +26,6 @@ from quiver.api.server import QuiverServer, ServerConfig
 from quiver.config import EngineConfig, ModelConfig
 from quiver.engine.engine import Engine
 from quiver.engine.service import EngineService
-from quiver.model import attention
 from quiver.model.loader import load_model
 
 SMALL_ENGINE = {"num_kv_blocks": 128, "block_size": 8, "max_num_batched_tokens": 256, "adapter_slots": 4}
@@ -47,7 +46,7 @@ def pace_steps(monkeypatch, service: EngineService, seconds: float = 0.005) -> N
 
 def make_service(model_path: Path, *, on_step=None, **engine_config) -> EngineService:
     """A fresh engine (its own model copy) over the tiny model at `model_path`, with its tokenizer."""
-    loaded = load_model(ModelConfig(path=str(model_path), device="cpu", dtype="float32"), attn_implementation=attention.register())
+    loaded = load_model(ModelConfig(path=str(model_path), device="cpu", dtype="float32"))
     return EngineService(Engine(loaded, EngineConfig(**{**SMALL_ENGINE, **engine_config})), on_step=on_step)
 
 

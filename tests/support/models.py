@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from quiver.config import EngineConfig
 from quiver.engine.engine import Engine
 from quiver.engine.sampler import Sampler
-from quiver.model import attention
 from quiver.model.loader import LoadedModel
 
 _TINY = dict(
@@ -41,7 +40,7 @@ def eager(path: Path) -> torch.nn.Module:
 
 
 def engine_for(path: Path, **engine_config) -> Engine:
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention.register()).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
     model.requires_grad_(False)
     loaded = LoadedModel(model=model, tokenizer=None, path=path, device=torch.device("cpu"), dtype=torch.float32)
     return Engine(loaded, EngineConfig(**engine_config))
