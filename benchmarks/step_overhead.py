@@ -8,8 +8,9 @@ The skeleton has TinyLlama's 22 layers with hidden size 64 (4 heads, 2 KV heads,
     mixed       all six kinds: LoRA, bottleneck, prefix tuning, P-tuning v2, prompt tuning, P-tuning
 For each case: the median of the engine's decode steps (`Engine.step`: scheduling, the forward, sampling)
 and the median of transformers' eager forward of the same 128 tokens over a `DynamicCache` holding contexts
-of the same lengths (both grow a token a step; rounds of steps alternate), with its greedy pick. The ratio engine / eager is what the
-engine's host work costs against transformers' own; `tokens_sha` fingerprints the engine's greedy tokens.
+of the same lengths (both grow a token a step; rounds of steps alternate), with its greedy pick. The ratio
+engine / eager is what the engine's host work costs against transformers' own; `tokens_sha` fingerprints the
+engine's greedy tokens; `gemm_floor_ms` is what the step's matrix products alone cost (see gemm_floor).
 
     python -m benchmarks.step_overhead                 # JSON on stdout and in benchmarks/out/step_overhead.json
     python -m benchmarks.step_overhead --profile lora  # also a table of where the engine's step time goes
@@ -113,6 +114,37 @@ class Eager:
         self.position += 1
 
 
+def gemm_floor(engine: Engine) -> float:
+    """The median time (ms) of the step's matrix products alone, as bare torch calls on the engine's own weights:
+    every layer's q/k/v, o, gate/up and down projections and the LM head over the 128 rows, and decode attention's
+    two batched products at the sequences' longest context now. Any forward built from torch's GEMMs pays these
+    (transformers' eager forward pays the same ones), so floor / eager bounds the ratio from below."""
+    runner = engine.runner
+    context = max(r.prefix_len + r.num_computed_tokens for r in engine.requests.values())
+    layers = runner.forward.layers
+    first = layers[0]
+    heads, kv_heads, dim = first.heads, first.kv_heads, first.head_dim
+    x = torch.randn(SEQUENCES, first.qkv.weight.shape[1])
+    q = torch.randn(SEQUENCES, kv_heads, heads // kv_heads, dim)
+    k = torch.randn(SEQUENCES, kv_heads, context, dim)
+    p = torch.randn(SEQUENCES, kv_heads, heads // kv_heads, context)
+    act = torch.randn(SEQUENCES, first.intermediate)
+
+    def products() -> None:
+        for layer in layers:
+            torch.nn.functional.linear(x, layer.qkv.weight)
+            torch.matmul(q, k.transpose(2, 3))
+            torch.matmul(p, k)
+            torch.nn.functional.linear(x, layer.o.weight)
+            torch.nn.functional.linear(x, layer.gate_up.weight)
+            torch.nn.functional.linear(act, layer.down.weight)
+        runner.lm_head(x)
+
+    with torch.inference_mode():
+        products()
+        return 1000 * statistics.median(timed(products, 10))
+
+
 def timed(fn, n: int) -> list[float]:
     times = []
     for _ in range(n):
@@ -138,8 +170,10 @@ def run_case(model_path: Path, root: Path, case: str, *, rounds: int, steps: int
         "engine_ms": 1000 * statistics.median(engine_times),
         "eager_ms": 1000 * statistics.median(eager_times),
         "tokens_sha": hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16],
+        "gemm_floor_ms": gemm_floor(engine),
     }
     result["ratio"] = result["engine_ms"] / result["eager_ms"]
+    result["floor_ratio"] = result["gemm_floor_ms"] / result["eager_ms"]
     if profile:
         result["profile"] = profile_table(engine, steps)
     return result

@@ -8,10 +8,10 @@ weights with fewer, larger ops over all of a step's tokens packed in one row ([T
     h += o_proj(attn)
     x = norm(h);  gate, up = x · [Wg; Wu]ᵀ            one GEMM
     h += down_proj(act(gate) · up)
-Adapter deltas stay per projection: after a fused GEMM, each wrapped projection (`AdapterLinear`) adds its
-LoRA delta into its own columns of the output; o_proj and down_proj are called as modules (their bottleneck
-adapters act on their outputs). The fused weights are new tensors and the original projections' weights
-become views of them, so the model's memory does not grow and its transformers forward still works.
+Adapter deltas stay per projection: after a GEMM, each wrapped projection (`AdapterLinear`) adds its deltas
+into its own columns of the output (LoRA on its input; bottleneck adapters, on o_proj and down_proj, on its
+output). The fused weights are new tensors and the original projections' weights become views of them, so the
+model's memory does not grow and its transformers forward still works.
 """
 
 import torch
@@ -31,25 +31,34 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(x.dtype)
 
 
-def _fuse(layers: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[AdapterLinear | None, int, int]]]:
-    """One weight [sum out, in] (and bias) for projections sharing an input; each projection's weight (and bias)
-    becomes a view of its rows. Returns (weight, bias, [(its AdapterLinear or None, first column, end)])."""
-    bases = [layer.base_layer if isinstance(layer, AdapterLinear) else layer for layer in layers]
-    with torch.no_grad():
-        weight = torch.cat([b.weight for b in bases])
-        has_bias = [b.bias is not None for b in bases]
-        bias = None
-        if any(has_bias):
-            bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
-    columns, start = [], 0
-    for layer, base in zip(layers, bases):
-        end = start + base.out_features
-        base.weight = nn.Parameter(weight[start:end], requires_grad=False)
-        if base.bias is not None:
-            base.bias = nn.Parameter(bias[start:end], requires_grad=False)
-        columns.append((layer if isinstance(layer, AdapterLinear) else None, start, end))
-        start = end
-    return weight, bias, columns
+class _Projection:
+    """One GEMM for projections sharing an input (one or several), then each wrapped projection's adapter deltas
+    into its own columns. The fused weight [sum out, in] (and bias) is a new tensor; each projection's weight (and
+    bias) becomes a view of its rows."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        bases = [layer.base_layer if isinstance(layer, AdapterLinear) else layer for layer in layers]
+        with torch.no_grad():
+            self.weight = torch.cat([b.weight for b in bases])
+            self.bias = None
+            if any(b.bias is not None for b in bases):
+                self.bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
+        self.columns: list[tuple[AdapterLinear | None, int, int]] = []  # (its wrapper or None, first column, end)
+        start = 0
+        for layer, base in zip(layers, bases):
+            end = start + base.out_features
+            base.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
+            if base.bias is not None:
+                base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+            self.columns.append((layer if isinstance(layer, AdapterLinear) else None, start, end))
+            start = end
+        self.adapters = [c for c in self.columns if c[0] is not None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        for layer, start, end in self.adapters:
+            layer.add_delta(y[:, start:end] if len(self.columns) > 1 else y, x)
+        return y
 
 
 class _Layer:
@@ -64,17 +73,17 @@ class _Layer:
         self.index = attn.layer_idx
         self.norm_in = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
         self.norm_post = (block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon)
-        self.qkv, self.qkv_bias, self.qkv_adapters = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.gate_up, self.gate_up_bias, self.gate_up_adapters = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.o_proj, self.down_proj = attn.o_proj, mlp.down_proj
+        self.qkv = _Projection([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _Projection([attn.o_proj])
+        self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj])
+        self.down = _Projection([mlp.down_proj])
         self.act = ACT2FN[config.hidden_act]
-        self.intermediate = self.gate_up_adapters[0][2]  # the gate's columns end where the up projection's begin
+        self.intermediate = self.gate_up.columns[0][2]  # the gate's columns end where the up projection's begin
 
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
         t, d = h.shape[0], self.head_dim
         x = _rms_norm(h, *self.norm_in)
-        qkv = F.linear(x, self.qkv, self.qkv_bias)  # [T, (H + 2 KVH) D]
-        _add_deltas(qkv, x, self.qkv_adapters)
+        qkv = self.qkv(x)  # [T, (H + 2 KVH) D]
         qk_end = (self.heads + self.kv_heads) * d
         qk = qkv[:, :qk_end].view(t, self.heads + self.kv_heads, d)
         # rope: x·cos + rotate_half(x)·sin, rotate_half(x) · sin = roll(x, D/2) · sin_signed (see CompactDecoder)
@@ -87,18 +96,11 @@ class _Layer:
             q, k_cache, v_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
             query_starts=step.query_starts, scale=self.scaling, plan=step.attention_plan,
         )
-        h = h + self.o_proj(attn.view(t, self.heads * d))
+        h = h + self.o(attn.view(t, self.heads * d))
         x = _rms_norm(h, *self.norm_post)
-        gate_up = F.linear(x, self.gate_up, self.gate_up_bias)  # [T, 2 I]
-        _add_deltas(gate_up, x, self.gate_up_adapters)
+        gate_up = self.gate_up(x)  # [T, 2 I]
         n = self.intermediate
-        return h + self.down_proj(self.act(gate_up[:, :n]) * gate_up[:, n:])
-
-
-def _add_deltas(y: torch.Tensor, x: torch.Tensor, columns: list[tuple[AdapterLinear | None, int, int]]) -> None:
-    for layer, start, end in columns:
-        if layer is not None:
-            layer.add_delta(y[:, start:end], x)
+        return h + self.down(self.act(gate_up[:, :n]) * gate_up[:, n:])
 
 
 class CompactDecoder:
