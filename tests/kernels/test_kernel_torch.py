@@ -47,16 +47,24 @@ def test_lora_shrink_and_expand(mix, n_proj, dtype, activation, one_rank):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("one_rank", [False, True], ids=["mixed-ranks", "one-rank"])
 @pytest.mark.parametrize("n_slots", [16, 64], ids=["dense-slots", "sparse-slots"])
-def test_lora_apply(mix, dtype, one_rank, n_slots):
+@pytest.mark.parametrize("columns", [False, True], ids=["own-tensor", "columns-of-a-fused-output"])
+def test_lora_apply(mix, dtype, one_rank, n_slots, columns):
     """The fused shrink-then-expand of one projection (the CPU path's form) against the float64 oracle: the slot
-    grid path (dense slots, some cells empty or with several rows) and the gathered fallback (sparse slots)."""
+    grid path (dense slots, some cells empty or with several rows) and the gathered fallback (sparse slots); into
+    a tensor of its own, or into its columns of a wider output (the forward's fused q/k/v GEMM), the columns
+    around them untouched."""
     n_tokens = 80 if mix == "huge" else 16
     c = make_lora(mix, 1, dtype, seed=7, n_tokens=n_tokens, n_slots=n_slots, h_in=48, out_dims=[32])
     if one_rank:
         c["ranks"].fill_(16)
     kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
-    y = c["y"].clone()
+    fused = torch.randn(n_tokens, 8 + 32 + 24).to(dtype)
+    before = fused.clone()
+    y = fused[:, 8:40] if columns else c["y"].clone()
+    y.copy_(c["y"])
     torch_lora.lora_apply(y, c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"], **kw)
+    if columns:
+        assert torch.equal(fused[:, :8], before[:, :8]) and torch.equal(fused[:, 40:], before[:, 40:])
     buf = reference.lora_shrink(c["x"], c["a"], c["per_token"], c["ranks"].tolist()).nan_to_num(0.0)
     ref = reference.lora_expand(c["y"], buf, c["b"], c["per_token"], c["ranks"].tolist(), c["scales"].tolist(),
                                 c["offsets"])
