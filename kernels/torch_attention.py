@@ -28,9 +28,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV (shapes: `ops.PagedAttention`).
 
-    Decode rows (q = 1) go through batched matmuls, a few sequences of similar length at a time, whose keys and
-    values are gathered head-major by entry ([b, KVH, n, D], one index_select each); prefill chunks one SDPA
-    call each, over their blocks gathered whole (a block is one contiguous row of the cache).
+    Decode rows (q = 1) are attended a few sequences of similar length at a time: small head vectors gathered
+    head-major by entry ([b, KVH, n, D], one index_select each) into two batched matmuls, larger ones by whole
+    blocks (a block is one contiguous row of the cache) into SDPA (see _HEAD_MAJOR_MAX_BYTES); prefill chunks
+    one SDPA call each, over their blocks gathered whole.
     """
     out = torch.empty_like(query)
     if plan is None:
@@ -43,10 +44,18 @@ def paged_attention(
     k_vectors, v_vectors = k_cache.reshape(-1, dim), v_cache.reshape(-1, dim)  # [NB * BS * KVH, D]: one row per entry and head
     for group in plan.decode:
         b = group.rows.shape[0]
+        q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim)  # a kv head's G query heads as G rows
+        if group.entries is None:  # whole blocks, token-major, into SDPA
+            k = k_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, :group.length].transpose(1, 2)
+            v = v_rows.index_select(0, group.blocks).view(b, -1, kvh, dim)[:, :group.length].transpose(1, 2)
+            attend = None if group.mask is None else ~group.mask
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attend, scale=scale)
+            out.index_copy_(0, group.rows, o.reshape(b, heads, dim))
+            continue
         # head-major: [b, KVH, n, D], so that both products are plain batched matmuls over (sequence, kv head)
         k = k_vectors.index_select(0, group.entries).view(b, kvh, -1, dim).to(query.dtype)
         v = v_vectors.index_select(0, group.entries).view(b, kvh, -1, dim).to(query.dtype)
-        q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim) * scale  # a kv head's G query heads as G rows
+        q = q * scale
         scores = torch.matmul(q, k.transpose(2, 3))  # [b, KVH, G, n]
         if group.mask is not None:
             scores.masked_fill_(group.mask, float("-inf"))
@@ -72,14 +81,25 @@ _DECODE_GROUP_BYTES = 3 << 20
 
 
 
+# How a decode group reads its keys and values. Small head vectors (at most this many bytes, e.g. 16 fp32 values):
+# gathered head-major by entry, [b, KVH, n, D], and attended with two batched matmuls; larger ones: whole blocks
+# gathered (one contiguous row of the cache each) and attended token-major by SDPA. Measured on this project's CPU,
+# in one process each: the skeleton model of benchmarks/step_overhead.py (D = 16, fp32) 15.4 -> 14.5 ms a step
+# head-major; the default model (D = 64, fp32) in benchmarks/lora_step.py's engine, 64 sequences decoding beside 64
+# more, 216.8 ms a step by blocks against 224.6 ms head-major (gathering 256-byte rows out of a 4 GiB pool).
+_HEAD_MAJOR_MAX_BYTES = 128
+
+
 @dataclass(frozen=True)
 class _DecodeGroup:
     rows: torch.Tensor  # [b] int64: the sequences' query rows
-    # [b * KVH * n] int64, n = the longest sequence's length: the cache row (entry slot · KVH + head) of each
-    # sequence's entry j for each kv head, head-major; a shorter sequence's entries beyond its length repeat
-    # its entry 0 (masked: it never reads another sequence's blocks)
-    entries: torch.Tensor
+    # head-major: [b * KVH * n] int64, n = the longest sequence's length: the cache row (entry slot · KVH + head)
+    # of each sequence's entry j for each kv head; a shorter sequence's entries beyond its length repeat its
+    # entry 0 (masked: it never reads another sequence's blocks). None: read by blocks
+    entries: torch.Tensor | None
     mask: torch.Tensor | None  # [b, 1, 1, n] bool, true beyond a sequence's length; None when all have length n
+    blocks: torch.Tensor | None  # by blocks: [b * ceil(n / BS)] int64, each sequence's first blocks (0-padded)
+    length: int  # n
 
 
 @dataclass(frozen=True)
@@ -120,8 +140,12 @@ def plan_attention(
             beyond = torch.arange(n) >= group_lens[:, None]  # [b, n]
             slots = torch.where(beyond, slots[:, :1], slots)
             mask = beyond[:, None, None, :].to(device)
+        rows = as_long([starts[b] for b in group])
+        if entry_bytes // (2 * kv_heads) > _HEAD_MAJOR_MAX_BYTES:
+            groups.append(_DecodeGroup(rows, None, mask, blocks.flatten().to(device), n))
+            continue
         entries = slots[:, None, :] * kv_heads + torch.arange(kv_heads)[None, :, None]  # [b, KVH, n]
-        groups.append(_DecodeGroup(as_long([starts[b] for b in group]), entries.flatten().to(device), mask))
+        groups.append(_DecodeGroup(rows, entries.flatten().to(device), mask, None, n))
     chunks = []
     for b, q in enumerate(q_lens):
         if q > 1:

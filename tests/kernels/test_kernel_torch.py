@@ -104,9 +104,13 @@ def test_paged_attention(name):
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
-def test_paged_attention_over_several_decode_calls():
+@pytest.mark.parametrize("read", ["blocks", "head-major"])
+def test_paged_attention_over_several_decode_calls(read, monkeypatch):
     """Decode sequences split over batched calls by the plan's KV budget (a large entry makes it small: about
-    60 entries a call here), each call padded to its longest sequence and masked, against the oracle."""
+    60 entries a call here), each call padded to its longest sequence and masked, against the oracle; the KV read
+    by whole blocks into SDPA, or head-major by entry into two matmuls (forced here by the size threshold)."""
+    if read == "head-major":
+        monkeypatch.setattr(torch_attention, "_HEAD_MAJOR_MAX_BYTES", 1 << 30)
     q_lens, ctx_lens, n_heads, kv_heads, block_size, head_dim, dtype = ATTENTION_CASES["decode-many-gqa3"]
     batch = paged_batch(q_lens, ctx_lens, n_heads=n_heads, kv_heads=kv_heads, head_dim=head_dim,
                         block_size=block_size, dtype=dtype, gen=torch.Generator().manual_seed(6))
@@ -116,6 +120,7 @@ def test_paged_attention_over_several_decode_calls():
         block_tables=batch["block_tables"].tolist(), block_size=block_size,
         entry_bytes=torch_attention._DECODE_GROUP_BYTES // 60, kv_heads=kv_heads, device=query.device)
     assert len(plan.decode) > 4 and any(g.mask is not None for g in plan.decode)
+    assert all((g.entries is None) == (read == "blocks") for g in plan.decode)
     out = torch_attention.paged_attention(query, k_cache, v_cache, **batch, plan=plan)
     ref = reference.paged_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"],
                                     batch["query_starts"], batch["scale"])
