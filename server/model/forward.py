@@ -86,8 +86,9 @@ class _Layer:
         qkv = self.qkv(x)  # [T, (H + 2 KVH) D]
         qk_end = (self.heads + self.kv_heads) * d
         qk = qkv[:, :qk_end].view(t, self.heads + self.kv_heads, d)
-        # rope: x·cos + rotate_half(x)·sin, rotate_half(x) · sin = roll(x, D/2) · sin_signed (see CompactDecoder)
-        qk = torch.addcmul(qk * cos, qk.roll(d // 2, dims=-1), sin)
+        # rope: x·cos + rotate_half(x)·sin, rotate_half(x) · sin = roll(x, D/2) · sin_signed (see CompactDecoder);
+        # a product and a sum, not addcmul: its fused rounding moved the default model's logits by up to 1e-4
+        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_end:].view(t, self.kv_heads, d)
         k_cache, v_cache = step.kv_cache[self.index, 0], step.kv_cache[self.index, 1]
