@@ -17,11 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
-
 from benchmarks import lora_bank, machine
-from benchmarks.offline import RANDOM_LLAMA
+from benchmarks.offline import RANDOM_LLAMA, random_llama
 from quiver.config import EngineConfig
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
@@ -62,14 +59,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "decode_graphs.json")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    config = LlamaConfig(**(RANDOM_LLAMA | {"num_hidden_layers": args.layers}))
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.eval().requires_grad_(False)
-    loaded = LoadedModel(model=model, tokenizer=None, path=Path("random-llama"), device=device, dtype=torch.bfloat16)
-    modes = [True] if device.type != "cuda" else [True, False]  # enforce_eager; graphs exist only on CUDA
+    loaded = random_llama(args.layers)
+    modes = [True] if loaded.device.type != "cuda" else [True, False]  # enforce_eager; graphs exist only on CUDA
     results = {}
     for enforce_eager in modes:
         results["eager" if enforce_eager else "graphs"] = run(

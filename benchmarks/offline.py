@@ -73,18 +73,24 @@ def load_base(args) -> tuple[LoadedModel, list[list[int]], list[int], int]:
         prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                 tokenize=True, return_dict=False)) for q, _ in pairs]
         return loaded, prompts, [n for _, n in pairs], pad
+    loaded = random_llama(args.layers)
+    rng = random.Random(0)
+    vocab = loaded.model.config.vocab_size
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(32, 512))] for _ in range(args.requests)]
+    return loaded, prompts, [args.new_tokens] * len(prompts), 0
+
+
+def random_llama(layers: int) -> LoadedModel:
+    """The random-weight ~1.1B Llama (RANDOM_LLAMA with `layers` layers), bf16, on CUDA if there is one."""
     from transformers import LlamaConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    config = LlamaConfig(**(RANDOM_LLAMA | {"num_hidden_layers": args.layers}))
+    config = LlamaConfig(**(RANDOM_LLAMA | {"num_hidden_layers": layers}))
     with device:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.eval().requires_grad_(False)
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(32, 512))] for _ in range(args.requests)]
-    loaded = LoadedModel(model=model, tokenizer=None, path=Path("random-llama"), device=device, dtype=torch.bfloat16)
-    return loaded, prompts, [args.new_tokens] * len(prompts), 0
+    return LoadedModel(model=model, tokenizer=None, path=Path("random-llama"), device=device, dtype=torch.bfloat16)
 
 
 def reference_model(args, loaded: LoadedModel):

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from quiver.engine.request import SamplingParams
 from quiver.model.step_inputs import FreshInputs, StepInputs, bucket_of
 from tests.support.adapter_zoo import save_zoo
-from tests.support.models import engine_for, save_tiny
+from tests.support.models import engine_for, run_together, save_tiny
 
 SYNCING = ("_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "allclose", "masked_select")
 
@@ -149,15 +149,8 @@ class ReplayTwice:
 
 
 def _tokens(engine, ids: list[str | None], steps: int) -> dict[str, list[int]]:
-    params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
-    for i, adapter_id in enumerate(ids):
-        engine.add_request(f"r{i}", [5 + i, 6, 7, 8 + i % 3], params, adapter_id=adapter_id)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_work():
-        for out in engine.step():
-            assert out.error is None
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return tokens
+    requests = [(f"r{i}", [5 + i, 6, 7, 8 + i % 3], adapter_id) for i, adapter_id in enumerate(ids)]
+    return run_together(engine, requests, SamplingParams(max_new_tokens=steps, ignore_eos=True))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

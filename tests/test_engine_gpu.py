@@ -9,7 +9,7 @@ from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.model.loader import LoadedModel
 from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
-from tests.support.models import run_staggered, save_tiny
+from tests.support.models import run_staggered, run_together, save_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -63,15 +63,8 @@ def _zoo_engine(path, dirs, **config) -> Engine:
 
 
 def _decode(engine: Engine, names: list[str | None], steps: int, first: int = 0) -> dict[str, list[int]]:
-    params = SamplingParams(max_new_tokens=steps, ignore_eos=True)
-    for i, name in enumerate(names):
-        engine.add_request(str(first + i), [5 + i, 9, 11, 3 + i, 40], params, adapter_id=name)
-    tokens: dict[str, list[int]] = {}
-    while engine.has_work():
-        for out in engine.step():
-            assert out.error is None
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return tokens
+    requests = [(str(first + i), [5 + i, 9, 11, 3 + i, 40], name) for i, name in enumerate(names)]
+    return run_together(engine, requests, SamplingParams(max_new_tokens=steps, ignore_eos=True))
 
 
 def test_cuda_graph_decode_gives_the_tokens_of_eager_decode_for_every_kind(tmp_path):

@@ -10,6 +10,8 @@ when an adapter touching new layers is loaded or the last one on some layers lea
 
 Capture: the forward first runs once eagerly on a side stream (Triton compiles its kernels, the allocator
 settles); that run writes the step's K/V, which replaying writes again, the same values into the same slots.
+Every graph allocates from one shared memory pool, so a graph's output may share memory with another graph's
+intermediates: the runner reads a replay's output before the next replay, within the same step.
 A capture that fails (an op that reads back to the host, a rope variant that checks its length) turns graphs
 off for the rest of the process, logged once: the engine serves on, eagerly.
 """
@@ -55,6 +57,8 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()  # shared by every bucket's graph: one replays at a time
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: CUDA calls of the server's other threads (an adapter parsed onto the device, metrics) do
+        # not invalidate the engine thread's capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = forward()
         return graph, output

@@ -60,6 +60,19 @@ def run_staggered(engine: Engine, prompts: list[list[int]], params, arrive_at: l
     return tokens
 
 
+def run_together(engine: Engine, requests: list[tuple[str, list[int], str | None]], params) -> dict[str, list[int]]:
+    """Add every (request id, prompt, adapter id) at once; step until all finish, none with an error; tokens by
+    request id."""
+    for request_id, prompt, adapter_id in requests:
+        engine.add_request(request_id, prompt, params, adapter_id=adapter_id)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_work():
+        for out in engine.step():
+            assert out.error is None, out.error
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
+
+
 class RecordingSampler(Sampler):
     """Greedy sampling that keeps every row of logits it was given, per request."""
 
