@@ -44,6 +44,7 @@ def test_a_step_plans_once_per_distinct_ranks_not_per_layer():
     layers[2].set_lora(3, a=torch.randn(8, 16), b=torch.randn(12, 8), scale=1.0)  # not in this step: same plan
     layers[3].set_lora(2, a=torch.randn(8, 16), b=torch.randn(12, 8), scale=1.0)
     lora_plans, bottleneck_plans = plan_layers(layers, ops=ops, seg_starts=[0, 2, 5], seg_slots=[1, 0],
-                                               activations=frozenset(), device=torch.device("cpu"))
+                                               slots=frozenset({1, 0}), activations=frozenset(),
+                                               device=torch.device("cpu"))
     assert len(calls) == 1 and lora_plans[0] is lora_plans[1] is lora_plans[2] is not None
     assert lora_plans[3] is None and lora_plans[4] is None and bottleneck_plans == ({},) * 5

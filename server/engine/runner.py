@@ -212,7 +212,7 @@ class ModelRunner:
         dev = self.device
         lora_plans, bottleneck_plans = plan_layers(
             list(self.adapter_layers.values()), ops=self.ops, seg_starts=seg_starts, seg_slots=seg_slots,
-            activations=activations, device=dev,
+            slots=slots, activations=activations, device=dev,
         )
         return AdapterBatch(
             seg_starts=inputs.fill("seg_starts", seg_starts),

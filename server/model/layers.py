@@ -147,11 +147,13 @@ class AdapterLinear(nn.Module):
 
 def plan_layers(
     layers: list[AdapterLinear], *, ops: KernelOps, seg_starts: list[int], seg_slots: list[int],
-    activations: frozenset[str], device: torch.device,
+    slots: frozenset[int], activations: frozenset[str], device: torch.device,
 ) -> tuple[tuple[object | None, ...], tuple[dict[str, object | None], ...]]:
     """Every layer's `ops.plan_lora` for this step's segments, its LoRA ops' and (by activation) its bottleneck
-    ops': (lora_plans, bottleneck_plans), indexed by layer index. Layers whose slots have the same ranks share
-    one plan (built once); a layer that skips the ops this step gets None / {}."""
+    ops': (lora_plans, bottleneck_plans), indexed by layer index. A layer runs the ops when it holds weights of
+    one of `slots` (`AdapterBatch.slots`: the step's, or in a padded step every loaded adapter's), as
+    `AdapterLinear.add_delta` decides; layers whose present slots have the same ranks share one plan (built once);
+    a layer that skips the ops this step gets None / {}."""
     present = sorted({w for w in seg_slots if w >= 0})
     plans: dict[tuple[int, ...], object | None] = {}  # by the ranks of the present slots
 
@@ -163,9 +165,9 @@ def plan_layers(
 
     lora_plans, bottleneck_plans = [], []
     for layer in layers:
-        uses_lora = not layer.lora_slots.isdisjoint(present)
+        uses_lora = not layer.lora_slots.isdisjoint(slots)
         lora_plans.append(plan_of(layer.lora_rank_of) if uses_lora else None)
-        uses_bottleneck = layer.bottleneck_size and not layer.bn_slots.isdisjoint(present)
+        uses_bottleneck = layer.bottleneck_size and not layer.bn_slots.isdisjoint(slots)
         bottleneck_plans.append({act: plan_of(layer.bottleneck_sizes_of(act)) for act in activations} if uses_bottleneck else {})
     return tuple(lora_plans), tuple(bottleneck_plans)
 
