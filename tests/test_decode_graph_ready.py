@@ -180,3 +180,44 @@ def test_padded_decode_steps_give_the_tokens_of_unpadded_ones(backend, tmp_path)
     assert padded == plain and len(plain) == 3
     keys = engines[1].runner.graphs.keys
     assert {size for size, _ in keys} == {16, 4} and any(layout is not None for _, layout in keys)
+
+
+class _FakeGraph:
+    """What DecodeGraphs keeps of a capture, on CPU: replaying runs the captured forward again."""
+
+    def __init__(self, forward) -> None:
+        self.forward = forward
+
+    def replay(self) -> None:
+        self.forward()
+
+
+def test_decode_graphs_keep_the_most_recent_graphs_and_fall_back_to_eager_when_capture_fails(monkeypatch):
+    """The graph cache's bookkeeping, with capture replaced (no CUDA here): a graph per key, reused while kept,
+    at most max_graphs kept (the least recently replayed dropped), and a capture that raises turns graphs off
+    for good, that step's output coming from the eager forward."""
+    from quiver.model.graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(max_graphs=2)
+    monkeypatch.setattr(graphs, "_capture", lambda forward: (_FakeGraph(forward), forward()))
+    out = torch.zeros(1)  # the "graph's" output buffer: a replay refills it in place
+
+    def forward():
+        return out.add_(1)
+
+    assert graphs.run("a", forward) is out and out.item() == 2  # captured (run once) and replayed
+    graphs.run("b", forward)
+    graphs.run("a", forward)  # "a" most recent: "b" goes first
+    graphs.run("c", forward)
+    assert len(graphs) == 2 and graphs.captures == 3
+    graphs.run("a", forward)
+    graphs.run("b", forward)  # dropped before: captured again
+    assert graphs.captures == 4 and graphs.enabled
+
+    def broken(forward):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_capture", broken)
+    eager = torch.full((1,), 7.0)
+    assert graphs.run("d", lambda: eager) is eager
+    assert not graphs.enabled and len(graphs) == 0

@@ -17,17 +17,24 @@ off for the rest of the process, logged once: the engine serves on, eagerly.
 """
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
 
 log = logging.getLogger(__name__)
 
+# Graphs kept at most, least recently replayed dropped first: buckets times the adapter layouts in use are few,
+# but layouts come and go as adapters touching other layers are loaded, and each graph holds device memory.
+MAX_GRAPHS = 32
+
 
 class DecodeGraphs:
-    def __init__(self) -> None:
+    def __init__(self, max_graphs: int = MAX_GRAPHS) -> None:
         self.enabled = True
-        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.max_graphs = max_graphs
+        self.captures = 0  # graphs captured so far, dropped ones included
+        self._graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
 
     def __len__(self) -> int:
@@ -38,12 +45,17 @@ class DecodeGraphs:
         entry = self._graphs.get(key)
         if entry is None:
             try:
-                entry = self._graphs[key] = self._capture(forward)
+                entry = self._capture(forward)
             except Exception as error:  # noqa: BLE001 -- any failure to capture means: serve eagerly
                 self.enabled = False
                 self._graphs.clear()
                 log.warning("CUDA graph capture failed (%s); decode steps run eagerly from now on", error)
                 return forward()
+            self.captures += 1
+            self._graphs[key] = entry
+            if len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
         graph, output = entry
         graph.replay()
         return output
