@@ -99,6 +99,6 @@ def test_changing_the_adapter_mix_between_replays_changes_the_outputs(tmp_path):
         got = _decode(graphs, mix, steps=5, first=10 * k)
         assert got == _decode(eager, mix, steps=5, first=10 * k), mix
         outputs.append([got[str(10 * k + i)] for i in range(3)])
-        captured.append(len(graphs.runner.graphs))
+        captured.append(graphs.runner.graphs.captures)
     assert graphs.runner.graphs.enabled and captured[0] == captured[1] == captured[2]  # replayed, not recaptured
     assert outputs[1][0] != outputs[2][0] and outputs[1][2] != outputs[2][2]  # the same prompts, other adapters
