@@ -33,26 +33,29 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 class _Projection:
     """One GEMM for projections sharing an input (one or several), then each wrapped projection's adapter deltas
-    into its own columns. The fused weight [sum out, in] (and bias) is a new tensor; each projection's weight (and
-    bias) becomes a view of its rows."""
+    into its own columns. Several: the fused weight [sum out, in] (and bias) is a new tensor and each projection's
+    weight (and bias) becomes a view of its rows; one: its own weight."""
 
     def __init__(self, layers: list[nn.Module]) -> None:
         bases = [layer.base_layer if isinstance(layer, AdapterLinear) else layer for layer in layers]
+        self.columns: list[tuple[AdapterLinear | None, int, int]] = []  # (its wrapper or None, first column, end)
+        start = 0
+        for layer, base in zip(layers, bases):
+            self.columns.append((layer if isinstance(layer, AdapterLinear) else None, start, start + base.out_features))
+            start += base.out_features
+        self.adapters = [c for c in self.columns if c[0] is not None]
+        if len(bases) == 1:  # nothing to fuse: the projection's own weight
+            self.weight, self.bias = bases[0].weight, bases[0].bias
+            return
         with torch.no_grad():
             self.weight = torch.cat([b.weight for b in bases])
             self.bias = None
             if any(b.bias is not None for b in bases):
                 self.bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
-        self.columns: list[tuple[AdapterLinear | None, int, int]] = []  # (its wrapper or None, first column, end)
-        start = 0
-        for layer, base in zip(layers, bases):
-            end = start + base.out_features
+        for base, (_, start, end) in zip(bases, self.columns):
             base.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
             if base.bias is not None:
                 base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
-            self.columns.append((layer if isinstance(layer, AdapterLinear) else None, start, end))
-            start = end
-        self.adapters = [c for c in self.columns if c[0] is not None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
