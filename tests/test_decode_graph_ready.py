@@ -221,3 +221,12 @@ def test_decode_graphs_keep_the_most_recent_graphs_and_fall_back_to_eager_when_c
     eager = torch.full((1,), 7.0)
     assert graphs.run("d", lambda: eager) is eager
     assert not graphs.enabled and len(graphs) == 0
+
+
+def test_enforce_eager_reaches_the_engine_config_and_cpu_engines_have_no_graphs(tmp_path):
+    from quiver.cli import _engine_config, build_parser
+
+    assert not _engine_config(build_parser().parse_args(["serve"])).enforce_eager
+    assert _engine_config(build_parser().parse_args(["serve", "--enforce-eager"])).enforce_eager
+    engine = engine_for(save_tiny("llama", tmp_path), num_kv_blocks=16, block_size=4, adapter_slots=1)
+    assert engine.runner.graphs is None and not engine.runner.pad_decode  # graphs: CUDA with the triton backend only
