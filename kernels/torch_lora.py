@@ -59,6 +59,9 @@ class _Grid:
     cell: torch.Tensor  # [n] int64
     cell_rows: torch.Tensor  # [span * depth] int64: the row in each grid cell (row 0 in an empty one)
     cell_off: torch.Tensor | None  # [span, depth, r] bool: an empty cell, or a column beyond its row's rank; None if none
+    # the cells hold rows 0 .. span·depth-1 in order, every cell filled (a decode step whose every sequence has an
+    # adapter, the same number per slot, slots dense): a call over that many rows reads x and adds to y as they are
+    in_order: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,9 @@ def _make_grid(short, device) -> _Grid:
     if len(rows) < span * depth or min(ranks) < r_max:
         cell_off = (torch.arange(r_max) >= torch.tensor(rank_of)[:, None]).view(span, depth, r_max).to(device)
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
-    return _Grid(lo, span, depth, r_max, as_tensor([k * depth + j for k, j in cells]), as_tensor(row_of), cell_off)
+    in_order = len(rows) == span * depth and row_of == list(range(span * depth))
+    return _Grid(lo, span, depth, r_max, as_tensor([k * depth + j for k, j in cells]), as_tensor(row_of), cell_off,
+                 in_order)
 
 
 # What one more band costs against reading more weights, in slot-rank units (one slot's A and B at one rank):
@@ -237,6 +242,9 @@ def lora_apply(
         y[s:e].addmm_(x[s:e] @ a[0, w, :r].t(), b[w, :, :r].t(), alpha=scale_of[w])
     if short is None:
         return
+    if len(short.bands) == 1 and short.bands[0].in_order and x.shape[0] == y.shape[0] == short.bands[0].cell_rows.shape[0]:
+        _apply_in_order(y, x, a, b, scales, short.bands[0])
+        return
     target = _accumulator(y)
     for g in short.bands:  # each band of slots read in place at its own largest rank
         lo, span, r = g.lo, g.span, g.r
@@ -249,6 +257,16 @@ def lora_apply(
         target.index_add_(0, g.cell_rows, delta.view(span * g.depth, -1))  # an empty cell adds zeros to row 0
     if target is not y:
         y += target
+
+
+def _apply_in_order(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, g: _Grid) -> None:
+    """lora_apply's grid path when the grid is x's and y's rows in order: no gather, a plain add."""
+    lo, span, r = g.lo, g.span, g.r
+    h = torch.bmm(x.view(span, g.depth, -1), a[0, lo : lo + span, :r].transpose(1, 2))  # [span, depth, r]
+    if g.cell_off is not None:
+        h.masked_fill_(g.cell_off, 0)
+    h.mul_(scales[lo : lo + span, None, None].to(h.dtype))
+    y.add_(torch.bmm(h, b[lo : lo + span, :, :r].transpose(1, 2)).view(span * g.depth, -1))
 
 
 def _accumulator(y: torch.Tensor) -> torch.Tensor:

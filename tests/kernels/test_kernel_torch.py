@@ -73,6 +73,35 @@ def test_lora_apply(mix, dtype, one_rank, n_slots, columns):
     assert rel_err(y, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("depth", [1, 2], ids=["one-row-a-slot", "two-rows-a-slot"])
+@pytest.mark.parametrize("ranks", ["one-rank", "two-ranks"])
+@pytest.mark.parametrize("columns", [False, True], ids=["own-tensor", "columns-of-a-fused-output"])
+def test_lora_apply_over_rows_in_slot_order(depth, ranks, columns):
+    """A decode step whose every row has an adapter, slots dense and in the rows' order (the runner sorts chunks
+    by slot): the grid is the rows themselves, read and added to without gathering; against the float64 oracle."""
+    n_slots, n_tokens = 16, 16 * depth
+    c = make_lora("distinct", 1, torch.float32, seed=11, n_tokens=16, n_slots=n_slots, h_in=48, out_dims=[32])
+    c["x"] = torch.randn(n_tokens, 48, generator=torch.Generator().manual_seed(12))
+    c["y"] = torch.randn(n_tokens, 32, generator=torch.Generator().manual_seed(13))
+    c["seg_starts"] = torch.arange(0, n_tokens + 1, depth, dtype=torch.int32)
+    c["seg_slots"] = torch.arange(n_slots, dtype=torch.int32)
+    c["ranks"].copy_(torch.tensor([16] * n_slots if ranks == "one-rank" else [8] * 8 + [16] * 8))
+    per_token = [t // depth for t in range(n_tokens)]
+    kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
+    plan = torch_lora.plan_lora(**{k: v.tolist() for k, v in kw.items()}, device=torch.device("cpu"))
+    assert len(plan.short.bands) == 1 and plan.short.bands[0].in_order, "the test would not exercise that path"
+    fused = torch.randn(n_tokens, 8 + 32 + 24)
+    before = fused.clone()
+    y = fused[:, 8:40] if columns else c["y"].clone()
+    y.copy_(c["y"])
+    torch_lora.lora_apply(y, c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"], plan=plan, **kw)
+    buf = reference.lora_shrink(c["x"], c["a"], per_token, c["ranks"].tolist()).nan_to_num(0.0)
+    ref = reference.lora_expand(c["y"], buf, c["b"], per_token, c["ranks"].tolist(), c["scales"].tolist(), c["offsets"])
+    assert rel_err(y, ref) < TOLERANCE[torch.float32]
+    if columns:
+        assert torch.equal(fused[:, :8], before[:, :8]) and torch.equal(fused[:, 40:], before[:, 40:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mix", ["distinct", "uniform"])
 def test_lora_apply_reads_slots_laid_out_by_rank_in_bands(mix, dtype):
