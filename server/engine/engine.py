@@ -146,7 +146,7 @@ class Engine:
         stops = params.stop_token_ids + (() if params.ignore_eos else tuple(sorted(self.eos_token_ids)))
         request = Request(
             request_id, list(prompt_token_ids), params, adapter=version, arrival=next(self._arrivals),
-            cache_salt=cache_salt, early_stop_ids=tuple(t for t in stops if t < self.vocab_size),
+            cache_salt=cache_salt, stop_ids=frozenset(t for t in stops if t < self.vocab_size),
         )
         self.requests[request_id] = request
         return request
@@ -244,7 +244,7 @@ class Engine:
 
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         params = request.params
-        if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
+        if token in request.stop_ids:
             return FinishReason.STOP
         if params.stop_strings and len(request.output_token_ids) >= params.min_new_tokens:
             tail = self.tokenizer.decode(request.output_token_ids[-_STOP_WINDOW:])

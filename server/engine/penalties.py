@@ -8,7 +8,7 @@ asks never comes here), vectorised over those rows, on the logits' device, in pl
 2. presence_penalty and frequency_penalty (OpenAI's formula), over the OUTPUT tokens only:
    logit -= presence * (count > 0) + frequency * count;
 3. min_new_tokens (transformers' MinNewTokensLengthLogitsProcessor): while fewer tokens than that were
-   generated, the ids that would end the request (`Request.early_stop_ids`: EOS unless ignore_eos, and the
+   generated, the ids that would end the request (`Request.stop_ids`: EOS unless ignore_eos, and the
    stop token ids) get -inf.
 
 The penalised rows are held within float32's finite range (a tiny repetition penalty could push a logit to
@@ -33,7 +33,7 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request], rows: list[in
     if counted:
         _presence_frequency(logits, [requests[i] for i in counted], counted)
     early = [i for i in rows if len(requests[i].output_token_ids) < requests[i].params.min_new_tokens
-             and requests[i].early_stop_ids]
+             and requests[i].stop_ids]
     if early:
         _mask_early_stops(logits, [requests[i] for i in early], early)
 
@@ -74,6 +74,6 @@ def _presence_frequency(logits: torch.Tensor, requests: list[Request], rows: lis
 
 def _mask_early_stops(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
     dev = logits.device
-    row, ids = _occurrences([list(r.early_stop_ids) for r in requests], dev)
+    row, ids = _occurrences([sorted(r.stop_ids) for r in requests], dev)
     index = torch.tensor(rows, device=dev)
     logits.index_put_((index[row], ids), torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))

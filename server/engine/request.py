@@ -116,7 +116,7 @@ class Request:
     cache_salt: str | None = None  # prefix-cache scope: blocks are shared only between requests with equal salts
     num_preemptions: int = 0
     skipped_steps: int = 0  # scheduling steps it waited because its adapter could not be placed (see Scheduler)
-    early_stop_ids: tuple[int, ...] = ()  # what min_new_tokens masks: EOS (unless ignore_eos), the stop token ids
+    stop_ids: frozenset[int] = frozenset()  # the ids that end it: EOS (unless ignore_eos), the stop token ids (min_new_tokens masks them)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if params.logprobs
     # if params.prompt_logprobs: [None, lp(t1), ...], filled as its prompt rows are computed (in one step or over
     # several chunks), or given whole (another sample of the same prompt computed them)
