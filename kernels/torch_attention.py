@@ -80,7 +80,6 @@ def paged_attention(
 _DECODE_GROUP_BYTES = 3 << 20
 
 
-
 # How a decode group reads its keys and values. Small head vectors (at most this many bytes, e.g. 16 fp32 values):
 # gathered head-major by entry, [b, KVH, n, D], and attended with two batched matmuls; larger ones: whole blocks
 # gathered (one contiguous row of the cache each) and attended token-major by SDPA. Measured on this project's CPU,
@@ -133,17 +132,17 @@ def plan_attention(
         n = max(lens[b] for b in group)
         nb = -(-n // bs)
         blocks = torch.tensor([(list(tables[b]) + [0] * nb)[:nb] for b in group], dtype=torch.int64)  # [b, nb]
-        slots = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :n]  # [b, n]
-        mask = None
-        group_lens = torch.tensor([lens[b] for b in group])
+        beyond = None  # [b, n] bool: entries beyond a sequence's length
         if any(lens[b] != n for b in group):
-            beyond = torch.arange(n) >= group_lens[:, None]  # [b, n]
-            slots = torch.where(beyond, slots[:, :1], slots)
-            mask = beyond[:, None, None, :].to(device)
+            beyond = torch.arange(n) >= torch.tensor([lens[b] for b in group])[:, None]
+        mask = None if beyond is None else beyond[:, None, None, :].to(device)
         rows = as_long([starts[b] for b in group])
         if entry_bytes // (2 * kv_heads) > _HEAD_MAJOR_MAX_BYTES:
             groups.append(_DecodeGroup(rows, None, mask, blocks.flatten().to(device), n))
             continue
+        slots = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :n]  # [b, n]
+        if beyond is not None:
+            slots = torch.where(beyond, slots[:, :1], slots)
         entries = slots[:, None, :] * kv_heads + torch.arange(kv_heads)[None, :, None]  # [b, KVH, n]
         groups.append(_DecodeGroup(rows, entries.flatten().to(device), mask, None, n))
     chunks = []

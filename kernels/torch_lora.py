@@ -242,31 +242,24 @@ def lora_apply(
         y[s:e].addmm_(x[s:e] @ a[0, w, :r].t(), b[w, :, :r].t(), alpha=scale_of[w])
     if short is None:
         return
-    if len(short.bands) == 1 and short.bands[0].in_order and x.shape[0] == y.shape[0] == short.bands[0].cell_rows.shape[0]:
-        _apply_in_order(y, x, a, b, scales, short.bands[0])
-        return
-    target = _accumulator(y)
+    # the rows themselves in slot order (see _Grid.in_order): read x and add to y as they are, no gather
+    first = short.bands[0]
+    in_order = len(short.bands) == 1 and first.in_order and x.shape[0] == y.shape[0] == first.span * first.depth
+    target = y if in_order else _accumulator(y)
     for g in short.bands:  # each band of slots read in place at its own largest rank
         lo, span, r = g.lo, g.span, g.r
-        xg = x.index_select(0, g.cell_rows).view(span, g.depth, -1)  # [span, depth, H_in]
+        xg = (x if in_order else x.index_select(0, g.cell_rows)).view(span, g.depth, -1)  # [span, depth, H_in]
         h = torch.bmm(xg, a[0, lo : lo + span, :r].transpose(1, 2))  # [span, depth, r]
         if g.cell_off is not None:  # empty cells and columns beyond a rank add nothing (b there is finite)
             h.masked_fill_(g.cell_off, 0)
         h.mul_(scales[lo : lo + span, None, None].to(h.dtype))
-        delta = torch.bmm(h, b[lo : lo + span, :, :r].transpose(1, 2))  # [span, depth, H_out]
-        target.index_add_(0, g.cell_rows, delta.view(span * g.depth, -1))  # an empty cell adds zeros to row 0
+        delta = torch.bmm(h, b[lo : lo + span, :, :r].transpose(1, 2)).view(span * g.depth, -1)  # [span * depth, H_out]
+        if in_order:
+            y.add_(delta)
+        else:
+            target.index_add_(0, g.cell_rows, delta)  # an empty cell adds zeros to row 0
     if target is not y:
         y += target
-
-
-def _apply_in_order(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, g: _Grid) -> None:
-    """lora_apply's grid path when the grid is x's and y's rows in order: no gather, a plain add."""
-    lo, span, r = g.lo, g.span, g.r
-    h = torch.bmm(x.view(span, g.depth, -1), a[0, lo : lo + span, :r].transpose(1, 2))  # [span, depth, r]
-    if g.cell_off is not None:
-        h.masked_fill_(g.cell_off, 0)
-    h.mul_(scales[lo : lo + span, None, None].to(h.dtype))
-    y.add_(torch.bmm(h, b[lo : lo + span, :, :r].transpose(1, 2)).view(span * g.depth, -1))
 
 
 def _accumulator(y: torch.Tensor) -> torch.Tensor:
