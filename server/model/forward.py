@@ -60,7 +60,7 @@ class _Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         for layer, start, end in self.adapters:
-            layer.add_delta(y[:, start:end] if len(self.columns) > 1 else y, x)
+            layer.add_delta(y[:, start:end], x)  # all of y, contiguous, for a single projection
         return y
 
 
