@@ -47,7 +47,7 @@ class AdapterLinear(nn.Module):
         # here (e.g. q/v-only LoRA adapters leave the other five projections alone, with no launch and no sync)
         self.lora_slots: set[int] = set()
         self.bn_slots: set[int] = set()
-        self.lora_rank_of = [0] * num_slots  # lora_ranks and bn_sizes mirrored on the host, for the step's plans
+        self.lora_rank_of = [0] * num_slots  # lora_ranks and bottleneck sizes mirrored on the host, for the step's plans
         self.bn_size_of = [0] * num_slots
         self.bottleneck_size = bottleneck_size
         if bottleneck_size:
@@ -56,10 +56,9 @@ class AdapterLinear(nn.Module):
             self.register_buffer("bn_down_bias", torch.zeros(num_slots, bn, dtype=dt, device=dev), persistent=False)  # [S, bn]
             self.register_buffer("bn_up", torch.zeros(num_slots, dout, bn, dtype=dt, device=dev), persistent=False)  # [S, out, bn]
             self.register_buffer("bn_up_bias", torch.zeros(num_slots, dout, dtype=dt, device=dev), persistent=False)  # [S, out]
-            self.register_buffer("bn_sizes", torch.zeros(num_slots, dtype=torch.int32, device=dev), persistent=False)  # [S]
             self.register_buffer("bn_scales", torch.zeros(num_slots, dtype=torch.float32, device=dev), persistent=False)  # [S]
             self.bn_activation: list[str | None] = [None] * num_slots
-            # by non-linearity: bn_sizes where a slot's adapter uses it, else 0 (each act's ops read theirs, in place)
+            # by non-linearity [S]: a slot's bottleneck size where its adapter uses it, else 0 (the `ranks` its ops read)
             self.bn_sizes_by_act = {act: torch.zeros(num_slots, dtype=torch.int32, device=dev) for act in ACTIVATIONS}
 
     # ---- slot management (engine thread, between steps) ---------------------------------------------
@@ -90,7 +89,6 @@ class AdapterLinear(nn.Module):
         self.bn_down_bias[slot, :bn] = down_bias
         self.bn_up[slot, :, :bn] = up
         self.bn_up_bias[slot] = up_bias * scale  # the expand op adds its bias unscaled
-        self.bn_sizes[slot] = bn
         self.bn_scales[slot] = scale
         self.bn_activation[slot] = activation
         for act, sizes in self.bn_sizes_by_act.items():
@@ -105,7 +103,6 @@ class AdapterLinear(nn.Module):
         self.lora_slots.discard(slot)
         self.bn_slots.discard(slot)
         if self.bottleneck_size:
-            self.bn_sizes[slot] = 0
             self.bn_activation[slot] = None
             for sizes in self.bn_sizes_by_act.values():
                 sizes[slot] = 0
