@@ -6,10 +6,12 @@ The LoRA ops of this backend are in `quiver.kernels.torch_lora`.
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
+from quiver.kernels import native
 from quiver.kernels.ops import kv_entry_bytes
 
 
@@ -28,12 +30,13 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV (shapes: `ops.PagedAttention`).
 
-    Decode rows (q = 1) are attended a few sequences of similar length at a time: small head vectors gathered
-    head-major by entry ([b, KVH, n, D], one index_select each) into two batched matmuls, larger ones by whole
-    blocks (a block is one contiguous row of the cache) into SDPA (see _HEAD_MAJOR_MAX_BYTES); prefill chunks
-    one SDPA call each, over their blocks gathered whole.
+    Decode rows (q = 1), float32: the C kernel (native.py), which reads the blocks in place. Otherwise (or
+    without a C compiler) a few sequences of similar length at a time: small head vectors gathered head-major by
+    entry ([b, KVH, n, D], one index_select each) into two batched matmuls, larger ones by whole blocks (a block
+    is one contiguous row of the cache) into SDPA (see _HEAD_MAJOR_MAX_BYTES). Prefill chunks: one SDPA call
+    each, over their blocks gathered whole.
     """
-    out = torch.empty_like(query)
+    out = query.new_empty(query.shape)
     if plan is None:
         plan = plan_attention(query_starts=query_starts.tolist(), seq_lens=seq_lens.tolist(),
                               block_tables=block_tables.tolist(), block_size=k_cache.shape[1],
@@ -42,7 +45,10 @@ def paged_attention(
     heads = query.shape[1]
     k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
     k_vectors, v_vectors = k_cache.reshape(-1, dim), v_cache.reshape(-1, dim)  # [NB * BS * KVH, D]: one row per entry and head
-    for group in plan.decode:
+    in_c = plan.decode_entries > 0 and native.decode_attention(
+        query, k_cache, v_cache, block_tables=block_tables, seq_lens=seq_lens, query_starts=query_starts,
+        scale=scale, out=out, entries=plan.decode_entries)
+    for group in [] if in_c else plan.decode:
         b = group.rows.shape[0]
         q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim)  # a kv head's G query heads as G rows
         if group.entries is None:  # whole blocks, token-major, into SDPA
@@ -110,23 +116,46 @@ class _PrefillChunk:
     mask: torch.Tensor  # [end - start, length] bool, causal
 
 
-@dataclass(frozen=True)
 class AttentionPlan:
-    """The calls `paged_attention` makes for one step's metadata (the same at every layer)."""
+    """The calls `paged_attention` makes for one step's metadata (the same at every layer). The decode groups
+    of the pure-torch path are built on first use: the C kernel, when it runs, needs none."""
 
-    decode: list[_DecodeGroup]
-    prefill: list[_PrefillChunk]
+    def __init__(self, decode: dict, prefill: list[_PrefillChunk]) -> None:
+        self._decode = decode  # _plan_decode's arguments
+        self.decode_entries = sum(decode["lens"][b] for b in decode["decode"])  # KV entries of the decode rows
+        self.prefill = prefill
+
+    @cached_property
+    def decode(self) -> list[_DecodeGroup]:
+        return _plan_decode(**self._decode)
 
 
 def plan_attention(
     *, query_starts: Sequence[int], seq_lens: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int,
     entry_bytes: int, kv_heads: int, device: torch.device,
 ) -> AttentionPlan:
-    """`ops.PlanAttention`: decode rows grouped by length, a causal mask per prefill chunk."""
+    """`ops.PlanAttention`: decode rows grouped by length (on first use), a causal mask per prefill chunk."""
     starts, lens, tables, bs = query_starts, seq_lens, block_tables, block_size
     as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
     decode = sorted((b for b, q in enumerate(q_lens) if q == 1), key=lambda b: lens[b])
+    chunks = []
+    for b, q in enumerate(q_lens):
+        if q > 1:
+            n = lens[b]
+            causal = torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
+            chunks.append(_PrefillChunk(starts[b], starts[b + 1], as_long(tables[b][: -(-n // bs)]), n, causal))
+    return AttentionPlan(dict(decode=decode, starts=starts, lens=lens, tables=tables, bs=bs, entry_bytes=entry_bytes,
+                              kv_heads=kv_heads, device=device), chunks)
+
+
+def _plan_decode(
+    *, decode: list[int], starts: Sequence[int], lens: Sequence[int], tables: Sequence[Sequence[int]], bs: int,
+    entry_bytes: int, kv_heads: int, device: torch.device,
+) -> list[_DecodeGroup]:
+    """The decode rows (`decode`, sorted by length) in groups of similar length, each read head-major or by
+    blocks."""
+    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
     groups = []
     for group in _decode_groups(decode, lens, max(1, _DECODE_GROUP_BYTES // entry_bytes)):
         n = max(lens[b] for b in group)
@@ -145,13 +174,7 @@ def plan_attention(
             slots = torch.where(beyond, slots[:, :1], slots)
         entries = slots[:, None, :] * kv_heads + torch.arange(kv_heads)[None, :, None]  # [b, KVH, n]
         groups.append(_DecodeGroup(rows, entries.flatten().to(device), mask, None, n))
-    chunks = []
-    for b, q in enumerate(q_lens):
-        if q > 1:
-            n = lens[b]
-            causal = torch.arange(n, device=device)[None, :] <= torch.arange(n - q, n, device=device)[:, None]
-            chunks.append(_PrefillChunk(starts[b], starts[b + 1], as_long(tables[b][: -(-n // bs)]), n, causal))
-    return AttentionPlan(groups, chunks)
+    return groups
 
 
 def _decode_groups(decode: list[int], lens: Sequence[int], max_entries: int) -> list[list[int]]:

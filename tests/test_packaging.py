@@ -38,7 +38,7 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"quiver"}
     for module in ("quiver/__init__.py", "quiver/engine/engine.py", "quiver/kernels/lora.py", "quiver/trainer/cli.py",
-                   "quiver/deploy/ray_serve.py", "quiver/v1/__init__.py"):
+                   "quiver/deploy/ray_serve.py", "quiver/v1/__init__.py", "quiver/kernels/cpu_decode.c"):
         assert module in names
 
 

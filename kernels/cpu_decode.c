@@ -1,0 +1,270 @@
+/* Decode attention over the paged KV cache, read in place: the CPU serving path's attention for decode rows.
+
+   Built and loaded by native.py (cc -O3 -march=native, no OpenMP runtime: threads are pthreads started per
+   call, and only when the call is large enough to pay for them). Semantics: ops.PagedAttention restricted to
+   sequences with one new token (query_starts[b + 1] - query_starts[b] == 1); other sequences are left alone.
+   For such a sequence b, n = seq_lens[b], and query head h (kv head g = h / G, G = H / KVH):
+       out[row, h] = softmax(scale * q[row, h] . K[j, g] for j < n) . V[:n, g]
+   where entry j lives in block block_tables[b, j / BS] at offset j % BS. Float32 throughout; each kv head's
+   entries are read once for its G query heads. */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef struct {
+    const float *q;           /* [T, H, D], rows q_row_stride apart, heads D apart */
+    int64_t q_row_stride;
+    const float *k_cache;     /* [NB, BS, KVH, D] contiguous */
+    const float *v_cache;
+    const int32_t *block_tables; /* [B, max_blocks] */
+    int64_t max_blocks;
+    const int32_t *seq_lens;  /* [B] */
+    const int32_t *query_starts; /* [B + 1] */
+    float *out;               /* [T, H, D] contiguous */
+    int64_t heads, kv_heads, dim, block_size;
+    float scale;
+    int64_t first, last;      /* this worker's share: tasks first..last-1, a task = (sequence, kv head) */
+} job_t;
+
+/* One (sequence, kv head): its G query heads' scores over the n entries, softmax, then the weighted sum of
+   values. Inlined into one copy per common head size so that the dot products and sums unroll and vectorise. */
+static inline __attribute__((always_inline)) void attend_one(const job_t *job, int64_t b, int64_t g,
+                                                             float *scores, float *acc, const int64_t D) {
+    const int64_t row = job->query_starts[b];
+    const int64_t n = job->seq_lens[b];
+    const int64_t G = job->heads / job->kv_heads, KVH = job->kv_heads, BS = job->block_size;
+    const int64_t entry = KVH * D; /* floats from one entry to the next inside a block */
+    const int32_t *table = job->block_tables + b * job->max_blocks;
+    const float *q = job->q + row * job->q_row_stride + g * G * D; /* this kv head's G query heads */
+    for (int64_t j0 = 0, blk = 0; j0 < n; j0 += BS, blk++) {
+        const int64_t m = n - j0 < BS ? n - j0 : BS;
+        const float *k = job->k_cache + ((int64_t)table[blk] * BS * KVH + g) * D;
+        for (int64_t i = 0; i < m; i++, k += entry) {
+            for (int64_t h = 0; h < G; h++) {
+                const float *qh = q + h * D;
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t d = 0; d < D; d++) s += qh[d] * k[d];
+                scores[h * n + j0 + i] = s * job->scale;
+            }
+        }
+    }
+    for (int64_t h = 0; h < G; h++) {
+        float *sh = scores + h * n;
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t j = 0; j < n; j++) top = sh[j] > top ? sh[j] : top;
+        for (int64_t j = 0; j < n; j++) {
+            sh[j] = expf(sh[j] - top);
+            total += sh[j];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t j = 0; j < n; j++) sh[j] *= inv;
+    }
+    for (int64_t i = 0; i < G * D; i++) acc[i] = 0.0f;
+    for (int64_t j0 = 0, blk = 0; j0 < n; j0 += BS, blk++) {
+        const int64_t m = n - j0 < BS ? n - j0 : BS;
+        const float *v = job->v_cache + ((int64_t)table[blk] * BS * KVH + g) * D;
+        for (int64_t i = 0; i < m; i++, v += entry) {
+            for (int64_t h = 0; h < G; h++) {
+                const float p = scores[h * n + j0 + i];
+                float *a = acc + h * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) a[d] += p * v[d];
+            }
+        }
+    }
+    float *o = job->out + (row * job->heads + g * G) * D;
+    for (int64_t i = 0; i < G * D; i++) o[i] = acc[i];
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* lane i of the result = the sum of v[i]'s 16 lanes: a transpose-and-add tree, 30 instructions for 16 sums */
+static inline __m512 sum16(const __m512 *v) {
+    __m512 u[4];
+    for (int c = 0; c < 4; c++) {
+        const __m512 *w = v + 4 * c;
+        __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
+        __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+        u[c] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi)); /* per 128-bit lane: partial sums of w[0..3] */
+    }
+    __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
+}
+
+/* e^x for x <= 0 (softmax after its maximum): 2^(x log2 e) as 2^n · 2^f, f in [-1/2, 1/2], 2^f by its degree-6
+   Taylor polynomial in f ln 2 (relative error < 2e-7); below -87 the result is 0 as expf's would round to. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* attend_one for D a multiple of 16, one query head at a time with its q and its output in registers: scores 16
+   entries at a time (products summed by sum16), softmax 16 at a time, then the values' weighted sum. */
+static inline __attribute__((always_inline)) void attend_wide(const job_t *job, int64_t b, int64_t g,
+                                                              float *scores, const int64_t D) {
+    enum { W = 16 };
+    const int64_t C = D / W; /* vectors per head */
+    const int64_t row = job->query_starts[b];
+    const int64_t n = job->seq_lens[b];
+    const int64_t G = job->heads / job->kv_heads, KVH = job->kv_heads, BS = job->block_size;
+    const int64_t entry = KVH * D;
+    const int32_t *table = job->block_tables + b * job->max_blocks;
+    const __m512 scale = _mm512_set1_ps(job->scale);
+    for (int64_t h = 0; h < G; h++) {
+        const float *qh = job->q + row * job->q_row_stride + (g * G + h) * D;
+        __m512 q[C];
+        for (int64_t c = 0; c < C; c++) q[c] = _mm512_loadu_ps(qh + c * W);
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        int64_t blk = 0, off = 0; /* entry j0 + i's place: block table[blk], offset off */
+        for (int64_t j0 = 0; j0 < n; j0 += W) { /* entries j0..j0+15 (fewer at the end) */
+            __m512 prod[W];
+            const int64_t m = n - j0 < W ? n - j0 : W;
+            for (int64_t i = 0; i < W; i++) {
+                if (i >= m) { prod[i] = _mm512_setzero_ps(); continue; }
+                const float *k = job->k_cache + (((int64_t)table[blk] * BS + off) * KVH + g) * D;
+                if (++off == BS) blk++, off = 0;
+                __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+                for (int64_t c = 1; c < C; c++) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k + c * W), acc);
+                prod[i] = acc;
+            }
+            const __m512 s = _mm512_mul_ps(sum16(prod), scale);
+            const __mmask16 valid = (__mmask16)((1u << m) - 1);
+            _mm512_mask_storeu_ps(scores + j0, valid, s);
+            top = _mm512_mask_max_ps(top, valid, top, s);
+        }
+        const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t j0 = 0; j0 < n; j0 += W) {
+            const int64_t m = n - j0 < W ? n - j0 : W;
+            const __mmask16 valid = (__mmask16)((1u << m) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j0), vmax));
+            _mm512_mask_storeu_ps(scores + j0, valid, e);
+            total = _mm512_mask_add_ps(total, valid, total, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(total);
+        __m512 o[C];
+        for (int64_t c = 0; c < C; c++) o[c] = _mm512_setzero_ps();
+        for (int64_t j0 = 0, blk = 0; j0 < n; j0 += BS, blk++) {
+            const int64_t m = n - j0 < BS ? n - j0 : BS;
+            const float *v = job->v_cache + ((int64_t)table[blk] * BS * KVH + g) * D;
+            for (int64_t i = 0; i < m; i++, v += entry) {
+                const __m512 p = _mm512_set1_ps(scores[j0 + i]);
+                for (int64_t c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + c * W), o[c]);
+            }
+        }
+        float *out = job->out + (row * job->heads + g * G + h) * D;
+        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(out + c * W, _mm512_mul_ps(o[c], _mm512_set1_ps(inv)));
+    }
+}
+
+#define ATTEND_D(DIM) \
+    static void attend_##DIM(const job_t *job, int64_t b, int64_t g, float *s, float *a) { (void)a; attend_wide(job, b, g, s, DIM); }
+#else
+#define ATTEND_D(DIM) \
+    static void attend_##DIM(const job_t *job, int64_t b, int64_t g, float *s, float *a) { attend_one(job, b, g, s, a, DIM); }
+#endif
+
+ATTEND_D(16)
+ATTEND_D(32)
+ATTEND_D(64)
+ATTEND_D(80)
+ATTEND_D(96)
+ATTEND_D(128)
+ATTEND_D(256)
+static void attend_any(const job_t *job, int64_t b, int64_t g, float *s, float *a) { attend_one(job, b, g, s, a, job->dim); }
+
+typedef void (*attend_fn)(const job_t *, int64_t, int64_t, float *, float *);
+
+static attend_fn pick(int64_t dim) {
+    switch (dim) {
+        case 16: return attend_16;
+        case 32: return attend_32;
+        case 64: return attend_64;
+        case 80: return attend_80;
+        case 96: return attend_96;
+        case 128: return attend_128;
+        case 256: return attend_256;
+        default: return attend_any;
+    }
+}
+
+static void *run_job(void *arg) {
+    const job_t *job = (const job_t *)arg;
+    const int64_t KVH = job->kv_heads, G = job->heads / job->kv_heads;
+    int64_t longest = 0;
+    for (int64_t t = job->first; t < job->last; t++) {
+        const int64_t n = job->seq_lens[t / KVH];
+        longest = n > longest ? n : longest;
+    }
+    float *scores = malloc(sizeof(float) * (size_t)(G * (longest + 1) + G * job->dim));
+    if (scores == NULL) return (void *)1;
+    float *acc = scores + G * (longest + 1);
+    const attend_fn attend = pick(job->dim);
+    for (int64_t t = job->first; t < job->last; t++) {
+        const int64_t b = t / KVH;
+        if (job->query_starts[b + 1] - job->query_starts[b] == 1 && job->seq_lens[b] > 0)
+            attend(job, b, t % KVH, scores, acc);
+    }
+    free(scores);
+    return NULL;
+}
+
+/* Returns 0 on success, nonzero if scratch memory or a thread could not be had (out is then incomplete). */
+int quiver_decode_attention(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache,
+                            const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
+                            const int32_t *query_starts, int64_t batch, float *out, int64_t heads,
+                            int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t threads) {
+    job_t base = {q, q_row_stride, k_cache, v_cache, block_tables, max_blocks, seq_lens, query_starts, out,
+                  heads, kv_heads, dim, block_size, scale, 0, batch * kv_heads};
+    const int64_t tasks = batch * kv_heads;
+    if (threads > tasks) threads = tasks;
+    if (threads <= 1) return run_job(&base) != NULL;
+    job_t jobs[64];
+    pthread_t ids[64];
+    if (threads > 64) threads = 64;
+    /* shares of equal KV entries, not equal tasks: sequences differ in length */
+    int64_t total = 0;
+    for (int64_t b = 0; b < batch; b++) total += seq_lens[b];
+    int64_t t = 0, done = 0;
+    for (int64_t w = 0; w < threads; w++) {
+        jobs[w] = base;
+        jobs[w].first = t;
+        const int64_t goal = total * (w + 1) / threads;
+        while (t < tasks && (done < goal || w == threads - 1)) {
+            if (t % kv_heads == kv_heads - 1) done += seq_lens[t / kv_heads];
+            t++;
+        }
+        jobs[w].last = t;
+    }
+    int failed = 0;
+    int64_t started = 0;
+    for (int64_t w = 1; w < threads; w++, started++)
+        if (pthread_create(&ids[w], NULL, run_job, &jobs[w]) != 0) break;
+    if (started < threads - 1) {
+        for (int64_t w = started + 1; w < threads; w++) failed |= run_job(&jobs[w]) != NULL;
+    }
+    failed |= run_job(&jobs[0]) != NULL;
+    for (int64_t w = 1; w <= started; w++) {
+        void *result;
+        pthread_join(ids[w], &result);
+        failed |= result != NULL;
+    }
+    return failed;
+}

@@ -1,0 +1,123 @@
+"""The C decode-attention kernel (`quiver.kernels.native`, cpu_decode.c) against the float64 oracle, and its
+build: cached by content, and a machine without a compiler keeps the pure-torch path."""
+
+import logging
+
+import pytest
+import torch
+from kernel_cases import ATTENTION_CASES, paged_batch, rel_err
+
+from quiver.kernels import native, reference, torch_attention
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+
+# (q_lens, ctx_lens, heads, kv heads, block size, head dim): every head size the kernel has a copy for (16, 32,
+# 64, 80, 128) and one it runs generically (8, 24), GQA and MHA, block sizes below, at and above 16 and not a
+# power of two, contexts of 1 entry, of a block's end and of a thousand; a prefill row among them is left alone.
+CASES = {
+    "d16-gqa2-bs16": ([1] * 9, [0, 1, 14, 15, 16, 31, 40, 100, 7], 4, 2, 16, 16),
+    "d64-gqa3-bs16": ([1] * 6, [300, 2, 63, 64, 17, 1000], 9, 3, 16, 64),
+    "d128-mha-bs32": ([1] * 4, [5, 70, 33, 200], 2, 2, 32, 128),
+    "d32-gqa4-bs5": ([1] * 5, [4, 5, 6, 23, 51], 8, 2, 5, 32),
+    "d80-gqa2-bs4": ([1, 1], [9, 90], 4, 2, 4, 80),
+    "d8-generic": ([1, 1, 1], [3, 30, 12], 6, 2, 4, 8),
+    "d24-generic-with-prefill": ([1, 7, 1], [40, 3, 9], 4, 4, 8, 24),
+}
+
+
+def decode_rows(q_lens):
+    starts = [sum(q_lens[:b]) for b in range(len(q_lens))]
+    return [starts[b] for b, q in enumerate(q_lens) if q == 1]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_attention_matches_the_oracle(name, threads, monkeypatch):
+    q_lens, ctx_lens, heads, kv_heads, block_size, dim = CASES[name]
+    if threads > 1:  # every call starts its threads
+        monkeypatch.setattr(native, "_THREADS_MIN_VALUES", 0)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    batch = paged_batch(q_lens, ctx_lens, n_heads=heads, kv_heads=kv_heads, head_dim=dim, block_size=block_size,
+                        dtype=torch.float32, gen=torch.Generator().manual_seed(len(name)))
+    query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
+    query = torch.cat([query, torch.randn_like(query)], dim=1)[:, :heads]  # rows further apart than H * D
+    out = torch.full_like(query, float("nan")).contiguous()
+    entries = sum(n + q for n, q in zip(ctx_lens, q_lens) if q == 1)
+    assert native.decode_attention(query, k_cache, v_cache, out=out, entries=entries, **batch)
+    ref = reference.paged_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"],
+                                    batch["query_starts"], batch["scale"])
+    rows = decode_rows(q_lens)
+    assert rel_err(out[rows], ref[rows]) < 1e-6
+    others = [t for t in range(out.shape[0]) if t not in rows]
+    assert out[others].isnan().all()  # a prefill row is not the kernel's
+
+
+def test_a_large_score_spread_underflows_to_zero_not_nan():
+    """Scores 100 apart: the small ones' weights underflow (as expf's would) and the result is the top value."""
+    k_cache = torch.zeros(2, 16, 1, 16)
+    v_cache = torch.randn(2, 16, 1, 16)
+    k_cache[0, 3, 0, 0] = 1.0
+    query = torch.zeros(1, 1, 16)
+    query[0, 0, 0] = 1000.0
+    out = torch.empty(1, 1, 16)
+    meta = dict(block_tables=torch.tensor([[0, 1]], dtype=torch.int32), seq_lens=torch.tensor([20], dtype=torch.int32),
+                query_starts=torch.tensor([0, 1], dtype=torch.int32))
+    assert native.decode_attention(query, k_cache, v_cache, out=out, entries=20, scale=1.0, **meta)
+    assert torch.equal(out[0, 0], v_cache[0, 3, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_other_dtypes_are_declined_and_the_torch_path_serves_them(dtype):
+    q_lens, ctx_lens, heads, kv_heads, block_size, dim = CASES["d16-gqa2-bs16"]
+    batch = paged_batch(q_lens, ctx_lens, n_heads=heads, kv_heads=kv_heads, head_dim=dim, block_size=block_size,
+                        dtype=dtype, gen=torch.Generator().manual_seed(3))
+    query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
+    assert not native.decode_attention(query, k_cache, v_cache, out=torch.empty_like(query), entries=1, **batch)
+    out = torch_attention.paged_attention(query, k_cache, v_cache, **batch)
+    ref = reference.paged_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"],
+                                    batch["query_starts"], batch["scale"])
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["decode-gqa3", "mixed-gqa3", "decode-many-gqa3"])
+def test_the_torch_backend_gives_the_same_with_and_without_the_kernel(name, monkeypatch):
+    q_lens, ctx_lens, heads, kv_heads, block_size, dim, _ = ATTENTION_CASES[name]
+    batch = paged_batch(q_lens, ctx_lens, n_heads=heads, kv_heads=kv_heads, head_dim=dim, block_size=block_size,
+                        dtype=torch.float32, gen=torch.Generator().manual_seed(9))
+    query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
+    with_kernel = torch_attention.paged_attention(query, k_cache, v_cache, **batch)
+    monkeypatch.setattr(native, "_loaded", {"fn": None})
+    without = torch_attention.paged_attention(query, k_cache, v_cache, **batch)
+    assert rel_err(with_kernel, without) < 1e-6
+
+
+def test_the_library_is_built_once_per_source_and_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("QUIVER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.available()
+    built = list((tmp_path / "kernels").glob("cpu_decode-*.so"))
+    assert len(built) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no temporary left
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+    monkeypatch.setenv("QUIVER_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    monkeypatch.setattr(native, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available()
+    assert "could not build the CPU decode kernel" in caplog.text
+    q_lens, ctx_lens, heads, kv_heads, block_size, dim = CASES["d16-gqa2-bs16"]
+    batch = paged_batch(q_lens, ctx_lens, n_heads=heads, kv_heads=kv_heads, head_dim=dim, block_size=block_size,
+                        dtype=torch.float32, gen=torch.Generator().manual_seed(4))
+    query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
+    out = torch_attention.paged_attention(query, k_cache, v_cache, **batch)  # the pure-torch path
+    ref = reference.paged_attention(query, k_cache, v_cache, batch["block_tables"], batch["seq_lens"],
+                                    batch["query_starts"], batch["scale"])
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("QUIVER_NATIVE_KERNELS", "0")
+    monkeypatch.setattr(native, "_loaded", {})
+    assert not native.available()
