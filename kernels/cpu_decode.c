@@ -80,7 +80,7 @@ static inline __attribute__((always_inline)) void attend_one(const job_t *job, i
 }
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "cpu_simd.h"
 
 /* lane i of the result = the sum of v[i]'s 16 lanes: a transpose-and-add tree, 30 instructions for 16 sums */
 static inline __m512 sum16(const __m512 *v) {
@@ -96,23 +96,6 @@ static inline __m512 sum16(const __m512 *v) {
     __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
     __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
     return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
-}
-
-/* e^x for x <= 0 (softmax after its maximum): 2^(x log2 e) as 2^n · 2^f, f in [-1/2, 1/2], 2^f by its degree-6
-   Taylor polynomial in f ln 2 (relative error < 2e-7); below -87 the result is 0 as expf's would round to. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* attend_one for D a multiple of 16, one query head at a time with its q and its output in registers: scores 16

@@ -1,11 +1,12 @@
-"""The CPU kernels written in C (cpu_decode.c), compiled on first use and loaded with ctypes.
+"""The CPU kernels written in C, compiled on first use and loaded with ctypes: decode attention over the paged
+cache (cpu_decode.c) and the decoder layer's elementwise steps (cpu_layer.c), all float32.
 
 Built with the system's C compiler (`$CC`, else `cc`) for this machine's CPU (-march=native) into
 $QUIVER_CACHE_DIR/kernels (else $XDG_CACHE_HOME/quiver/kernels, else ~/.cache/quiver/kernels), named by a hash of
 the source, the flags and the CPU, so a rebuild happens only when one of those changes; the build writes a
 temporary file and renames it, so processes building at once never load a half-written library. No compiler,
-a failed build or QUIVER_NATIVE_KERNELS=0: `decode_attention()` returns None and the torch backend keeps its
-pure-torch path (logged once).
+a failed build or QUIVER_NATIVE_KERNELS=0: `available()` is False, `decode_attention()` declines, and the
+torch backend and the forward keep their pure-torch paths (logged once).
 """
 
 import ctypes
@@ -22,10 +23,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_decode.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+_DIR = Path(__file__).parent
+_SOURCES = ["cpu_decode.c", "cpu_layer.c"]  # with cpu_simd.h, which both include
+# -ffp-contract=off: no product and sum fused into one rounding unless the code asks for it (see cpu_layer.c)
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
-_loaded: dict[str, object] = {}
+_loaded: dict[str, "_Library | None"] = {}
 
 
 def _cache_dir() -> Path:
@@ -44,45 +47,61 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _build() -> ctypes.CDLL:
+class _Library:
+    """The built library's functions, their C signatures declared."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        self.decode_attention = lib.quiver_decode_attention
+        self.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, f32, i64]
+        self.decode_attention.restype = ctypes.c_int
+        self.add_rms_norm = lib.quiver_add_rms_norm
+        self.add_rms_norm.argtypes = [ptr, i64, ptr, ptr, ptr, f32, ptr, i64, i64]
+        self.add_rms_norm.restype = None
+        self.rope_store = lib.quiver_rope_store
+        self.rope_store.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
+        self.rope_store.restype = None
+        self.silu_mul = lib.quiver_silu_mul
+        self.silu_mul.argtypes = [ptr, i64, ptr, i64, i64]
+        self.silu_mul.restype = None
+
+
+def _build() -> _Library:
     compiler = os.environ.get("CC", "cc")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), compiler.encode(),
+    sources = [_DIR / name for name in _SOURCES]
+    parts = [p.read_bytes() for p in [*sources, _DIR / "cpu_simd.h"]]
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(_FLAGS).encode(), compiler.encode(),
                                      _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_decode-{key}.so"
+    target = _cache_dir() / f"quiver_cpu-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+            subprocess.run([compiler, *_FLAGS, *map(str, sources), "-o", str(built), "-lm"],
                            check=True, capture_output=True, text=True, timeout=120)
             os.replace(built, target)
-        log.info("built the CPU decode kernel: %s", target)
-    lib = ctypes.CDLL(str(target))
-    fn = lib.quiver_decode_attention
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_float, i64]
-    fn.restype = ctypes.c_int
-    return fn
+        log.info("built the CPU kernels: %s", target)
+    return _Library(target)
 
 
-def _library():
-    """The loaded kernel, or None (disabled or not buildable here; the reason logged once)."""
-    if "fn" in _loaded:
-        return _loaded["fn"]
+def _library() -> "_Library | None":
+    """The loaded library, or None (disabled or not buildable here; the reason logged once)."""
+    if "lib" in _loaded:
+        return _loaded["lib"]
     with _lock:
-        if "fn" not in _loaded:
-            fn = None
+        if "lib" not in _loaded:
+            lib = None
             if os.environ.get("QUIVER_NATIVE_KERNELS", "1") == "0":
-                log.info("native CPU kernels off (QUIVER_NATIVE_KERNELS=0): decode attention in torch")
+                log.info("native CPU kernels off (QUIVER_NATIVE_KERNELS=0): the pure-torch path")
             else:
                 try:
-                    fn = _build()
+                    lib = _build()
                 except (OSError, subprocess.SubprocessError) as exc:
                     detail = getattr(exc, "stderr", "") or exc
-                    log.warning("could not build the CPU decode kernel, decode attention stays in torch: %s", detail)
-            _loaded["fn"] = fn
-    return _loaded["fn"]
+                    log.warning("could not build the CPU kernels, the pure-torch path serves: %s", detail)
+            _loaded["lib"] = lib
+    return _loaded["lib"]
 
 
 def available() -> bool:
@@ -97,12 +116,12 @@ def decode_attention(
     place; other rows of `out` are left alone. `entries`: the KV entries those sequences hold in all (it decides
     whether to start threads). False (nothing written) when the kernel does not apply: not built here, not
     float32 on the CPU, or a layout it does not take. Raises if it ran out of memory or threads."""
-    fn = _library()
-    if fn is None or not _takes(query, k_cache, v_cache, out, block_tables, seq_lens, query_starts):
+    lib = _library()
+    if lib is None or not _takes(query, k_cache, v_cache, out, block_tables, seq_lens, query_starts):
         return False
     heads, dim = query.shape[1:]
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    failed = fn(
+    failed = lib.decode_attention(
         query.data_ptr(), query.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         block_tables.shape[1], seq_lens.data_ptr(), query_starts.data_ptr(), seq_lens.shape[0], out.data_ptr(),
         heads, kv_heads, dim, block_size, scale, _threads(entries * kv_heads * dim),
@@ -130,3 +149,50 @@ _THREADS_MIN_VALUES = 1 << 20
 
 def _threads(values: int) -> int:
     return torch.get_num_threads() if values >= _THREADS_MIN_VALUES else 1
+
+
+def takes_layer(h: torch.Tensor) -> bool:
+    """Whether the layer functions below serve a forward over hidden states `h` (float32 on the CPU, built)."""
+    return h.device.type == "cpu" and h.dtype == torch.float32 and _library() is not None
+
+
+def add_rms_norm(
+    delta: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(r) · weight, r) with r = residual + delta (delta alone when residual is None); [T, n] each."""
+    rows, n = delta.shape
+    _require(delta.stride(1) == 1 and weight.is_contiguous() and (residual is None or residual.is_contiguous()))
+    out, r = delta.new_empty(rows, n), delta.new_empty(rows, n)
+    _library().add_rms_norm(delta.data_ptr(), delta.stride(0), None if residual is None else residual.data_ptr(),
+                            r.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, n)
+    return out, r
+
+
+def rope_store(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, *, heads: int, kv_heads: int, dim: int,
+) -> torch.Tensor:
+    """The queries [T, H, D] of qkv's rows ([T, (H + 2 KVH) D]: queries, keys, values), rotated; the rotated keys
+    and the values stored at their slots (ops.StoreKV). cos, sin: [T, D] each, sin's first half negated."""
+    rows = qkv.shape[0]
+    _require(qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and slot_mapping.dtype == torch.int64
+             and k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
+    q = qkv.new_empty(rows, heads, dim)
+    _library().rope_store(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
+                          q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rows, heads, kv_heads, dim)
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor, n: int) -> torch.Tensor:
+    """silu(gate_up[:, :n]) * gate_up[:, n:2n]: [T, n]."""
+    rows = gate_up.shape[0]
+    _require(gate_up.stride(1) == 1)
+    out = gate_up.new_empty(rows, n)
+    _library().silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, n)
+    return out
+
+
+def _require(layout_ok: bool) -> None:
+    # the C code reads and writes through raw pointers: a layout it does not expect must never reach it
+    if not layout_ok:
+        raise ValueError("a tensor layout the CPU kernel does not take")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quiver.engine.request import SamplingParams
+from quiver.kernels import native
 from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
 from tests.support.models import RecordingSampler, eager, engine_for, save_tiny
 
@@ -25,7 +26,11 @@ def _engine(model_path, dirs, **config):
     return engine
 
 
-def test_mixed_batch_of_all_kinds_matches_each_reference_alone(setup):
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["c-kernels", "pure-torch"])
+def test_mixed_batch_of_all_kinds_matches_each_reference_alone(setup, c_kernels, monkeypatch):
+    """With the CPU's C kernels (quiver.kernels.native) and without them, as on a machine without a compiler."""
+    if not c_kernels:
+        monkeypatch.setattr(native, "_loaded", {"lib": None})
     model_path, dirs = setup
     engine = _engine(model_path, dirs)
     recorder = RecordingSampler()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from quiver.engine.request import SamplingParams
+from quiver.kernels import native
 from quiver.model import batch as batch_module
 from tests.support.models import RecordingSampler, eager, engine_for, run_staggered, save_tiny
 
@@ -43,6 +44,13 @@ def _check_against_eager(path, engine, max_new_tokens=12):
 
 
 def test_greedy_and_logits_match_eager_with_staggered_arrivals(tiny):
+    _check_against_eager(tiny, engine_for(tiny, num_kv_blocks=256, block_size=8, max_num_batched_tokens=48))
+
+
+def test_without_the_c_kernels_too(tiny, monkeypatch):
+    """The pure-torch forward and attention, as on a machine without a C compiler (float32 on the CPU otherwise
+    runs the C kernels of quiver.kernels.native)."""
+    monkeypatch.setattr(native, "_loaded", {"lib": None})
     _check_against_eager(tiny, engine_for(tiny, num_kv_blocks=256, block_size=8, max_num_batched_tokens=48))
 
 

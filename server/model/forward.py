@@ -12,6 +12,9 @@ Adapter deltas stay per projection: after a GEMM, each wrapped projection (`Adap
 into its own columns of the output (LoRA on its input; bottleneck adapters, on o_proj and down_proj, on its
 output). The fused weights are new tensors and the original projections' weights become views of them, so the
 model's memory does not grow and its transformers forward still works.
+Each norm adds the residual first (the block returns its output and the residual stream apart, as vLLM's layers
+do), so that on the CPU in float32 the add and the norm are one C pass; there rope with the store of the new
+keys and values, and SiLU(gate) · up, are one pass each too (quiver.kernels.native, cpu_layer.c).
 """
 
 import torch
@@ -20,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
+from quiver.kernels import native as cpu_kernels
 from quiver.model.batch import StepContext
 from quiver.model.layers import AdapterLinear
 
@@ -29,6 +33,20 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+class _Norm:
+    """An RMSNorm with the residual add before it: (norm(r), r) for r = residual + delta (delta alone when the
+    residual is None), in one C pass when the step runs the CPU kernels (`native`)."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+    def __call__(self, delta: torch.Tensor, residual: torch.Tensor | None, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if native:
+            return cpu_kernels.add_rms_norm(delta, residual, self.weight, self.eps)
+        r = delta if residual is None else residual + delta
+        return _rms_norm(r, self.weight, self.eps), r
 
 
 class _Projection:
@@ -74,37 +92,48 @@ class _Layer:
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.index = attn.layer_idx
-        self.norm_in = (block.input_layernorm.weight, block.input_layernorm.variance_epsilon)
-        self.norm_post = (block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon)
+        self.norm_in = _Norm(block.input_layernorm)
+        self.norm_post = _Norm(block.post_attention_layernorm)
         self.qkv = _Projection([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = _Projection([attn.o_proj])
         self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj])
         self.down = _Projection([mlp.down_proj])
+        self.silu = config.hidden_act == "silu"
         self.act = ACT2FN[config.hidden_act]
         self.intermediate = self.gate_up.columns[0][2]  # the gate's columns end where the up projection's begin
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
-        t, d = h.shape[0], self.head_dim
-        x = _rms_norm(h, *self.norm_in)
+    def __call__(
+        self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step,
+        native: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this block's output, the residual stream before it is added): the next norm adds them."""
+        t, d = delta.shape[0], self.head_dim
+        x, residual = self.norm_in(delta, residual, native)
         qkv = self.qkv(x)  # [T, (H + 2 KVH) D]
-        qk_end = (self.heads + self.kv_heads) * d
-        qk = qkv[:, :qk_end].view(t, self.heads + self.kv_heads, d)
-        # rope: x·cos + rotate_half(x)·sin, rotate_half(x) · sin = roll(x, D/2) · sin_signed (see CompactDecoder);
-        # a product and a sum, not addcmul: its fused rounding moved the default model's logits by up to 1e-4
-        qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
-        q, k = qk[:, : self.heads], qk[:, self.heads :]
-        v = qkv[:, qk_end:].view(t, self.kv_heads, d)
         k_cache, v_cache = step.kv_cache[self.index, 0], step.kv_cache[self.index, 1]
-        step.ops.store_kv(k, v, k_cache, v_cache, step.slot_mapping)
+        if native:  # rope and the store in one pass (bit for bit the torch ops below)
+            q = cpu_kernels.rope_store(qkv, cos, sin, step.slot_mapping, k_cache, v_cache, heads=self.heads,
+                                       kv_heads=self.kv_heads, dim=d)
+        else:
+            qk_end = (self.heads + self.kv_heads) * d
+            qk = qkv[:, :qk_end].view(t, self.heads + self.kv_heads, d)
+            # rope: x·cos + rotate_half(x)·sin, rotate_half(x) · sin = roll(x, D/2) · sin_signed (see
+            # CompactDecoder); a product and a sum, not addcmul: its fused rounding moved the default model's
+            # logits by up to 1e-4
+            qk = qk * cos + qk.roll(d // 2, dims=-1) * sin
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            v = qkv[:, qk_end:].view(t, self.kv_heads, d)
+            step.ops.store_kv(k, v, k_cache, v_cache, step.slot_mapping)
         attn = step.ops.paged_attention(
             q, k_cache, v_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
             query_starts=step.query_starts, scale=self.scaling, plan=step.attention_plan,
         )
-        h = h + self.o(attn.view(t, self.heads * d))
-        x = _rms_norm(h, *self.norm_post)
+        x, residual = self.norm_post(self.o(attn.view(t, self.heads * d)), residual, native)
         gate_up = self.gate_up(x)  # [T, 2 I]
         n = self.intermediate
-        return h + self.down(self.act(gate_up[:, :n]) * gate_up[:, n:])
+        if native and self.silu:
+            return self.down(cpu_kernels.silu_mul(gate_up, n)), residual
+        return self.down(self.act(gate_up[:, :n]) * gate_up[:, n:]), residual
 
 
 class CompactDecoder:
@@ -115,7 +144,7 @@ class CompactDecoder:
         decoder = model.get_decoder()
         self.embed_tokens = decoder.embed_tokens
         self.rotary = decoder.rotary_emb
-        self.norm = (decoder.norm.weight, decoder.norm.variance_epsilon)
+        self.norm = _Norm(decoder.norm)
         self.layers = [_Layer(block, model.config) for block in decoder.layers]
         self.context = context
 
@@ -129,6 +158,9 @@ class CompactDecoder:
         cos = cos[0, :, None, :]  # [T, 1, D]: every head of a row
         # rotate_half(x) = cat(-x2, x1) times sin equals roll(x, D/2) times sin with its first half negated
         sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
+        # float32 on the CPU with the torch backend: the layers' elementwise steps in C (quiver.kernels.native)
+        native = step.ops.name == "torch" and cpu_kernels.takes_layer(h)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, step)
-        return _rms_norm(h, *self.norm)
+            h, residual = layer(h, residual, cos, sin, step, native)
+        return self.norm(h, residual, native)[0]

@@ -2,6 +2,8 @@
 build: cached by content, and a machine without a compiler keeps the pure-torch path."""
 
 import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -9,7 +11,14 @@ from kernel_cases import ATTENTION_CASES, paged_batch, rel_err
 
 from quiver.kernels import native, reference, torch_attention
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+needs_build = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+
+
+def test_built_wherever_a_compiler_is():
+    """The tests below skip without a compiler; with one, a build that fails must fail here, not skip them."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here")
+    assert native.available()
 
 # (q_lens, ctx_lens, heads, kv heads, block size, head dim): every head size the kernel has a copy for (16, 32,
 # 64, 80, 128) and one it runs generically (8, 24), GQA and MHA, block sizes below, at and above 16 and not a
@@ -30,6 +39,7 @@ def decode_rows(q_lens):
     return [starts[b] for b, q in enumerate(q_lens) if q == 1]
 
 
+@needs_build
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_attention_matches_the_oracle(name, threads, monkeypatch):
@@ -52,6 +62,7 @@ def test_decode_attention_matches_the_oracle(name, threads, monkeypatch):
     assert out[others].isnan().all()  # a prefill row is not the kernel's
 
 
+@needs_build
 def test_a_large_score_spread_underflows_to_zero_not_nan():
     """Scores 100 apart: the small ones' weights underflow (as expf's would) and the result is the top value."""
     k_cache = torch.zeros(2, 16, 1, 16)
@@ -66,6 +77,7 @@ def test_a_large_score_spread_underflows_to_zero_not_nan():
     assert torch.equal(out[0, 0], v_cache[0, 3, 0])
 
 
+@needs_build
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_other_dtypes_are_declined_and_the_torch_path_serves_them(dtype):
     q_lens, ctx_lens, heads, kv_heads, block_size, dim = CASES["d16-gqa2-bs16"]
@@ -79,6 +91,7 @@ def test_other_dtypes_are_declined_and_the_torch_path_serves_them(dtype):
     assert rel_err(out, ref) < 2e-2
 
 
+@needs_build
 @pytest.mark.parametrize("name", ["decode-gqa3", "mixed-gqa3", "decode-many-gqa3"])
 def test_the_torch_backend_gives_the_same_with_and_without_the_kernel(name, monkeypatch):
     q_lens, ctx_lens, heads, kv_heads, block_size, dim, _ = ATTENTION_CASES[name]
@@ -86,16 +99,17 @@ def test_the_torch_backend_gives_the_same_with_and_without_the_kernel(name, monk
                         dtype=torch.float32, gen=torch.Generator().manual_seed(9))
     query, k_cache, v_cache = batch.pop("query"), batch.pop("k_cache"), batch.pop("v_cache")
     with_kernel = torch_attention.paged_attention(query, k_cache, v_cache, **batch)
-    monkeypatch.setattr(native, "_loaded", {"fn": None})
+    monkeypatch.setattr(native, "_loaded", {"lib": None})
     without = torch_attention.paged_attention(query, k_cache, v_cache, **batch)
     assert rel_err(with_kernel, without) < 1e-6
 
 
+@needs_build
 def test_the_library_is_built_once_per_source_and_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("QUIVER_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_loaded", {})
     assert native.available()
-    built = list((tmp_path / "kernels").glob("cpu_decode-*.so"))
+    built = list((tmp_path / "kernels").glob("quiver_cpu-*.so"))
     assert len(built) == 1 and not [p for p in (tmp_path / "kernels").iterdir() if p.is_dir()]  # no temporary left
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_loaded", {})
@@ -106,7 +120,7 @@ def test_the_library_is_built_once_per_source_and_a_failed_build_falls_back(tmp_
     monkeypatch.setattr(native, "_loaded", {})
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert not native.available()
-    assert "could not build the CPU decode kernel" in caplog.text
+    assert "could not build the CPU kernels" in caplog.text
     q_lens, ctx_lens, heads, kv_heads, block_size, dim = CASES["d16-gqa2-bs16"]
     batch = paged_batch(q_lens, ctx_lens, n_heads=heads, kv_heads=kv_heads, head_dim=dim, block_size=block_size,
                         dtype=torch.float32, gen=torch.Generator().manual_seed(4))
@@ -121,3 +135,64 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("QUIVER_NATIVE_KERNELS", "0")
     monkeypatch.setattr(native, "_loaded", {})
     assert not native.available()
+
+
+# The layer's elementwise steps (cpu_layer.c) against float64 torch, and rope bit for bit against the torch ops
+# the forward runs without the C kernels.
+
+@needs_build
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("n", [64, 576, 37])  # the skeleton's and the default model's widths, and an odd one
+def test_add_rms_norm(residual, n):
+    gen = torch.Generator().manual_seed(n)
+    delta = torch.randn(9, n + 5, generator=gen)[:, :n] * 3  # rows further apart than n
+    res = torch.randn(9, n, generator=gen) if residual else None
+    weight, eps = torch.randn(n, generator=gen), 1e-5
+    out, r = native.add_rms_norm(delta, res, weight, eps)
+    want_r = delta.double() + (res.double() if residual else 0)
+    want = weight.double() * want_r * torch.rsqrt(want_r.pow(2).mean(-1, keepdim=True) + eps)
+    assert torch.equal(r, want_r.float())  # one rounded add, as torch's
+    assert rel_err(out, want) < 1e-6
+
+
+@needs_build
+def test_rope_store_is_bit_for_bit_the_torch_ops():
+    t, heads, kv_heads, dim, block_size = 7, 6, 2, 16, 4
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim + 3, generator=gen)[:, : (heads + 2 * kv_heads) * dim]
+    cos, sin = torch.randn(t, 1, dim, generator=gen), torch.randn(t, 1, dim, generator=gen)
+    slots = torch.tensor([5, 6, 17, 0, 31, 2, 12])
+    k_cache = torch.full((8, block_size, kv_heads, dim), float("nan"))
+    v_cache = torch.full((8, block_size, kv_heads, dim), float("nan"))
+    q = native.rope_store(qkv, cos, sin, slots, k_cache, v_cache, heads=heads, kv_heads=kv_heads, dim=dim)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(t, heads + kv_heads, dim)
+    qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin
+    k_want, v_want = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
+    torch_attention.store_kv(qk[:, heads:], qkv[:, (heads + kv_heads) * dim :].view(t, kv_heads, dim),
+                             k_want, v_want, slots)
+    assert torch.equal(q, qk[:, :heads])
+    assert torch.equal(k_cache.nan_to_num(7), k_want.nan_to_num(7))  # untouched slots stay NaN on both sides
+    assert torch.equal(v_cache.nan_to_num(7), v_want.nan_to_num(7))
+
+
+@needs_build
+@pytest.mark.parametrize("n", [176, 1536, 13])
+def test_silu_mul(n):
+    gen = torch.Generator().manual_seed(n)
+    gate_up = torch.randn(5, 2 * n + 4, generator=gen)[:, : 2 * n] * 6
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -88.0])  # e^-x overflowing and underflowing
+    out = native.silu_mul(gate_up, n)
+    x = gate_up.double()
+    want = torch.nn.functional.silu(x[:, :n]) * x[:, n:]
+    assert torch.isfinite(out).all()
+    assert rel_err(out, want) < 1e-6
+    assert ((out - want).abs() <= 1e-6 * want.abs() + 1e-30).float().mean() > 0.999  # elementwise, not only in norm
+
+
+@needs_build
+def test_a_layout_the_kernels_do_not_take_is_refused_not_read():
+    with pytest.raises(ValueError, match="layout"):
+        native.silu_mul(torch.randn(4, 8).t(), 2)  # columns not contiguous
+    with pytest.raises(ValueError, match="layout"):
+        native.rope_store(torch.randn(3, 64), torch.randn(3, 16), torch.randn(3, 16), torch.tensor([0, 1, 2], dtype=torch.int32),
+                          torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 16), heads=2, kv_heads=1, dim=16)

@@ -139,7 +139,7 @@ def test_paged_attention_over_several_decode_calls(read, monkeypatch):
     60 entries a call here), each call padded to its longest sequence and masked, against the oracle; the KV read
     by whole blocks into SDPA, or head-major by entry into two matmuls (forced here by the size threshold); the
     C kernel, which would otherwise take these float32 decode rows, off."""
-    monkeypatch.setattr(native, "_loaded", {"fn": None})
+    monkeypatch.setattr(native, "_loaded", {"lib": None})
     if read == "head-major":
         monkeypatch.setattr(torch_attention, "_HEAD_MAJOR_MAX_BYTES", 1 << 30)
     q_lens, ctx_lens, n_heads, kv_heads, block_size, head_dim, dtype = ATTENTION_CASES["decode-many-gqa3"]
