@@ -98,6 +98,13 @@ static inline __m512 sum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
 }
 
+/* q . k as 16 partial sums (sum16 adds them): q is C vectors of 16, k the C * 16 floats of one key */
+static inline __m512 products(const __m512 *q, const float *k, const int64_t C) {
+    __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+    for (int64_t c = 1; c < C; c++) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k + c * 16), acc);
+    return acc;
+}
+
 /* attend_one for D a multiple of 16, one query head at a time with its q and its output in registers: scores 16
    entries at a time (products summed by sum16), softmax 16 at a time, then the values' weighted sum. */
 static inline __attribute__((always_inline)) void attend_wide(const job_t *job, int64_t b, int64_t g,
@@ -119,13 +126,16 @@ static inline __attribute__((always_inline)) void attend_wide(const job_t *job, 
         for (int64_t j0 = 0; j0 < n; j0 += W) { /* entries j0..j0+15 (fewer at the end) */
             __m512 prod[W];
             const int64_t m = n - j0 < W ? n - j0 : W;
-            for (int64_t i = 0; i < W; i++) {
+            if (m == W && off == 0 && BS % W == 0) { /* 16 entries in one block: one address */
+                const float *k = job->k_cache + (((int64_t)table[blk] * BS + off) * KVH + g) * D;
+                for (int64_t i = 0; i < W; i++, k += entry) prod[i] = products(q, k, C);
+                off += W;
+                if (off == BS) blk++, off = 0;
+            } else for (int64_t i = 0; i < W; i++) {
                 if (i >= m) { prod[i] = _mm512_setzero_ps(); continue; }
                 const float *k = job->k_cache + (((int64_t)table[blk] * BS + off) * KVH + g) * D;
                 if (++off == BS) blk++, off = 0;
-                __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
-                for (int64_t c = 1; c < C; c++) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(k + c * W), acc);
-                prod[i] = acc;
+                prod[i] = products(q, k, C);
             }
             const __m512 s = _mm512_mul_ps(sum16(prod), scale);
             const __mmask16 valid = (__mmask16)((1u << m) - 1);
@@ -142,18 +152,33 @@ static inline __attribute__((always_inline)) void attend_wide(const job_t *job, 
             total = _mm512_mask_add_ps(total, valid, total, e);
         }
         const float inv = 1.0f / _mm512_reduce_add_ps(total);
-        __m512 o[C];
-        for (int64_t c = 0; c < C; c++) o[c] = _mm512_setzero_ps();
+        /* U sets of accumulators, entry i into set i % U, so that at least four multiply-adds are in flight
+           (one set of C vectors would chain every entry's on the previous one's when C is small) */
+        enum { U = 4 };
+        const int64_t sets = C >= U ? 1 : U / C;
+        __m512 o[U][C];
+        for (int64_t u = 0; u < sets; u++)
+            for (int64_t c = 0; c < C; c++) o[u][c] = _mm512_setzero_ps();
         for (int64_t j0 = 0, blk = 0; j0 < n; j0 += BS, blk++) {
             const int64_t m = n - j0 < BS ? n - j0 : BS;
             const float *v = job->v_cache + ((int64_t)table[blk] * BS * KVH + g) * D;
-            for (int64_t i = 0; i < m; i++, v += entry) {
-                const __m512 p = _mm512_set1_ps(scores[j0 + i]);
-                for (int64_t c = 0; c < C; c++) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + c * W), o[c]);
+            const float *p = scores + j0;
+            int64_t i = 0;
+            for (; i + sets <= m; i += sets)
+                for (int64_t u = 0; u < sets; u++) {
+                    const __m512 pu = _mm512_set1_ps(p[i + u]);
+                    const float *vu = v + (i + u) * entry;
+                    for (int64_t c = 0; c < C; c++) o[u][c] = _mm512_fmadd_ps(pu, _mm512_loadu_ps(vu + c * W), o[u][c]);
+                }
+            for (; i < m; i++) {
+                const __m512 pi = _mm512_set1_ps(p[i]);
+                for (int64_t c = 0; c < C; c++) o[0][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + i * entry + c * W), o[0][c]);
             }
         }
+        for (int64_t u = 1; u < sets; u++)
+            for (int64_t c = 0; c < C; c++) o[0][c] = _mm512_add_ps(o[0][c], o[u][c]);
         float *out = job->out + (row * job->heads + g * G + h) * D;
-        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(out + c * W, _mm512_mul_ps(o[c], _mm512_set1_ps(inv)));
+        for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(out + c * W, _mm512_mul_ps(o[0][c], _mm512_set1_ps(inv)));
     }
 }
 
