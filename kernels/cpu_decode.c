@@ -82,22 +82,6 @@ static inline __attribute__((always_inline)) void attend_one(const job_t *job, i
 #if defined(__AVX512F__)
 #include "cpu_simd.h"
 
-/* lane i of the result = the sum of v[i]'s 16 lanes: a transpose-and-add tree, 30 instructions for 16 sums */
-static inline __m512 sum16(const __m512 *v) {
-    __m512 u[4];
-    for (int c = 0; c < 4; c++) {
-        const __m512 *w = v + 4 * c;
-        __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
-        __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
-        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd));
-        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd));
-        u[c] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi)); /* per 128-bit lane: partial sums of w[0..3] */
-    }
-    __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
-    __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, 0x88), _mm512_shuffle_f32x4(w01, w23, 0xDD));
-}
-
 /* q . k as 16 partial sums (sum16 adds them): q is C vectors of 16, k the C * 16 floats of one key */
 static inline __m512 products(const __m512 *q, const float *k, const int64_t C) {
     __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));

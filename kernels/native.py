@@ -1,5 +1,6 @@
 """The CPU kernels written in C, compiled on first use and loaded with ctypes: decode attention over the paged
-cache (cpu_decode.c) and the decoder layer's elementwise steps (cpu_layer.c), all float32.
+cache (cpu_decode.c), the decoder layer's elementwise steps (cpu_layer.c) and the LoRA delta of short segments
+(cpu_lora.c), all float32.
 
 Built with the system's C compiler (`$CC`, else `cc`) for this machine's CPU (-march=native) into
 $QUIVER_CACHE_DIR/kernels (else $XDG_CACHE_HOME/quiver/kernels, else ~/.cache/quiver/kernels), named by a hash of
@@ -24,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ["cpu_decode.c", "cpu_layer.c"]  # with cpu_simd.h, which both include
+_SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c"]  # with cpu_simd.h, which both include
 # -ffp-contract=off: no product and sum fused into one rounding unless the code asks for it (see cpu_layer.c)
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
 _lock = threading.Lock()
@@ -65,6 +66,9 @@ class _Library:
         self.silu_mul = lib.quiver_silu_mul
         self.silu_mul.argtypes = [ptr, i64, ptr, i64, i64]
         self.silu_mul.restype = None
+        self.lora_apply = lib.quiver_lora_apply
+        self.lora_apply.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
+        self.lora_apply.restype = None
 
 
 def _build() -> _Library:
@@ -190,6 +194,27 @@ def silu_mul(gate_up: torch.Tensor, n: int) -> torch.Tensor:
     out = gate_up.new_empty(rows, n)
     _library().silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, n)
     return out
+
+
+def lora_apply(
+    y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, max_rows: int,
+) -> bool:
+    """ops.LoraApply for the segments of at most `max_rows` rows (longer ones untouched: the caller's), one row
+    at a time with the down-projection kept in registers. False (nothing added) where it does not apply: not
+    built here, not float32 on the CPU, a layout it does not take, or a rank above 1024."""
+    lib = _library()
+    f32, i32 = torch.float32, torch.int32
+    if (lib is None or y.device.type != "cpu" or not y.dtype == x.dtype == a.dtype == b.dtype == scales.dtype == f32
+            or not seg_starts.dtype == seg_slots.dtype == ranks.dtype == i32 or a.shape[2] > 1024
+            or y.stride(1) != 1 or x.stride(1) != 1 or not a.is_contiguous() or not b.is_contiguous()
+            or not (seg_starts.is_contiguous() and seg_slots.is_contiguous() and ranks.is_contiguous()
+                    and scales.is_contiguous())):
+        return False
+    lib.lora_apply(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), a.shape[2],
+                   a.shape[3], b.shape[1], ranks.data_ptr(), scales.data_ptr(), seg_starts.data_ptr(),
+                   seg_slots.data_ptr(), seg_slots.shape[0], max_rows)
+    return True
 
 
 def _require(layout_ok: bool) -> None:

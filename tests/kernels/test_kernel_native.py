@@ -196,3 +196,33 @@ def test_a_layout_the_kernels_do_not_take_is_refused_not_read():
     with pytest.raises(ValueError, match="layout"):
         native.rope_store(torch.randn(3, 64), torch.randn(3, 16), torch.randn(3, 16), torch.tensor([0, 1, 2], dtype=torch.int32),
                           torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 16), heads=2, kv_heads=1, dim=16)
+
+
+@needs_build
+@pytest.mark.parametrize("r_max,h_in,out", [(8, 64, 64), (40, 50, 37), (16, 576, 1536)])
+def test_lora_apply_short_segments_against_the_oracle(r_max, h_in, out):
+    """Rows of segments up to max_rows (2 here) get their delta, ranks below, at and above 16 and a slot of rank 0;
+    a longer segment and no-adapter rows are left alone; y is a column slice of a wider output."""
+    gen = torch.Generator().manual_seed(r_max)
+    slots_n = 6
+    a = torch.randn(1, slots_n, r_max, h_in, generator=gen) * h_in ** -0.5
+    b = torch.randn(slots_n, out, r_max, generator=gen) * 0.2
+    ranks = torch.tensor([r_max, 1, 0, min(17, r_max), r_max // 2, 3], dtype=torch.int32)
+    scales = torch.rand(slots_n, generator=gen) + 0.5
+    seg_starts = torch.tensor([0, 1, 3, 4, 5, 9, 10, 12], dtype=torch.int32)  # the segment 5:9 is long (4 rows)
+    seg_slots = torch.tensor([0, 3, -1, 2, 1, 4, 5], dtype=torch.int32)
+    x = torch.randn(12, h_in, generator=gen)
+    wide = torch.randn(12, out + 9, generator=gen)
+    before = wide.clone()
+    y = wide[:, 4 : 4 + out]
+    assert native.lora_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, scales=scales,
+                             max_rows=2)
+    want = before[:, 4 : 4 + out].double()
+    for s, e, w in zip(seg_starts.tolist(), seg_starts[1:].tolist(), seg_slots.tolist()):
+        if w >= 0 and e - s <= 2:
+            r = int(ranks[w])
+            want[s:e] += scales[w].double() * (x[s:e].double() @ a[0, w, :r].double().t()) @ b[w, :, :r].double().t()
+    assert rel_err(y, want) < 1e-6
+    assert torch.equal(y[5:9], before[5:9, 4 : 4 + out])  # the long segment: the caller's
+    assert torch.equal(y[3], before[3, 4 : 4 + out]) and torch.equal(y[4], before[4, 4 : 4 + out])  # no adapter; rank 0
+    assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + out :], before[:, 4 + out :])

@@ -48,11 +48,14 @@ def test_lora_shrink_and_expand(mix, n_proj, dtype, activation, one_rank):
 @pytest.mark.parametrize("one_rank", [False, True], ids=["mixed-ranks", "one-rank"])
 @pytest.mark.parametrize("n_slots", [16, 64], ids=["dense-slots", "sparse-slots"])
 @pytest.mark.parametrize("columns", [False, True], ids=["own-tensor", "columns-of-a-fused-output"])
-def test_lora_apply(mix, dtype, one_rank, n_slots, columns):
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c", "torch"])
+def test_lora_apply(mix, dtype, one_rank, n_slots, columns, c_kernel, monkeypatch):
     """The fused shrink-then-expand of one projection (the CPU path's form) against the float64 oracle: the slot
     grid path (dense slots, some cells empty or with several rows) and the gathered fallback (sparse slots); into
     a tensor of its own, or into its columns of a wider output (the forward's fused q/k/v GEMM), the columns
-    around them untouched."""
+    around them untouched. Float32's short rows go through the C kernel (native.lora_apply) unless it is off."""
+    if not c_kernel:
+        monkeypatch.setattr(native, "_loaded", {"lib": None})
     n_tokens = 80 if mix == "huge" else 16
     c = make_lora(mix, 1, dtype, seed=7, n_tokens=n_tokens, n_slots=n_slots, h_in=48, out_dims=[32])
     if one_rank:
@@ -76,9 +79,13 @@ def test_lora_apply(mix, dtype, one_rank, n_slots, columns):
 @pytest.mark.parametrize("depth", [1, 2], ids=["one-row-a-slot", "two-rows-a-slot"])
 @pytest.mark.parametrize("ranks", ["one-rank", "two-ranks"])
 @pytest.mark.parametrize("columns", [False, True], ids=["own-tensor", "columns-of-a-fused-output"])
-def test_lora_apply_over_rows_in_slot_order(depth, ranks, columns):
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c", "torch"])
+def test_lora_apply_over_rows_in_slot_order(depth, ranks, columns, c_kernel, monkeypatch):
     """A decode step whose every row has an adapter, slots dense and in the rows' order (the runner sorts chunks
-    by slot): the grid is the rows themselves, read and added to without gathering; against the float64 oracle."""
+    by slot): the grid is the rows themselves, read and added to without gathering (torch), or one row at a time
+    (C); against the float64 oracle."""
+    if not c_kernel:
+        monkeypatch.setattr(native, "_loaded", {"lib": None})
     n_slots, n_tokens = 16, 16 * depth
     c = make_lora("distinct", 1, torch.float32, seed=11, n_tokens=16, n_slots=n_slots, h_in=48, out_dims=[32])
     c["x"] = torch.randn(n_tokens, 48, generator=torch.Generator().manual_seed(12))
