@@ -75,9 +75,10 @@ class _Projection:
             if base.bias is not None:
                 base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, adapters: bool) -> torch.Tensor:
+        """`adapters`: whether the step has any (without, the wrapped projections have nothing to add)."""
         y = F.linear(x, self.weight, self.bias)
-        for layer, start, end in self.adapters:
+        for layer, start, end in self.adapters if adapters else ():
             layer.add_delta(y[:, start:end], x)  # all of y, contiguous, for a single projection
         return y
 
@@ -108,8 +109,9 @@ class _Layer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this block's output, the residual stream before it is added): the next norm adds them."""
         t, d = delta.shape[0], self.head_dim
+        adapters = step.adapters is not None
         x, residual = self.norm_in(delta, residual, native)
-        qkv = self.qkv(x)  # [T, (H + 2 KVH) D]
+        qkv = self.qkv(x, adapters)  # [T, (H + 2 KVH) D]
         k_cache, v_cache = step.kv_cache[self.index, 0], step.kv_cache[self.index, 1]
         if native:  # rope and the store in one pass (bit for bit the torch ops below)
             q = cpu_kernels.rope_store(qkv, cos, sin, step.slot_mapping, k_cache, v_cache, heads=self.heads,
@@ -128,12 +130,12 @@ class _Layer:
             q, k_cache, v_cache, block_tables=step.block_tables, seq_lens=step.seq_lens,
             query_starts=step.query_starts, scale=self.scaling, plan=step.attention_plan,
         )
-        x, residual = self.norm_post(self.o(attn.view(t, self.heads * d)), residual, native)
-        gate_up = self.gate_up(x)  # [T, 2 I]
+        x, residual = self.norm_post(self.o(attn.view(t, self.heads * d), adapters), residual, native)
+        gate_up = self.gate_up(x, adapters)  # [T, 2 I]
         n = self.intermediate
         if native and self.silu:
-            return self.down(cpu_kernels.silu_mul(gate_up, n)), residual
-        return self.down(self.act(gate_up[:, :n]) * gate_up[:, n:]), residual
+            return self.down(cpu_kernels.silu_mul(gate_up, n), adapters), residual
+        return self.down(self.act(gate_up[:, :n]) * gate_up[:, n:], adapters), residual
 
 
 class CompactDecoder:
