@@ -30,6 +30,7 @@ TORCH_OPS = KernelOps(
     lora_shrink=torch_lora.lora_shrink,
     lora_expand=torch_lora.lora_expand,
     lora_apply=torch_lora.lora_apply,
+    bottleneck_apply=torch_lora.bottleneck_apply,
     plan_attention=torch_attention.plan_attention,
     plan_lora=torch_lora.plan_lora,
 )

@@ -1,11 +1,29 @@
-/* One projection's LoRA delta for the short segments of a step (decode: one row each), float32, on the CPU:
-   ops.LoraApply's semantics,
-       y[t] += (scales[w] * (x[t] . a[w, :r]ᵀ)) . b[w, :, :r]ᵀ      for the rows t of each segment with slot w >= 0
-   (r = ranks[w]; a [S, R, in], b [S, out, R]), for segments of at most max_rows rows; longer ones are left to the
-   caller. Built with the other CPU kernels by native.py. Each row's down-projection stays in registers for its
-   up-projection; the adapter's weights are read where they lie. */
+/* One projection's adapter delta for the short segments of a step, float32, on the CPU: for the rows t of each
+   segment with slot w >= 0 and r = ranks[w] > 0 (a [S, R, in], b [S, out, R]),
+       y[t] += scales[w] * (act(x[t] . a[w, :r]ᵀ + a_bias[w, :r]) . b[w, :, :r]ᵀ) + b_bias[w]
+   LoRA (ops.LoraApply) has no biases and no non-linearity; a bottleneck adapter (lora_shrink then lora_expand
+   with their biases) has both, x being the layer's output before any delta. Segments of more than max_rows rows
+   are left to the caller. Built with the other CPU kernels by native.py. Each row's down-projection stays on the
+   stack for its up-projection; the adapters' weights are read where they lie, the next segments' prefetched. */
 
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
+
+enum { ACT_NONE, ACT_RELU, ACT_GELU, ACT_SILU, ACT_TANH }; /* native.py's ACTIVATION_CODES */
+
+static void activate(float *h, int64_t r, int act) {
+    for (int64_t k = 0; k < r; k++) {
+        const float v = h[k];
+        switch (act) {
+            case ACT_RELU: h[k] = v > 0.0f ? v : 0.0f; break;
+            case ACT_GELU: h[k] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); break;
+            case ACT_SILU: h[k] = v / (1.0f + expf(-v)); break;
+            case ACT_TANH: h[k] = tanhf(v); break;
+            default: break;
+        }
+    }
+}
 
 #if defined(__AVX512F__)
 #include "cpu_simd.h"
@@ -22,45 +40,53 @@ static inline __m512 dot_parts(const float *v, const float *w, int64_t n) {
     return acc;
 }
 
-static void lora_row(float *y, const float *x, const float *a, const float *b, int64_t R, int64_t in, int64_t out,
-                     int64_t r, float scale) {
-    float h[1024]; /* the row's down-projection, scaled: r <= R <= 1024 (native.py checks) */
+static void adapter_row(float *y, const float *x, const float *a, const float *b, int64_t R, int64_t in, int64_t out,
+                        int64_t r, float scale, const float *a_bias, int act, const float *b_bias) {
+    float h[1024]; /* the row's down-projection: r <= R <= 1024 (native.py checks) */
     __m512 parts[16];
     for (int64_t k0 = 0; k0 < r; k0 += 16) { /* 16 ranks at a time */
         for (int64_t k = 0; k < 16; k++)
             parts[k] = k0 + k < r ? dot_parts(x, a + (k0 + k) * in, in) : _mm512_setzero_ps();
-        _mm512_mask_storeu_ps(h + k0, first(r - k0), _mm512_mul_ps(sum16(parts), _mm512_set1_ps(scale)));
+        _mm512_mask_storeu_ps(h + k0, first(r - k0), sum16(parts));
     }
+    if (a_bias != NULL)
+        for (int64_t k = 0; k < r; k++) h[k] += a_bias[k];
+    activate(h, r, act);
+    for (int64_t k = 0; k < r; k++) h[k] *= scale;
     for (int64_t o0 = 0; o0 < out; o0 += 16) { /* 16 outputs at a time */
         const int64_t m = out - o0 < 16 ? out - o0 : 16;
         for (int64_t i = 0; i < 16; i++) parts[i] = i < m ? dot_parts(h, b + (o0 + i) * R, r) : _mm512_setzero_ps();
         const __mmask16 valid = first(m);
-        const __m512 sum = _mm512_add_ps(_mm512_maskz_loadu_ps(valid, y + o0), sum16(parts));
-        _mm512_mask_storeu_ps(y + o0, valid, sum);
+        __m512 delta = sum16(parts);
+        if (b_bias != NULL) delta = _mm512_add_ps(delta, _mm512_maskz_loadu_ps(valid, b_bias + o0));
+        _mm512_mask_storeu_ps(y + o0, valid, _mm512_add_ps(_mm512_maskz_loadu_ps(valid, y + o0), delta));
     }
 }
 #else
-static void lora_row(float *y, const float *x, const float *a, const float *b, int64_t R, int64_t in, int64_t out,
-                     int64_t r, float scale) {
+static void adapter_row(float *y, const float *x, const float *a, const float *b, int64_t R, int64_t in, int64_t out,
+                        int64_t r, float scale, const float *a_bias, int act, const float *b_bias) {
     float h[1024];
     for (int64_t k = 0; k < r; k++) {
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t i = 0; i < in; i++) s += x[i] * a[k * in + i];
-        h[k] = s * scale;
+        h[k] = a_bias != NULL ? s + a_bias[k] : s;
     }
+    activate(h, r, act);
+    for (int64_t k = 0; k < r; k++) h[k] *= scale;
     for (int64_t o = 0; o < out; o++) {
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t k = 0; k < r; k++) s += h[k] * b[o * R + k];
-        y[o] += s;
+        y[o] += b_bias != NULL ? s + b_bias[o] : s;
     }
 }
 #endif
 
-void quiver_lora_apply(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *a, const float *b,
-                       int64_t R, int64_t in, int64_t out, const int32_t *ranks, const float *scales,
-                       const int32_t *seg_starts, const int32_t *seg_slots, int64_t segments, int64_t max_rows) {
+void quiver_adapter_apply(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *a, const float *b,
+                          int64_t R, int64_t in, int64_t out, const int32_t *ranks, const float *scales,
+                          const float *a_bias, int act, const float *b_bias, const int32_t *seg_starts,
+                          const int32_t *seg_slots, int64_t segments, int64_t max_rows) {
     for (int64_t i = 0; i < segments; i++) {
         const int64_t w = seg_slots[i], start = seg_starts[i], end = seg_starts[i + 1];
         if (w < 0 || end - start > max_rows || ranks[w] <= 0) continue;
@@ -73,6 +99,7 @@ void quiver_lora_apply(float *y, int64_t y_stride, const float *x, int64_t x_str
             for (int64_t c = 0; c < out * R * 4; c += 64) __builtin_prefetch(pb + c);
         }
         for (int64_t t = start; t < end; t++)
-            lora_row(y + t * y_stride, x + t * x_stride, a + w * R * in, b + w * out * R, R, in, out, ranks[w], scales[w]);
+            adapter_row(y + t * y_stride, x + t * x_stride, a + w * R * in, b + w * out * R, R, in, out, ranks[w],
+                        scales[w], a_bias != NULL ? a_bias + w * R : NULL, act, b_bias != NULL ? b_bias + w * out : NULL);
     }
 }

@@ -229,6 +229,18 @@ def lora_apply(
                 scales=scales)
 
 
+def bottleneck_apply(
+    y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, *, seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor, sizes: torch.Tensor, scales: torch.Tensor, down_bias: torch.Tensor,
+    up_bias: torch.Tensor, activation: str, plan: None = None,
+) -> None:
+    """Triton `ops.BottleneckApply`: the shrink kernel (bias, non-linearity) into a buffer, then the expand one."""
+    buf = x.new_empty(1, x.shape[0], down.shape[2])
+    seg = dict(seg_starts=seg_starts, seg_slots=seg_slots, ranks=sizes)
+    lora_shrink(x, down, out=buf, bias=down_bias, activation=activation, **seg)
+    lora_expand(y, buf, up, out_offsets=[0, y.shape[1]], scales=scales, bias=up_bias, **seg)
+
+
 def _block_m(n_tokens: int, n_segs: int) -> int:
     """Token tile: 16 (tl.dot's least) when segments average a few tokens (decode), 64 for prefill."""
     return 16 if n_tokens <= 32 * n_segs else 64

@@ -66,9 +66,10 @@ class _Library:
         self.silu_mul = lib.quiver_silu_mul
         self.silu_mul.argtypes = [ptr, i64, ptr, i64, i64]
         self.silu_mul.restype = None
-        self.lora_apply = lib.quiver_lora_apply
-        self.lora_apply.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64]
-        self.lora_apply.restype = None
+        self.adapter_apply = lib.quiver_adapter_apply
+        self.adapter_apply.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr,
+                                       ptr, ptr, i64, i64]
+        self.adapter_apply.restype = None
 
 
 def _build() -> _Library:
@@ -196,24 +197,36 @@ def silu_mul(gate_up: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def lora_apply(
+# cpu_lora.c's codes for the non-linearities of ops.ACTIVATIONS
+ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
+
+
+def adapter_apply(
     y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, seg_starts: torch.Tensor,
     seg_slots: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, max_rows: int,
+    a_bias: torch.Tensor | None = None, activation: str | None = None, b_bias: torch.Tensor | None = None,
 ) -> bool:
-    """ops.LoraApply for the segments of at most `max_rows` rows (longer ones untouched: the caller's), one row
-    at a time with the down-projection kept in registers. False (nothing added) where it does not apply: not
-    built here, not float32 on the CPU, a layout it does not take, or a rank above 1024."""
+    """y[t] += scales[w] · (act(x[t] · a[0, w, :r]ᵀ + a_bias[w, :r]) · b[w, :, :r]ᵀ) + b_bias[w] for the rows of
+    the segments of at most `max_rows` rows (longer ones untouched: the caller's), one row at a time. LoRA
+    (ops.LoraApply) without the biases and the non-linearity; a bottleneck adapter (lora_shrink then lora_expand)
+    with them. False (nothing added) where it does not apply: not built here, not float32 on the CPU, a layout
+    it does not take, or a rank above 1024."""
     lib = _library()
     f32, i32 = torch.float32, torch.int32
-    if (lib is None or y.device.type != "cpu" or not y.dtype == x.dtype == a.dtype == b.dtype == scales.dtype == f32
-            or not seg_starts.dtype == seg_slots.dtype == ranks.dtype == i32 or a.shape[2] > 1024
-            or y.stride(1) != 1 or x.stride(1) != 1 or not a.is_contiguous() or not b.is_contiguous()
-            or not (seg_starts.is_contiguous() and seg_slots.is_contiguous() and ranks.is_contiguous()
-                    and scales.is_contiguous())):
+    biases = [t for t in (a_bias, b_bias) if t is not None]
+    if (lib is None or y.device.type != "cpu" or a.shape[0] != 1 or a.shape[2] > 1024
+            or not y.dtype == x.dtype == a.dtype == b.dtype == scales.dtype == f32
+            or not seg_starts.dtype == seg_slots.dtype == ranks.dtype == i32
+            or y.stride(1) != 1 or x.stride(1) != 1
+            or not all(t.is_contiguous() for t in (a, b, seg_starts, seg_slots, ranks, scales, *biases))
+            or not all(t.dtype == f32 for t in biases)):
         return False
-    lib.lora_apply(y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), a.shape[2],
-                   a.shape[3], b.shape[1], ranks.data_ptr(), scales.data_ptr(), seg_starts.data_ptr(),
-                   seg_slots.data_ptr(), seg_slots.shape[0], max_rows)
+    lib.adapter_apply(
+        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), a.shape[2], a.shape[3],
+        b.shape[1], ranks.data_ptr(), scales.data_ptr(), None if a_bias is None else a_bias.data_ptr(),
+        ACTIVATION_CODES[activation], None if b_bias is None else b_bias.data_ptr(), seg_starts.data_ptr(),
+        seg_slots.data_ptr(), seg_slots.shape[0], max_rows,
+    )
     return True
 
 

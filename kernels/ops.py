@@ -152,6 +152,30 @@ class LoraApply(Protocol):
         """
 
 
+class BottleneckApply(Protocol):
+    def __call__(
+        self,
+        y: torch.Tensor,  # [T, H_out], updated in place
+        x: torch.Tensor,  # [T, H_out]: the layer's output before any delta (a copy: y must not alias it)
+        down: torch.Tensor,  # [1, S, N_max, H_out]
+        up: torch.Tensor,  # [S, H_out, N_max]
+        *,
+        seg_starts: torch.Tensor,  # [N+1] int32
+        seg_slots: torch.Tensor,  # [N] int32
+        sizes: torch.Tensor,  # [S] int32: each slot's bottleneck size (0: the slot is skipped), as LoraShrink's ranks
+        scales: torch.Tensor,  # [S] float32
+        down_bias: torch.Tensor,  # [S, N_max]
+        up_bias: torch.Tensor,  # [S, H_out]
+        activation: str,  # a key of ACTIVATIONS
+        plan: object | None = None,  # as in LoraShrink
+    ) -> None:
+        """A bottleneck adapter's delta added into y: lora_shrink (with down_bias and the activation) then
+        lora_expand (with up_bias), w = seg_slots[i], n = sizes[w]:
+            y[s[i]:s[i+1]] += scales[w] · act(x[s[i]:s[i+1]] @ down[0, w, :n]ᵀ + down_bias[w, :n]) @ up[w, :, :n]ᵀ
+                              + up_bias[w]
+        """
+
+
 class PlanAttention(Protocol):
     def __call__(
         self,
@@ -209,5 +233,6 @@ class KernelOps:
     lora_shrink: LoraShrink
     lora_expand: LoraExpand
     lora_apply: LoraApply  # lora_shrink then lora_expand for one projection, fused where the backend can
+    bottleneck_apply: BottleneckApply  # the same for a bottleneck adapter, with its biases and non-linearity
     plan_attention: PlanAttention = no_attention_plan
     plan_lora: PlanLora = no_lora_plan

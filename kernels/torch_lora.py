@@ -232,6 +232,9 @@ def lora_apply(
     """
     plan = _planned(plan, seg_starts, seg_slots, ranks)
     long, short = plan.long, plan.short
+    if _in_c(plan, a, b) and native.adapter_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
+                                                  scales=scales, max_rows=_C_MAX_ROWS):
+        long, short = [seg for seg in long if seg[1] - seg[0] > _C_MAX_ROWS], None  # the rest: the C kernel's
     if (short is not None and short.grid is None) or not y.dtype == x.dtype == a.dtype == b.dtype:
         buf = x.new_empty(1, x.shape[0], a.shape[2])
         lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf, plan=plan)
@@ -241,8 +244,7 @@ def lora_apply(
     scale_of = scales.tolist() if long else None
     for s, e, w, r in long:
         y[s:e].addmm_(x[s:e] @ a[0, w, :r].t(), b[w, :, :r].t(), alpha=scale_of[w])
-    if short is None or (_in_c(short, a, b) and native.lora_apply(
-            y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, scales=scales, max_rows=_SHORT_SEGMENT)):
+    if short is None:
         return
     # the rows themselves in slot order (see _Grid.in_order): read x and add to y as they are, no gather
     first = short.bands[0]
@@ -264,16 +266,39 @@ def lora_apply(
         y += target
 
 
-# The short rows go to the C kernel (native.lora_apply: one row at a time, float32) when torch runs on one thread,
-# or when the weights they read are few enough to be overhead-bound. Measured on this project's CPU, one call:
-# 128 rows of r=8 64->64 (0.2 MiB of weights), 23 us in C against 30 us here; 64 rows of r=16 576->1536 (8 MiB),
-# 1 thread: 207 against 227 us; 2 threads: 205 against 125 us (MKL's batched products use both cores).
-_C_LORA_MAX_BYTES = 1 << 20
+# Segments of at most _C_MAX_ROWS rows (decode's, and short prefill chunks) go to the C kernel (native.py:
+# one row at a time, float32, each row's weights read from cache after its segment's first row) when torch runs
+# on one thread, or when the weights they read are few enough to be overhead-bound; longer segments (prefill) and
+# larger weights with more threads go to MKL's products, which use every core. Measured on this project's CPU,
+# one call: 128 rows of r=8 64->64 (0.2 MiB of weights), 23 us in C against 30 us here; 64 rows of r=16 576->1536
+# (8 MiB), 1 thread: 207 against 227 us; 2 threads: 205 against 125 us.
+_C_MAX_ROWS = 16
+_C_MAX_BYTES = 1 << 20
 
 
-def _in_c(short: "_Rows", a: torch.Tensor, b: torch.Tensor) -> bool:
-    weights = short.rows.shape[0] * a.shape[2] * (a.shape[3] + b.shape[1]) * a.element_size()
-    return torch.get_num_threads() == 1 or weights <= _C_LORA_MAX_BYTES
+def _in_c(plan: LoraPlan, a: torch.Tensor, b: torch.Tensor) -> bool:
+    if torch.get_num_threads() == 1:
+        return True
+    segments = (0 if plan.short is None else plan.short.rows.shape[0]) + sum(e - s <= _C_MAX_ROWS for s, e, _, _ in plan.long)
+    return segments * a.shape[2] * (a.shape[3] + b.shape[1]) * a.element_size() <= _C_MAX_BYTES
+
+
+def bottleneck_apply(
+    y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, *, seg_starts: torch.Tensor,
+    seg_slots: torch.Tensor, sizes: torch.Tensor, scales: torch.Tensor, down_bias: torch.Tensor,
+    up_bias: torch.Tensor, activation: str, plan: LoraPlan | None = None,
+) -> None:
+    """`ops.BottleneckApply`: in C (native.py) when every segment is short enough for it, else lora_shrink into a
+    buffer then lora_expand."""
+    plan = _planned(plan, seg_starts, seg_slots, sizes)
+    seg = dict(seg_starts=seg_starts, seg_slots=seg_slots)
+    if all(e - s <= _C_MAX_ROWS for s, e, _, _ in plan.long) and _in_c(plan, down, up) and native.adapter_apply(
+            y, x, down, up, ranks=sizes, scales=scales, max_rows=_C_MAX_ROWS, a_bias=down_bias, activation=activation,
+            b_bias=up_bias, **seg):
+        return
+    buf = y.new_empty(1, y.shape[0], down.shape[2])  # [1, T, N_max]
+    lora_shrink(x, down, out=buf, bias=down_bias, activation=activation, ranks=sizes, plan=plan, **seg)
+    lora_expand(y, buf, up, out_offsets=[0, y.shape[1]], scales=scales, bias=up_bias, ranks=sizes, plan=plan, **seg)
 
 
 def _accumulator(y: torch.Tensor) -> torch.Tensor:

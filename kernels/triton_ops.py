@@ -2,7 +2,7 @@
 
 from quiver.kernels.attention import paged_attention
 from quiver.kernels.kv_cache import copy_blocks, store_kv, write_prefix
-from quiver.kernels.lora import lora_apply, lora_expand, lora_shrink
+from quiver.kernels.lora import bottleneck_apply, lora_apply, lora_expand, lora_shrink
 from quiver.kernels.ops import KernelOps
 
 TRITON_OPS = KernelOps(
@@ -14,4 +14,5 @@ TRITON_OPS = KernelOps(
     lora_shrink=lora_shrink,
     lora_expand=lora_expand,
     lora_apply=lora_apply,
+    bottleneck_apply=bottleneck_apply,
 )

@@ -130,12 +130,12 @@ class AdapterLinear(nn.Module):
 
     def _bottleneck(self, y2: torch.Tensor, batch: AdapterBatch) -> None:
         h = y2.clone()  # the delta reads the layer's output before any of it is added
-        buf = y2.new_empty(1, y2.shape[0], self.bottleneck_size)  # [1, T, bn]
-        for act in batch.activations:  # one launch per non-linearity present; other slots count as rank 0
-            seg = dict(seg_starts=batch.seg_starts, seg_slots=batch.seg_slots, ranks=self.bn_sizes_by_act[act],
-                       plan=batch.bottleneck_plans[self.index][act])
-            self.ops.lora_shrink(h, self.bn_down, out=buf, bias=self.bn_down_bias, activation=act, **seg)
-            self.ops.lora_expand(y2, buf, self.bn_up, out_offsets=self.out_offsets, scales=self.bn_scales, bias=self.bn_up_bias, **seg)
+        for act in batch.activations:  # one call per non-linearity present; other slots count as size 0
+            self.ops.bottleneck_apply(
+                y2, h, self.bn_down, self.bn_up, seg_starts=batch.seg_starts, seg_slots=batch.seg_slots,
+                sizes=self.bn_sizes_by_act[act], scales=self.bn_scales, down_bias=self.bn_down_bias,
+                up_bias=self.bn_up_bias, activation=act, plan=batch.bottleneck_plans[self.index][act],
+            )
 
     def bottleneck_sizes_of(self, act: str) -> list[int]:
         """The host mirror of the `ranks` its bottleneck ops take for non-linearity `act`: other slots count as 0."""

@@ -17,6 +17,7 @@ def test_triton_backend_is_all_triton_launchers():
         "store_kv": kv_cache.store_kv, "paged_attention": attention.paged_attention,
         "write_prefix": kv_cache.write_prefix, "copy_blocks": kv_cache.copy_blocks,
         "lora_shrink": lora.lora_shrink, "lora_expand": lora.lora_expand, "lora_apply": lora.lora_apply,
+        "bottleneck_apply": lora.bottleneck_apply,
         "plan_attention": no_attention_plan, "plan_lora": no_lora_plan,
     }
     fields = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops) if f.name != "name"}

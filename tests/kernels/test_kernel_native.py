@@ -215,7 +215,7 @@ def test_lora_apply_short_segments_against_the_oracle(r_max, h_in, out):
     wide = torch.randn(12, out + 9, generator=gen)
     before = wide.clone()
     y = wide[:, 4 : 4 + out]
-    assert native.lora_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, scales=scales,
+    assert native.adapter_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, scales=scales,
                              max_rows=2)
     want = before[:, 4 : 4 + out].double()
     for s, e, w in zip(seg_starts.tolist(), seg_starts[1:].tolist(), seg_slots.tolist()):

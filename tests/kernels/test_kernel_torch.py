@@ -53,7 +53,7 @@ def test_lora_apply(mix, dtype, one_rank, n_slots, columns, c_kernel, monkeypatc
     """The fused shrink-then-expand of one projection (the CPU path's form) against the float64 oracle: the slot
     grid path (dense slots, some cells empty or with several rows) and the gathered fallback (sparse slots); into
     a tensor of its own, or into its columns of a wider output (the forward's fused q/k/v GEMM), the columns
-    around them untouched. Float32's short rows go through the C kernel (native.lora_apply) unless it is off."""
+    around them untouched. Float32's short rows go through the C kernel (native.adapter_apply) unless it is off."""
     if not c_kernel:
         monkeypatch.setattr(native, "_loaded", {"lib": None})
     n_tokens = 80 if mix == "huge" else 16
@@ -74,6 +74,32 @@ def test_lora_apply(mix, dtype, one_rank, n_slots, columns, c_kernel, monkeypatc
     untouched = torch.tensor([w < 0 for w in c["per_token"]])
     assert torch.equal(y[untouched], c["y"][untouched]), "changed the rows of no-adapter tokens"
     assert rel_err(y, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("mix", ["distinct", "uniform", "huge", "no_adapter"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
+@pytest.mark.parametrize("c_kernel", [True, False], ids=["c", "torch"])
+def test_bottleneck_apply(mix, activation, c_kernel, monkeypatch):
+    """A bottleneck adapter's delta (shrink with its bias and non-linearity, expand with its bias) against the
+    float64 oracle's shrink then expand, float32: in C when every segment is short enough (decode, 5-row
+    segments), else (an 80-row segment, or the C kernels off) through lora_shrink and lora_expand."""
+    if not c_kernel:
+        monkeypatch.setattr(native, "_loaded", {"lib": None})
+    n_tokens = 80 if mix == "huge" else 16
+    c = make_lora(mix, 1, torch.float32, seed=8, n_tokens=n_tokens, n_slots=16, h_in=32, out_dims=[32])
+    x = torch.randn(n_tokens, 32, generator=torch.Generator().manual_seed(9))
+    down = c["a"]  # [1, S, N, 32]: the bottleneck reads the layer's output, 32 wide
+    down_bias, up_bias = torch.randn(16, down.shape[2]), torch.randn(16, 32)
+    y = c["y"].clone()
+    torch_lora.bottleneck_apply(y, x, down, c["b"], seg_starts=c["seg_starts"], seg_slots=c["seg_slots"],
+                                sizes=c["ranks"], scales=c["scales"], down_bias=down_bias, up_bias=up_bias,
+                                activation=activation)
+    buf = reference.lora_shrink(x, down, c["per_token"], c["ranks"].tolist(), bias=down_bias, activation=activation)
+    want = reference.lora_expand(c["y"], buf.nan_to_num(0.0), c["b"], c["per_token"], c["ranks"].tolist(),
+                                 c["scales"].tolist(), c["offsets"], bias=up_bias)
+    assert rel_err(y, want) < 1e-5
+    untouched = torch.tensor([w < 0 for w in c["per_token"]])
+    assert torch.equal(y[untouched], c["y"][untouched])
 
 
 @pytest.mark.parametrize("depth", [1, 2], ids=["one-row-a-slot", "two-rows-a-slot"])
