@@ -1,15 +1,14 @@
 /* Decode attention over the paged KV cache, read in place: the CPU serving path's attention for decode rows.
 
-   Built and loaded by native.py (cc -O3 -march=native, no OpenMP runtime: threads are pthreads started per
-   call, and only when the call is large enough to pay for them). Semantics: ops.PagedAttention restricted to
+   Built and loaded by native.py (cc -O3 -march=native -fopenmp: a large call is shared by the calling thread's
+   OpenMP team, torch's own). Semantics: ops.PagedAttention restricted to
    sequences with one new token (query_starts[b + 1] - query_starts[b] == 1); other sequences are left alone.
    For such a sequence b, n = seq_lens[b], and query head h (kv head g = h / G, G = H / KVH):
        out[row, h] = softmax(scale * q[row, h] . K[j, g] for j < n) . V[:n, g]
-   where entry j lives in block block_tables[b, j / BS] at offset j % BS. Float32 throughout; each kv head's
-   entries are read once for its G query heads. */
+   where entry j lives in block block_tables[b, j / BS] at offset j % BS. Float32 throughout; the G query heads
+   of a kv head are computed one after the other, its entries in cache for all but the first. */
 
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -218,7 +217,8 @@ static void *run_job(void *arg) {
     return NULL;
 }
 
-/* Returns 0 on success, nonzero if scratch memory or a thread could not be had (out is then incomplete). */
+/* Returns 0 on success, nonzero if scratch memory could not be had (out is then incomplete). `threads`: how many
+   of the calling thread's OpenMP team (torch's: native.py links the same libgomp) share the work. */
 int quiver_decode_attention(const float *q, int64_t q_row_stride, const float *k_cache, const float *v_cache,
                             const int32_t *block_tables, int64_t max_blocks, const int32_t *seq_lens,
                             const int32_t *query_starts, int64_t batch, float *out, int64_t heads,
@@ -228,9 +228,9 @@ int quiver_decode_attention(const float *q, int64_t q_row_stride, const float *k
     const int64_t tasks = batch * kv_heads;
     if (threads > tasks) threads = tasks;
     if (threads <= 1) return run_job(&base) != NULL;
-    job_t jobs[64];
-    pthread_t ids[64];
-    if (threads > 64) threads = 64;
+    enum { MAX_THREADS = 256 };
+    job_t jobs[MAX_THREADS];
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
     /* shares of equal KV entries, not equal tasks: sequences differ in length */
     int64_t total = 0;
     for (int64_t b = 0; b < batch; b++) total += seq_lens[b];
@@ -246,17 +246,7 @@ int quiver_decode_attention(const float *q, int64_t q_row_stride, const float *k
         jobs[w].last = t;
     }
     int failed = 0;
-    int64_t started = 0;
-    for (int64_t w = 1; w < threads; w++, started++)
-        if (pthread_create(&ids[w], NULL, run_job, &jobs[w]) != 0) break;
-    if (started < threads - 1) {
-        for (int64_t w = started + 1; w < threads; w++) failed |= run_job(&jobs[w]) != NULL;
-    }
-    failed |= run_job(&jobs[0]) != NULL;
-    for (int64_t w = 1; w <= started; w++) {
-        void *result;
-        pthread_join(ids[w], &result);
-        failed |= result != NULL;
-    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
+    for (int64_t w = 0; w < threads; w++) failed |= run_job(&jobs[w]) != NULL;
     return failed;
 }

@@ -3,7 +3,8 @@
        y[t] += scales[w] * (act(x[t] . a[w, :r]ᵀ + a_bias[w, :r]) . b[w, :, :r]ᵀ) + b_bias[w]
    LoRA (ops.LoraApply) has no biases and no non-linearity; a bottleneck adapter (lora_shrink then lora_expand
    with their biases) has both, x being the layer's output before any delta. Segments of more than max_rows rows
-   are left to the caller. Built with the other CPU kernels by native.py. Each row's down-projection stays on the
+   are left to the caller; segments are shared by `threads` of the calling thread's OpenMP team. Built with the
+   other CPU kernels by native.py. Each row's down-projection stays on the
    stack for its up-projection; the adapters' weights are read where they lie, the next segments' prefetched. */
 
 #include <math.h>
@@ -86,7 +87,8 @@ static void adapter_row(float *y, const float *x, const float *a, const float *b
 void quiver_adapter_apply(float *y, int64_t y_stride, const float *x, int64_t x_stride, const float *a, const float *b,
                           int64_t R, int64_t in, int64_t out, const int32_t *ranks, const float *scales,
                           const float *a_bias, int act, const float *b_bias, const int32_t *seg_starts,
-                          const int32_t *seg_slots, int64_t segments, int64_t max_rows) {
+                          const int32_t *seg_slots, int64_t segments, int64_t max_rows, int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t i = 0; i < segments; i++) {
         const int64_t w = seg_slots[i], start = seg_starts[i], end = seg_starts[i + 1];
         if (w < 0 || end - start > max_rows || ranks[w] <= 0) continue;

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
 _SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c"]  # with cpu_simd.h, which both include
-# -ffp-contract=off: no product and sum fused into one rounding unless the code asks for it (see cpu_layer.c)
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
+# -ffp-contract=off: no product and sum fused into one rounding unless the code asks for it (see cpu_layer.c).
+# -fopenmp: the library needs libgomp.so.1, which torch has loaded already (its own copy, under that soname), so
+# the kernels' parallel loops run on the calling thread's OpenMP team, the one torch's ops use: no second pool.
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _loaded: dict[str, "_Library | None"] = {}
 
@@ -68,7 +70,7 @@ class _Library:
         self.silu_mul.restype = None
         self.adapter_apply = lib.quiver_adapter_apply
         self.adapter_apply.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr,
-                                       ptr, ptr, i64, i64]
+                                       ptr, ptr, i64, i64, i64]
         self.adapter_apply.restype = None
 
 
@@ -132,7 +134,7 @@ def decode_attention(
         heads, kv_heads, dim, block_size, scale, _threads(entries * kv_heads * dim),
     )
     if failed:
-        raise MemoryError("the CPU decode kernel could not get scratch memory or a thread")
+        raise MemoryError("the CPU decode kernel could not get scratch memory")
     return True
 
 
@@ -147,9 +149,10 @@ def _takes(query, k_cache, v_cache, out, block_tables, seq_lens, query_starts) -
     )
 
 
-# Below this many key and value numbers read a call, one thread: starting a thread (~20 µs) costs more than it
-# saves. Measured on this project's CPU: the skeleton model's 128 sequences of ~20 entries (~82K) take ~0.1 ms on one.
-_THREADS_MIN_VALUES = 1 << 20
+# Below this many numbers read a call, the calling thread alone: waking the OpenMP team costs about what it saves.
+# Measured on this project's CPU (2 threads against 1): decode attention 11.6K values 8 against 9 us, 94K values
+# 26 against 38 us; a LoRA call of 16K values 9 against 9 us, 131K values 18 against 26 us.
+_THREADS_MIN_VALUES = 1 << 14
 
 
 def _threads(values: int) -> int:
@@ -225,7 +228,7 @@ def adapter_apply(
         y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), a.shape[2], a.shape[3],
         b.shape[1], ranks.data_ptr(), scales.data_ptr(), None if a_bias is None else a_bias.data_ptr(),
         ACTIVATION_CODES[activation], None if b_bias is None else b_bias.data_ptr(), seg_starts.data_ptr(),
-        seg_slots.data_ptr(), seg_slots.shape[0], max_rows,
+        seg_slots.data_ptr(), seg_slots.shape[0], max_rows, _threads(x.shape[0] * a.shape[2] * (a.shape[3] + b.shape[1])),
     )
     return True
 

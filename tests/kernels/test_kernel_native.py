@@ -1,9 +1,13 @@
 """The C decode-attention kernel (`quiver.kernels.native`, cpu_decode.c) against the float64 oracle, and its
 build: cached by content, and a machine without a compiler keeps the pure-torch path."""
 
+import ast
 import logging
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,3 +230,27 @@ def test_lora_apply_short_segments_against_the_oracle(r_max, h_in, out):
     assert torch.equal(y[5:9], before[5:9, 4 : 4 + out])  # the long segment: the caller's
     assert torch.equal(y[3], before[3, 4 : 4 + out]) and torch.equal(y[4], before[4, 4 : 4 + out])  # no adapter; rank 0
     assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + out :], before[:, 4 + out :])
+
+
+@needs_build
+def test_the_kernels_run_on_torchs_openmp_runtime_not_a_second_one():
+    """The library is linked with -fopenmp: it must bind to the libgomp torch loaded (its parallel loops then run
+    on the team torch's ops use), never load the system's beside it (two teams would fight for the cores)."""
+    code = """
+import torch
+from quiver.kernels import native
+torch.set_num_threads(2)
+native._THREADS_MIN_VALUES = 0
+x, y = torch.randn(4, 16), torch.zeros(4, 16)
+a, b = torch.randn(1, 4, 2, 16), torch.randn(4, 16, 2)
+i32 = dict(dtype=torch.int32)
+assert native.adapter_apply(y, x, a, b, seg_starts=torch.arange(5, **i32), seg_slots=torch.arange(4, **i32),
+                            ranks=torch.full((4,), 2, **i32), scales=torch.ones(4), max_rows=1)
+assert y.abs().sum() > 0
+print(sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    paths = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    torch_lib = str(Path(torch.__file__).parent / "lib")
+    assert paths and all(p.startswith(torch_lib) for p in paths), paths
