@@ -11,6 +11,8 @@ the current step (segments and the backend's plans, built once per step by `plan
 `StepContext`.
 """
 
+import operator
+
 import torch
 from torch import nn
 
@@ -152,10 +154,11 @@ def plan_layers(
     `AdapterLinear.add_delta` decides; layers whose present slots have the same ranks share one plan (built once);
     a layer that skips the ops this step gets None / {}."""
     present = sorted({w for w in seg_slots if w >= 0})
+    ranks_of_present = operator.itemgetter(*present, present[0]) if present else lambda ranks: ()  # always a tuple
     plans: dict[tuple[int, ...], object | None] = {}  # by the ranks of the present slots
 
     def plan_of(ranks: list[int]) -> object | None:
-        key = tuple(ranks[w] for w in present)
+        key = ranks_of_present(ranks)
         if key not in plans:
             plans[key] = ops.plan_lora(seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, device=device)
         return plans[key]
