@@ -180,12 +180,29 @@ def run_case(model_path: Path, root: Path, case: str, *, rounds: int, steps: int
 
 
 def profile_table(engine: Engine, steps: int) -> str:
-    """Self CPU time of the engine's steps by operator, the top rows (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Self CPU time of the engine's steps by operator, the top rows (torch.profiler); the C kernels
+    (quiver.kernels.native), which the profiler does not see, as `c::<function>` rows."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            engine.step()
+    from quiver.kernels import native
+
+    def recorded(fn):
+        def call(*args, **kwargs):
+            with record_function(f"c::{fn.__name__}"):
+                return fn(*args, **kwargs)
+        return call
+
+    names = ("decode_attention", "add_rms_norm", "rope_store", "silu_mul", "adapter_apply")
+    originals = {name: getattr(native, name) for name in names}
+    try:
+        for name, fn in originals.items():
+            setattr(native, name, recorded(fn))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.step()
+    finally:
+        for name, fn in originals.items():
+            setattr(native, name, fn)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
 
 
