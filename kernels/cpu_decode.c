@@ -109,6 +109,16 @@ static inline __attribute__((always_inline)) void attend_wide(const job_t *job, 
         for (int64_t j0 = 0; j0 < n; j0 += W) { /* entries j0..j0+15 (fewer at the end) */
             __m512 prod[W];
             const int64_t m = n - j0 < W ? n - j0 : W;
+            if (h == 0 && off == 0) { /* this block's values and the next block's keys on their way */
+                const int64_t nb = (n + BS - 1) / BS;
+                const float *vb = job->v_cache + ((int64_t)table[blk] * BS * KVH + g) * D;
+                const float *kb = blk + 1 < nb ? job->k_cache + ((int64_t)table[blk + 1] * BS * KVH + g) * D : NULL;
+                for (int64_t i = 0; i < BS; i++)
+                    for (int64_t c = 0; c < D; c += 16) {
+                        _mm_prefetch((const char *)(vb + i * entry + c), _MM_HINT_T0);
+                        if (kb != NULL) _mm_prefetch((const char *)(kb + i * entry + c), _MM_HINT_T0);
+                    }
+            }
             if (m == W && off == 0 && BS % W == 0) { /* 16 entries in one block: one address */
                 const float *k = job->k_cache + (((int64_t)table[blk] * BS + off) * KVH + g) * D;
                 for (int64_t i = 0; i < W; i++, k += entry) prod[i] = products(q, k, C);
