@@ -220,6 +220,11 @@ static void *run_job(void *arg) {
     const attend_fn attend = pick(job->dim);
     for (int64_t t = job->first; t < job->last; t++) {
         const int64_t b = t / KVH;
+        if (t % KVH == 0 && t + KVH < job->last) { /* the next sequence's first block of keys on its way */
+            const char *k = (const char *)(job->k_cache + (int64_t)job->block_tables[(b + 1) * job->max_blocks] *
+                                                              job->block_size * KVH * job->dim);
+            for (int64_t c = 0; c < job->block_size * KVH * job->dim * 4; c += 64) __builtin_prefetch(k + c);
+        }
         if (job->query_starts[b + 1] - job->query_starts[b] == 1 && job->seq_lens[b] > 0)
             attend(job, b, t % KVH, scores, acc);
     }
