@@ -1,6 +1,6 @@
 """The CPU kernels written in C, compiled on first use and loaded with ctypes: decode attention over the paged
-cache (cpu_decode.c), the decoder layer's elementwise steps (cpu_layer.c) and the LoRA delta of short segments
-(cpu_lora.c), all float32.
+cache (cpu_decode.c), the decoder layer's elementwise steps (cpu_layer.c), the adapters' deltas of short segments
+(cpu_lora.c) and greedy picks over the logits (cpu_sample.c), all float32.
 
 Built with the system's C compiler (`$CC`, else `cc`) for this machine's CPU (-march=native) into
 $QUIVER_CACHE_DIR/kernels (else $XDG_CACHE_HOME/quiver/kernels, else ~/.cache/quiver/kernels), named by a hash of
@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c"]  # with cpu_simd.h, which both include
+_SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c", "cpu_sample.c"]  # with cpu_simd.h, which both include
 # -ffp-contract=off: no product and sum fused into one rounding unless the code asks for it (see cpu_layer.c).
 # -fopenmp: the library needs libgomp.so.1, which torch has loaded already (its own copy, under that soname), so
 # the kernels' parallel loops run on the calling thread's OpenMP team, the one torch's ops use: no second pool.
@@ -72,6 +72,9 @@ class _Library:
         self.adapter_apply.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr,
                                        ptr, ptr, i64, i64, i64]
         self.adapter_apply.restype = None
+        self.greedy_rows = lib.quiver_greedy_rows
+        self.greedy_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64]
+        self.greedy_rows.restype = None
 
 
 def _build() -> _Library:
@@ -231,6 +234,19 @@ def adapter_apply(
         seg_slots.data_ptr(), seg_slots.shape[0], max_rows, _threads(x.shape[0] * a.shape[2] * (a.shape[3] + b.shape[1])),
     )
     return True
+
+
+def greedy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(each row's argmax [B] int64 (its first largest value), whether the row is all finite [B] bool) of logits
+    [B, V] in one pass; None where it does not apply (not built, not float32 on the CPU, columns not contiguous)."""
+    lib = _library()
+    if lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.stride(1) != 1:
+        return None
+    rows, n = logits.shape
+    best = torch.empty(rows, dtype=torch.int64)
+    finite = torch.empty(rows, dtype=torch.bool)
+    lib.greedy_rows(logits.data_ptr(), rows, n, logits.stride(0), best.data_ptr(), finite.data_ptr(), _threads(rows * n))
+    return best, finite
 
 
 def _require(layout_ok: bool) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from quiver.engine.request import Request, SamplingParams
 from quiver.errors import FailedPrecondition
+from quiver.kernels import native
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,22 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
         """logits [B, V] float32, row i for requests[i] -> per request its next token id, or the error that
-        ends it (see the module docstring). Finiteness is checked for the whole batch at once."""
-        return self.pick(logits, requests, finite_rows(logits))
+        ends it (see the module docstring). Finiteness is checked for the whole batch at once (with the greedy
+        picks, in one pass over the logits, on the CPU in float32: quiver.kernels.native)."""
+        picked = native.greedy_rows(logits)
+        if picked is None:
+            return self.pick(logits, requests, finite_rows(logits))
+        return self._tokens(logits, requests, *picked)
 
     def pick(self, logits: torch.Tensor, requests: list[Request], finite: torch.Tensor) -> list[int | Exception]:
         """Like `sample`, where `finite` [B] says which rows were finite before some of their tokens were masked
         to -inf (penalties.py): those rows are picked from, the others end their requests."""
-        best = logits.argmax(dim=-1)  # [B]
+        return self._tokens(logits, requests, logits.argmax(dim=-1), finite)
+
+    def _tokens(
+        self, logits: torch.Tensor, requests: list[Request], best: torch.Tensor, finite: torch.Tensor
+    ) -> list[int | Exception]:
+        """Each request's token: its greedy pick `best`, or one drawn from its row; its row not `finite`: the error."""
         tokens: list = best.masked_fill_(~finite, -1).tolist()
         for i, request in enumerate(requests):
             if tokens[i] < 0:

@@ -254,3 +254,20 @@ print(sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" 
     paths = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     torch_lib = str(Path(torch.__file__).parent / "lib")
     assert paths and all(p.startswith(torch_lib) for p in paths), paths
+
+
+@needs_build
+@pytest.mark.parametrize("n", [512, 49152, 7, 37])
+def test_greedy_rows_is_torch_argmax_and_isfinite(n):
+    gen = torch.Generator().manual_seed(n)
+    logits = torch.randn(9, n + 3, generator=gen)[:, :n]  # rows further apart than n
+    logits[1, n // 2] = logits[1, n - 1] = logits[1].max() + 1  # a tie: the first index wins, as torch's
+    logits[2, :] = 3.0  # all equal: index 0
+    logits[3, n - 1] = float("inf")
+    logits[4, 0] = float("nan")
+    logits[5, n // 3] = float("-inf")
+    logits[6, -1] = logits[6].max() + 1  # the largest value last (in the tail past the vectors when n % 16)
+    best, finite = native.greedy_rows(logits)
+    assert finite.tolist() == [True, True, True, False, False, False, True, True, True]
+    keep = finite
+    assert torch.equal(best[keep], logits.argmax(-1)[keep])
