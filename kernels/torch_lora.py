@@ -7,7 +7,7 @@ slots are dense, in bands of slots read at each band's own rank.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -92,6 +92,14 @@ class LoraPlan:
 
     long: list[tuple[int, int, int, int]]
     short: _Rows | None
+    c_segments: int = field(init=False)  # the segments the C kernel would take (see _C_MAX_ROWS)
+    c_takes_all: bool = field(init=False)  # and whether that is all of them
+
+    def __post_init__(self) -> None:
+        short_rows = 0 if self.short is None else self.short.rows.shape[0]
+        small = sum(e - s <= _C_MAX_ROWS for s, e, _, _ in self.long)
+        object.__setattr__(self, "c_segments", short_rows + small)
+        object.__setattr__(self, "c_takes_all", small == len(self.long))
 
 
 def _split(segments, device) -> LoraPlan:
@@ -279,8 +287,7 @@ _C_MAX_BYTES = 1 << 20
 
 def _in_c(plan: LoraPlan, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the call's segments of at most _C_MAX_ROWS rows read at most _C_MAX_BYTES of weights."""
-    segments = (0 if plan.short is None else plan.short.rows.shape[0]) + sum(e - s <= _C_MAX_ROWS for s, e, _, _ in plan.long)
-    return segments * a.shape[2] * (a.shape[3] + b.shape[1]) * a.element_size() <= _C_MAX_BYTES
+    return plan.c_segments * a.shape[2] * (a.shape[3] + b.shape[1]) * a.element_size() <= _C_MAX_BYTES
 
 
 def bottleneck_apply(
@@ -292,7 +299,7 @@ def bottleneck_apply(
     buffer then lora_expand."""
     plan = _planned(plan, seg_starts, seg_slots, sizes)
     seg = dict(seg_starts=seg_starts, seg_slots=seg_slots)
-    if all(e - s <= _C_MAX_ROWS for s, e, _, _ in plan.long) and _in_c(plan, down, up) and native.adapter_apply(
+    if plan.c_takes_all and _in_c(plan, down, up) and native.adapter_apply(
             y, x, down, up, ranks=sizes, scales=scales, max_rows=_C_MAX_ROWS, a_bias=down_bias, activation=activation,
             b_bias=up_bias, **seg):
         return
