@@ -7,7 +7,8 @@ slots are dense, in bands of slots read at each band's own rank.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -86,28 +87,31 @@ class _Rows:
         return torch.arange(self.r, device=self.rows.device) < self.ranks[:, None]
 
 
-@dataclass(frozen=True)
 class LoraPlan:
-    """A call's segments: `long` ones (start, end, slot, rank) computed one by one, `short` ones' rows together."""
+    """A call's segments: `long` ones (start, end, slot, rank) computed one by one, `short` ones' rows together
+    (their `_Rows`, tensors, built on first use: when the C kernel takes a call, nothing asks for them)."""
 
-    long: list[tuple[int, int, int, int]]
-    short: _Rows | None
-    c_segments: int = field(init=False)  # the segments the C kernel would take (see _C_MAX_ROWS)
-    c_takes_all: bool = field(init=False)  # and whether that is all of them
+    def __init__(self, long: list[tuple[int, int, int, int]], short: list[tuple[int, int, int, int]], device) -> None:
+        self.long = long
+        self._short, self._device = short, device
+        small = sum(e - s <= _C_MAX_ROWS for s, e, _, _ in long)
+        self.c_segments = sum(e - s for s, e, _, _ in short) + small  # the segments the C kernel would take
+        self.c_takes_all = small == len(long)  # and whether that is all of them
 
-    def __post_init__(self) -> None:
-        short_rows = 0 if self.short is None else self.short.rows.shape[0]
-        small = sum(e - s <= _C_MAX_ROWS for s, e, _, _ in self.long)
-        object.__setattr__(self, "c_segments", short_rows + small)
-        object.__setattr__(self, "c_takes_all", small == len(self.long))
+    @cached_property
+    def short(self) -> _Rows | None:
+        return _short_rows(self._short, self._device) if self._short else None
 
 
 def _split(segments, device) -> LoraPlan:
     """Long segments to compute one by one, and the short ones' rows to compute together."""
     long = [seg for seg in segments if seg[1] - seg[0] > _SHORT_SEGMENT]
     short = [seg for seg in segments if seg[1] - seg[0] <= _SHORT_SEGMENT]
-    if not short:
-        return LoraPlan(long, None)
+    return LoraPlan(long, short, device)
+
+
+def _short_rows(short, device) -> _Rows:
+    """The rows of the short segments, with their slot grid where the slots are dense enough."""
     rows = [t for s, e, _, _ in short for t in range(s, e)]
     slots = [w for s, e, w, _ in short for _ in range(s, e)]
     ranks = [r for s, e, _, r in short for _ in range(s, e)]
@@ -120,7 +124,7 @@ def _split(segments, device) -> LoraPlan:
         split = _banded(short)
         bands = (grid,) if len(split) == 1 else tuple(_make_grid(band, device) for band in split)
     uniform = min(ranks) == max(ranks)
-    return LoraPlan(long, _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), uniform, grid, bands))
+    return _Rows(as_tensor(rows), as_tensor(slots), as_tensor(ranks), max(ranks), uniform, grid, bands)
 
 
 def _make_grid(short, device) -> _Grid:
