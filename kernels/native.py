@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c", "cpu_sample.c"]  # with cpu_simd.h, which both include
+_SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c", "cpu_sample.c"]  # and cpu_simd.h, their shared helpers
 # -ffp-contract=off: no product and sum fused into one rounding unless the code asks for it (see cpu_layer.c).
 # -fopenmp: the library needs libgomp.so.1, which torch has loaded already (its own copy, under that soname), so
 # the kernels' parallel loops run on the calling thread's OpenMP team, the one torch's ops use: no second pool.
@@ -124,8 +124,8 @@ def decode_attention(
 ) -> bool:
     """`out[row]` for every sequence with one query row (ops.PagedAttention's semantics), reading the blocks in
     place; other rows of `out` are left alone. `entries`: the KV entries those sequences hold in all (it decides
-    whether to start threads). False (nothing written) when the kernel does not apply: not built here, not
-    float32 on the CPU, or a layout it does not take. Raises if it ran out of memory or threads."""
+    whether the call is shared with the OpenMP team). False (nothing written) when the kernel does not apply: not
+    built here, not float32 on the CPU, or a layout it does not take. Raises if it ran out of memory."""
     lib = _library()
     if lib is None or not _takes(query, k_cache, v_cache, out, block_tables, seq_lens, query_starts):
         return False
@@ -172,7 +172,8 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(r) · weight, r) with r = residual + delta (delta alone when residual is None); [T, n] each."""
     rows, n = delta.shape
-    _require(delta.stride(1) == 1 and weight.is_contiguous() and (residual is None or residual.is_contiguous()))
+    _require(delta.stride(1) == 1 and weight.is_contiguous() and weight.numel() == n
+             and (residual is None or (residual.is_contiguous() and residual.shape == delta.shape)))
     out, r = delta.new_empty(rows, n), delta.new_empty(rows, n)
     _library().add_rms_norm(delta.data_ptr(), delta.stride(0), None if residual is None else residual.data_ptr(),
                             r.data_ptr(), weight.data_ptr(), eps, out.data_ptr(), rows, n)
@@ -186,8 +187,10 @@ def rope_store(
     """The queries [T, H, D] of qkv's rows ([T, (H + 2 KVH) D]: queries, keys, values), rotated; the rotated keys
     and the values stored at their slots (ops.StoreKV). cos, sin: [T, D] each, sin's first half negated."""
     rows = qkv.shape[0]
-    _require(qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and slot_mapping.dtype == torch.int64
-             and k_cache.is_contiguous() and v_cache.is_contiguous() and slot_mapping.is_contiguous())
+    _require(qkv.stride(1) == 1 and qkv.shape[1] == (heads + 2 * kv_heads) * dim
+             and cos.is_contiguous() and sin.is_contiguous() and cos.numel() == sin.numel() == rows * dim
+             and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous() and slot_mapping.numel() == rows
+             and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[-2:] == (kv_heads, dim))
     q = qkv.new_empty(rows, heads, dim)
     _library().rope_store(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
                           q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rows, heads, kv_heads, dim)
@@ -197,7 +200,7 @@ def rope_store(
 def silu_mul(gate_up: torch.Tensor, n: int) -> torch.Tensor:
     """silu(gate_up[:, :n]) * gate_up[:, n:2n]: [T, n]."""
     rows = gate_up.shape[0]
-    _require(gate_up.stride(1) == 1)
+    _require(gate_up.stride(1) == 1 and gate_up.shape[1] >= 2 * n)
     out = gate_up.new_empty(rows, n)
     _library().silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, n)
     return out
@@ -223,7 +226,8 @@ def adapter_apply(
     if (lib is None or y.device.type != "cpu" or a.shape[0] != 1 or a.shape[2] > 1024
             or not y.dtype == x.dtype == a.dtype == b.dtype == scales.dtype == f32
             or not seg_starts.dtype == seg_slots.dtype == ranks.dtype == i32
-            or y.stride(1) != 1 or x.stride(1) != 1
+            or y.stride(1) != 1 or x.stride(1) != 1 or x.shape[0] != y.shape[0]
+            or x.shape[1] != a.shape[3] or y.shape[1] != b.shape[1] or b.shape[2] != a.shape[2]
             or not all(t.is_contiguous() for t in (a, b, seg_starts, seg_slots, ranks, scales, *biases))
             or not all(t.dtype == f32 for t in biases)):
         return False

@@ -1,5 +1,7 @@
-"""The C decode-attention kernel (`quiver.kernels.native`, cpu_decode.c) against the float64 oracle, and its
-build: cached by content, and a machine without a compiler keeps the pure-torch path."""
+"""The CPU's C kernels (`quiver.kernels.native`: cpu_decode.c, cpu_layer.c, cpu_lora.c, cpu_sample.c) against
+float64 oracles and torch, each test twice: built for this CPU (AVX-512 here) and built without AVX-512 (the
+portable loops a machine without it runs); and their build: cached by content, bound to torch's OpenMP runtime,
+and a machine without a compiler keeps the pure-torch path."""
 
 import ast
 import logging
@@ -16,6 +18,20 @@ from kernel_cases import ATTENTION_CASES, paged_batch, rel_err
 from quiver.kernels import native, reference, torch_attention
 
 needs_build = pytest.mark.skipif(not native.available(), reason="no C compiler here")
+
+
+@pytest.fixture(autouse=True, scope="module", params=["this-cpu", "without-avx512"])
+def build(request, tmp_path_factory):
+    """Every test of this module with the library built for this CPU, then with one built without AVX-512."""
+    if request.param == "this-cpu" or not native.available():
+        yield request.param
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QUIVER_CACHE_DIR", str(tmp_path_factory.mktemp("portable")))
+        patch.setattr(native, "_FLAGS", [*native._FLAGS, "-mno-avx512f"])
+        patch.setattr(native, "_loaded", {})
+        assert native.available()
+        yield request.param
 
 
 def test_built_wherever_a_compiler_is():
