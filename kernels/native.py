@@ -4,8 +4,9 @@ cache (cpu_decode.c), the decoder layer's elementwise steps (cpu_layer.c), the a
 
 Built with the system's C compiler (`$CC`, else `cc`) for this machine's CPU (-march=native) into
 $QUIVER_CACHE_DIR/kernels (else $XDG_CACHE_HOME/quiver/kernels, else ~/.cache/quiver/kernels), named by a hash of
-the source, the flags and the CPU, so a rebuild happens only when one of those changes; the build writes a
-temporary file and renames it, so processes building at once never load a half-written library. No compiler,
+the source, the flags and the CPU, so a rebuild happens only when one of those changes (and removes the earlier
+builds); the build writes a temporary file and renames it, so processes building at once never load a
+half-written library. The engine loads it when it starts on the CPU in float32. No compiler,
 a failed build or QUIVER_NATIVE_KERNELS=0: `available()` is False, `decode_attention()` declines, and the
 torch backend and the forward keep their pure-torch paths (logged once).
 """
@@ -92,6 +93,9 @@ def _build() -> _Library:
                            check=True, capture_output=True, text=True, timeout=120)
             os.replace(built, target)
         log.info("built the CPU kernels: %s", target)
+        for stale in target.parent.glob("quiver_cpu-*.so"):  # earlier sources' builds (a process using one keeps it)
+            if stale != target:
+                stale.unlink(missing_ok=True)
     return _Library(target)
 
 

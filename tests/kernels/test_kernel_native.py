@@ -134,6 +134,11 @@ def test_the_library_is_built_once_per_source_and_a_failed_build_falls_back(tmp_
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_loaded", {})
     assert native.available() and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "-DQUIVER_TEST_REBUILD"])  # as if the sources changed
+    monkeypatch.setattr(native, "_loaded", {})
+    assert native.available()
+    (rebuilt,) = (tmp_path / "kernels").glob("quiver_cpu-*.so")  # the earlier build removed
+    assert rebuilt != built[0]
 
     monkeypatch.setenv("QUIVER_CACHE_DIR", str(tmp_path / "other"))
     monkeypatch.setenv("CC", "false")  # a compiler that fails
