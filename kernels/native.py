@@ -226,14 +226,15 @@ def adapter_apply(
     it does not take, or a rank above 1024."""
     lib = _library()
     f32, i32 = torch.float32, torch.int32
-    biases = [t for t in (a_bias, b_bias) if t is not None]
     if (lib is None or y.device.type != "cpu" or a.shape[0] != 1 or a.shape[2] > 1024
             or not y.dtype == x.dtype == a.dtype == b.dtype == scales.dtype == f32
             or not seg_starts.dtype == seg_slots.dtype == ranks.dtype == i32
             or y.stride(1) != 1 or x.stride(1) != 1 or x.shape[0] != y.shape[0]
             or x.shape[1] != a.shape[3] or y.shape[1] != b.shape[1] or b.shape[2] != a.shape[2]
-            or not all(t.is_contiguous() for t in (a, b, seg_starts, seg_slots, ranks, scales, *biases))
-            or not all(t.dtype == f32 for t in biases)):
+            or not (a.is_contiguous() and b.is_contiguous() and seg_starts.is_contiguous()
+                    and seg_slots.is_contiguous() and ranks.is_contiguous() and scales.is_contiguous())
+            or not (a_bias is None or (a_bias.dtype == f32 and a_bias.is_contiguous()))
+            or not (b_bias is None or (b_bias.dtype == f32 and b_bias.is_contiguous()))):
         return False
     lib.adapter_apply(
         y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), a.shape[2], a.shape[3],
