@@ -243,10 +243,11 @@ def lora_apply(
     ops per call instead of about sixteen, which is most of a decode step's LoRA overhead on CPU.
     """
     plan = _planned(plan, seg_starts, seg_slots, ranks)
-    long, short = plan.long, plan.short
     if _in_c(plan, a, b) and native.adapter_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
                                                   scales=scales, max_rows=_C_MAX_ROWS):
-        long, short = [seg for seg in long if seg[1] - seg[0] > _C_MAX_ROWS], None  # the rest: the C kernel's
+        long, short = [seg for seg in plan.long if seg[1] - seg[0] > _C_MAX_ROWS], None  # the rest: the C kernel's
+    else:
+        long, short = plan.long, plan.short  # (the short rows' tensors built here, on first use)
     if (short is not None and short.grid is None) or not y.dtype == x.dtype == a.dtype == b.dtype:
         buf = x.new_empty(1, x.shape[0], a.shape[2])
         lora_shrink(x, a, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks, out=buf, plan=plan)

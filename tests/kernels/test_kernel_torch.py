@@ -209,3 +209,20 @@ def test_kv_writes():
     torch_attention.copy_blocks(kv, torch.tensor([3]), torch.tensor([5]))
     assert torch.equal(kv[:, :, 5].nan_to_num(7), before[:, :, 3].nan_to_num(7))
     assert torch.equal(kv[:, :, :5].nan_to_num(7), before[:, :, :5].nan_to_num(7))
+
+
+def test_a_call_the_c_kernel_takes_builds_no_short_rows(monkeypatch):
+    """The short rows' tensors (index tensors, slot grids) are the torch path's: a plan whose call goes to C never
+    builds them, and one the torch path serves does."""
+    if not native.available():
+        pytest.skip("no C compiler here")
+    c = make_lora("distinct", 1, torch.float32, seed=3, n_tokens=16, n_slots=16, h_in=48, out_dims=[32])
+    kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
+    plan = torch_lora.plan_lora(**{k: v.tolist() for k, v in kw.items()}, device=torch.device("cpu"))
+    torch_lora.lora_apply(c["y"].clone(), c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"],
+                          plan=plan, **kw)
+    assert "short" not in vars(plan)
+    monkeypatch.setattr(native, "_loaded", {"lib": None})
+    torch_lora.lora_apply(c["y"].clone(), c["x"], c["a"], c["b"], out_offsets=c["offsets"], scales=c["scales"],
+                          plan=plan, **kw)
+    assert vars(plan)["short"] is not None
