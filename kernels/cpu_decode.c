@@ -206,8 +206,8 @@ static attend_fn pick(int64_t dim) {
     }
 }
 
-static void *run_job(void *arg) {
-    const job_t *job = (const job_t *)arg;
+/* This share's tasks; 1 if its scratch memory could not be had, else 0. */
+static int run_job(const job_t *job) {
     const int64_t KVH = job->kv_heads, G = job->heads / job->kv_heads;
     int64_t longest = 0;
     for (int64_t t = job->first; t < job->last; t++) {
@@ -215,7 +215,7 @@ static void *run_job(void *arg) {
         longest = n > longest ? n : longest;
     }
     float *scores = malloc(sizeof(float) * (size_t)(G * (longest + 1) + G * job->dim));
-    if (scores == NULL) return (void *)1;
+    if (scores == NULL) return 1;
     float *acc = scores + G * (longest + 1);
     const attend_fn attend = pick(job->dim);
     for (int64_t t = job->first; t < job->last; t++) {
@@ -229,7 +229,7 @@ static void *run_job(void *arg) {
             attend(job, b, t % KVH, scores, acc);
     }
     free(scores);
-    return NULL;
+    return 0;
 }
 
 /* Returns 0 on success, nonzero if scratch memory could not be had (out is then incomplete). `threads`: how many
@@ -242,7 +242,7 @@ int quiver_decode_attention(const float *q, int64_t q_row_stride, const float *k
                   heads, kv_heads, dim, block_size, scale, 0, batch * kv_heads};
     const int64_t tasks = batch * kv_heads;
     if (threads > tasks) threads = tasks;
-    if (threads <= 1) return run_job(&base) != NULL;
+    if (threads <= 1) return run_job(&base);
     enum { MAX_THREADS = 256 };
     job_t jobs[MAX_THREADS];
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -262,6 +262,6 @@ int quiver_decode_attention(const float *q, int64_t q_row_stride, const float *k
     }
     int failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
-    for (int64_t w = 0; w < threads; w++) failed |= run_job(&jobs[w]) != NULL;
+    for (int64_t w = 0; w < threads; w++) failed |= run_job(&jobs[w]);
     return failed;
 }
