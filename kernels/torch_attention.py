@@ -41,13 +41,15 @@ def paged_attention(
         plan = plan_attention(query_starts=query_starts.tolist(), seq_lens=seq_lens.tolist(),
                               block_tables=block_tables.tolist(), block_size=k_cache.shape[1],
                               entry_bytes=kv_entry_bytes(k_cache), kv_heads=k_cache.shape[2], device=query_starts.device)
+    in_c = plan.decode_entries > 0 and native.decode_attention(
+        query, k_cache, v_cache, block_tables=block_tables, seq_lens=seq_lens, query_starts=query_starts,
+        scale=scale, out=out, entries=plan.decode_entries)
+    if in_c and not plan.prefill:  # a decode step, all of it done
+        return out
     kvh, dim = k_cache.shape[2:]
     heads = query.shape[1]
     k_rows, v_rows = k_cache.flatten(1), v_cache.flatten(1)  # [NB, BS * KVH * D]: one row per block
     k_vectors, v_vectors = k_cache.reshape(-1, dim), v_cache.reshape(-1, dim)  # [NB * BS * KVH, D]: one row per entry and head
-    in_c = plan.decode_entries > 0 and native.decode_attention(
-        query, k_cache, v_cache, block_tables=block_tables, seq_lens=seq_lens, query_starts=query_starts,
-        scale=scale, out=out, entries=plan.decode_entries)
     for group in [] if in_c else plan.decode:
         b = group.rows.shape[0]
         q = query.index_select(0, group.rows).view(b, kvh, heads // kvh, dim)  # a kv head's G query heads as G rows
