@@ -91,7 +91,9 @@ class LoraPlan:
     """A call's segments: `long` ones (start, end, slot, rank) computed one by one, `short` ones' rows together
     (their `_Rows`, tensors, built on first use: when the C kernel takes a call, nothing asks for them)."""
 
-    def __init__(self, long: list[tuple[int, int, int, int]], short: list[tuple[int, int, int, int]], device) -> None:
+    def __init__(
+        self, long: list[tuple[int, int, int, int]], short: list[tuple[int, int, int, int]], device: torch.device
+    ) -> None:
         self.long = long
         self._short, self._device = short, device
         small = sum(e - s <= _C_MAX_ROWS for s, e, _, _ in long)
