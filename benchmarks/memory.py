@@ -42,9 +42,9 @@ MIB = 1 << 20
 
 
 def slot_bytes(engine: Engine) -> int:
-    """Bytes of one weight-adapter slot: every adapter-layer buffer holds one slice per slot."""
+    """Bytes of one weight-adapter slot: every adapter-layer stack holds one slice per slot."""
     runner = engine.runner
-    total = sum(b.numel() * b.element_size() for layer in runner.adapter_layers.values() for b in layer.buffers())
+    total = sum(b.numel() * b.element_size() for layer in runner.adapter_layers.values() for b in layer.stacks())
     return total // runner.adapter_slots
 
 

@@ -19,7 +19,9 @@ import platform
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -220,29 +222,77 @@ def adapter_apply(
     a_bias: torch.Tensor | None = None, activation: str | None = None, b_bias: torch.Tensor | None = None,
 ) -> bool:
     """y[t] += scales[w] · (act(x[t] · a[0, w, :r]ᵀ + a_bias[w, :r]) · b[w, :, :r]ᵀ) + b_bias[w] for the rows of
-    the segments of at most `max_rows` rows (longer ones untouched: the caller's), one row at a time. LoRA
-    (ops.LoraApply) without the biases and the non-linearity; a bottleneck adapter (lora_shrink then lora_expand)
-    with them. False (nothing added) where it does not apply: not built here, not float32 on the CPU, a layout
-    it does not take, or a rank above 1024."""
+    the segments of at most `max_rows` rows (longer ones untouched: the caller's), one row at a time; x may be y
+    itself (a row's input is read whole before its delta is added). LoRA (ops.LoraApply) without the biases and
+    the non-linearity; a bottleneck adapter (lora_shrink then lora_expand) with them. False (nothing added) where
+    it does not apply: not built here, not float32 on the CPU, a layout it does not take, or a rank above 1024."""
     lib = _library()
-    f32, i32 = torch.float32, torch.int32
-    if (lib is None or y.device.type != "cpu" or a.shape[0] != 1 or a.shape[2] > 1024
-            or not y.dtype == x.dtype == a.dtype == b.dtype == scales.dtype == f32
-            or not seg_starts.dtype == seg_slots.dtype == ranks.dtype == i32
-            or y.stride(1) != 1 or x.stride(1) != 1 or x.shape[0] != y.shape[0]
-            or x.shape[1] != a.shape[3] or y.shape[1] != b.shape[1] or b.shape[2] != a.shape[2]
-            or not (a.is_contiguous() and b.is_contiguous() and seg_starts.is_contiguous()
-                    and seg_slots.is_contiguous() and ranks.is_contiguous() and scales.is_contiguous())
-            or not (a_bias is None or (a_bias.dtype == f32 and a_bias.is_contiguous()))
-            or not (b_bias is None or (b_bias.dtype == f32 and b_bias.is_contiguous()))):
+    weights = None if lib is None else _weights(a, b, ranks, scales, a_bias, b_bias)
+    if (weights is None or y.dtype != torch.float32 or x.dtype != torch.float32 or not (y.is_cpu and x.is_cpu)
+            or y.dim() != 2 or x.dim() != 2):
+        return False
+    (rows, outputs), (x_rows, inputs), y_stride, x_stride = y.shape, x.shape, y.stride(), x.stride()
+    if (y_stride[1] != 1 or x_stride[1] != 1 or x_rows != rows or inputs != weights.inputs
+            or outputs != weights.outputs or seg_starts.dtype != torch.int32 or seg_slots.dtype != torch.int32
+            or not (seg_starts.is_contiguous() and seg_slots.is_contiguous())):
         return False
     lib.adapter_apply(
-        y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), a.data_ptr(), b.data_ptr(), a.shape[2], a.shape[3],
-        b.shape[1], ranks.data_ptr(), scales.data_ptr(), None if a_bias is None else a_bias.data_ptr(),
-        ACTIVATION_CODES[activation], None if b_bias is None else b_bias.data_ptr(), seg_starts.data_ptr(),
-        seg_slots.data_ptr(), seg_slots.shape[0], max_rows, _threads(x.shape[0] * a.shape[2] * (a.shape[3] + b.shape[1])),
+        y.data_ptr(), y_stride[0], x.data_ptr(), x_stride[0], *weights.args, ACTIVATION_CODES[activation],
+        weights.b_bias, seg_starts.data_ptr(), seg_slots.data_ptr(), seg_slots.shape[0], max_rows,
+        _threads(rows * weights.values_per_row),
     )
     return True
+
+
+class _Weights(NamedTuple):
+    """An adapter stack's part of adapter_apply's arguments, its tensors checked."""
+
+    a: "weakref.ref[torch.Tensor]"
+    tensors: tuple  # (b, ranks, scales, a_bias, b_bias): the stack's other tensors, the same objects at every call
+    pointers: tuple[int, int]  # a's and b's data: a stack is written in place, never moved
+    args: tuple  # a, b, R, in, out, ranks, scales, a_bias (pointers and sizes, in the C signature's order)
+    b_bias: int | None
+    inputs: int
+    outputs: int
+    values_per_row: int  # the weights a row reads at most: R · (in + out)
+
+
+# Adapter stacks (the adapter layers' persistent tensors) already checked, by id of their `a` (an entry leaves
+# with its tensor): a decode step calls the kernel ~100 times with the same few stacks, and checking ten tensors
+# at every call cost about a third of a call's Python.
+_checked_weights: dict[int, _Weights] = {}
+
+
+def _weights(a, b, ranks, scales, a_bias, b_bias) -> _Weights | None:
+    """The stack's arguments, or None where the kernel does not take it (see adapter_apply)."""
+    known = _checked_weights.get(id(a))
+    if known is not None and known.a() is a:
+        kb, kr, ks, kab, kbb = known.tensors
+        if (kb is b and kr is ranks and ks is scales and kab is a_bias and kbb is b_bias
+                and known.pointers == (a.data_ptr(), b.data_ptr())):
+            return known
+    f32 = torch.float32
+    if (not a.is_cpu or a.dim() != 4 or a.shape[0] != 1 or a.shape[2] > 1024 or b.dim() != 3
+            or not a.dtype == b.dtype == scales.dtype == f32 or ranks.dtype != torch.int32
+            or b.shape[0] != a.shape[1] or b.shape[2] != a.shape[2] or ranks.numel() < a.shape[1]
+            or scales.numel() < a.shape[1]
+            or not (a.is_contiguous() and b.is_contiguous() and ranks.is_contiguous() and scales.is_contiguous())
+            or not (a_bias is None or (a_bias.dtype == f32 and a_bias.is_contiguous()
+                                       and a_bias.shape == (a.shape[1], a.shape[2])))
+            or not (b_bias is None or (b_bias.dtype == f32 and b_bias.is_contiguous()
+                                       and b_bias.shape == (a.shape[1], b.shape[1])))):
+        return None
+    rank, inputs, outputs = a.shape[2], a.shape[3], b.shape[1]
+    key = id(a)
+    checked = _Weights(
+        a=weakref.ref(a, lambda _: _checked_weights.pop(key, None)), tensors=(b, ranks, scales, a_bias, b_bias), pointers=(a.data_ptr(), b.data_ptr()),
+        args=(a.data_ptr(), b.data_ptr(), rank, inputs, outputs, ranks.data_ptr(), scales.data_ptr(),
+              None if a_bias is None else a_bias.data_ptr()),
+        b_bias=None if b_bias is None else b_bias.data_ptr(), inputs=inputs, outputs=outputs,
+        values_per_row=rank * (inputs + outputs),
+    )
+    _checked_weights[key] = checked
+    return checked
 
 
 def greedy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

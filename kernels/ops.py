@@ -156,7 +156,7 @@ class BottleneckApply(Protocol):
     def __call__(
         self,
         y: torch.Tensor,  # [T, H_out], updated in place
-        x: torch.Tensor,  # [T, H_out]: the layer's output before any delta (a copy: y must not alias it)
+        x: torch.Tensor,  # [T, H_out]: the layer's output before any delta; may be y itself (see below)
         down: torch.Tensor,  # [1, S, N_max, H_out]
         up: torch.Tensor,  # [S, H_out, N_max]
         *,
@@ -173,6 +173,9 @@ class BottleneckApply(Protocol):
         lora_expand (with up_bias), w = seg_slots[i], n = sizes[w]:
             y[s[i]:s[i+1]] += scales[w] · act(x[s[i]:s[i+1]] @ down[0, w, :n]ᵀ + down_bias[w, :n]) @ up[w, :, :n]ᵀ
                               + up_bias[w]
+        Every row's input is read whole before its delta is added (a backend shrinks all rows before it expands,
+        or works a row at a time), so x may be y itself: the layer adds its bottleneck to its output in place. A
+        row whose slot has size 0 is neither read nor written.
         """
 
 

@@ -247,6 +247,8 @@ def lora_apply(
     plan = _planned(plan, seg_starts, seg_slots, ranks)
     if _in_c(plan, a, b) and native.adapter_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
                                                   scales=scales, max_rows=_C_MAX_ROWS):
+        if plan.c_takes_all:
+            return
         long, short = [seg for seg in plan.long if seg[1] - seg[0] > _C_MAX_ROWS], None  # the rest: the C kernel's
     else:
         long, short = plan.long, plan.short  # (the short rows' tensors built here, on first use)

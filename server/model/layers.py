@@ -40,10 +40,12 @@ class AdapterLinear(nn.Module):
         self.ops = ops
         w = base_layer.weight
         din, dout, dt, dev = base_layer.in_features, base_layer.out_features, w.dtype, w.device
-        self.register_buffer("lora_a", torch.zeros(1, num_slots, max_rank, din, dtype=dt, device=dev), persistent=False)  # [1, S, R, in]
-        self.register_buffer("lora_b", torch.zeros(num_slots, dout, max_rank, dtype=dt, device=dev), persistent=False)  # [S, out, R]
-        self.register_buffer("lora_ranks", torch.zeros(num_slots, dtype=torch.int32, device=dev), persistent=False)  # [S]
-        self.register_buffer("lora_scales", torch.zeros(num_slots, dtype=torch.float32, device=dev), persistent=False)  # [S]
+        # the per-slot stacks: plain attributes, not buffers (a step reads each of them ~100 times, and a buffer's
+        # read goes through nn.Module.__getattr__); they stay on the device the wrapper is built on
+        self.lora_a = torch.zeros(1, num_slots, max_rank, din, dtype=dt, device=dev)  # [1, S, R, in]
+        self.lora_b = torch.zeros(num_slots, dout, max_rank, dtype=dt, device=dev)  # [S, out, R]
+        self.lora_ranks = torch.zeros(num_slots, dtype=torch.int32, device=dev)  # [S]
+        self.lora_scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)  # [S]
         self.out_offsets = torch.tensor([0, dout], dtype=torch.int32, device=dev)  # [2]
         # slots with weights on this layer, mirrored on the host: a step none of whose slots has any skips the ops
         # here (e.g. q/v-only LoRA adapters leave the other five projections alone, with no launch and no sync)
@@ -54,14 +56,21 @@ class AdapterLinear(nn.Module):
         self.bottleneck_size = bottleneck_size
         if bottleneck_size:
             bn = bottleneck_size
-            self.register_buffer("bn_down", torch.zeros(1, num_slots, bn, dout, dtype=dt, device=dev), persistent=False)  # [1, S, bn, out]
-            self.register_buffer("bn_down_bias", torch.zeros(num_slots, bn, dtype=dt, device=dev), persistent=False)  # [S, bn]
-            self.register_buffer("bn_up", torch.zeros(num_slots, dout, bn, dtype=dt, device=dev), persistent=False)  # [S, out, bn]
-            self.register_buffer("bn_up_bias", torch.zeros(num_slots, dout, dtype=dt, device=dev), persistent=False)  # [S, out]
-            self.register_buffer("bn_scales", torch.zeros(num_slots, dtype=torch.float32, device=dev), persistent=False)  # [S]
+            self.bn_down = torch.zeros(1, num_slots, bn, dout, dtype=dt, device=dev)  # [1, S, bn, out]
+            self.bn_down_bias = torch.zeros(num_slots, bn, dtype=dt, device=dev)  # [S, bn]
+            self.bn_up = torch.zeros(num_slots, dout, bn, dtype=dt, device=dev)  # [S, out, bn]
+            self.bn_up_bias = torch.zeros(num_slots, dout, dtype=dt, device=dev)  # [S, out]
+            self.bn_scales = torch.zeros(num_slots, dtype=torch.float32, device=dev)  # [S]
             self.bn_activation: list[str | None] = [None] * num_slots
             # by non-linearity [S]: a slot's bottleneck size where its adapter uses it, else 0 (the `ranks` its ops read)
             self.bn_sizes_by_act = {act: torch.zeros(num_slots, dtype=torch.int32, device=dev) for act in ACTIVATIONS}
+
+    def stacks(self) -> list[torch.Tensor]:
+        """Every per-slot tensor this wrapper holds (what its slots cost in memory)."""
+        names = ["lora_a", "lora_b", "lora_ranks", "lora_scales"]
+        if self.bottleneck_size:
+            names += ["bn_down", "bn_down_bias", "bn_up", "bn_up_bias", "bn_scales"]
+        return [getattr(self, name) for name in names] + list(getattr(self, "bn_sizes_by_act", {}).values())
 
     # ---- slot management (engine thread, between steps) ---------------------------------------------
 
@@ -131,10 +140,11 @@ class AdapterLinear(nn.Module):
             self._bottleneck(y2, batch)
 
     def _bottleneck(self, y2: torch.Tensor, batch: AdapterBatch) -> None:
-        h = y2.clone()  # the delta reads the layer's output before any of it is added
-        for act in batch.activations:  # one call per non-linearity present; other slots count as size 0
+        # in place (ops.BottleneckApply reads a row whole before adding to it): one call per non-linearity present,
+        # whose rows no other call touches (other slots count as size 0 there)
+        for act in batch.activations:
             self.ops.bottleneck_apply(
-                y2, h, self.bn_down, self.bn_up, seg_starts=batch.seg_starts, seg_slots=batch.seg_slots,
+                y2, y2, self.bn_down, self.bn_up, seg_starts=batch.seg_starts, seg_slots=batch.seg_slots,
                 sizes=self.bn_sizes_by_act[act], scales=self.bn_scales, down_bias=self.bn_down_bias,
                 up_bias=self.bn_up_bias, activation=act, plan=batch.bottleneck_plans[self.index][act],
             )

@@ -57,6 +57,24 @@ def test_bottleneck_bias_and_activation(activation):
     check_expand(c, ref_buf.nan_to_num(0.0).float(), bias=torch.randn(n_slots, 24, generator=gen))
 
 
+@pytest.mark.parametrize("mix", ["distinct", "no_adapter"])
+def test_bottleneck_apply_in_place(mix):
+    """Triton's bottleneck_apply with x = y (as the adapter layers call it): every row's delta is that of its
+    input before any delta, and rows without an adapter stay as they were."""
+    gen = torch.Generator().manual_seed(13)
+    c = make_lora(mix, 1, torch.float32, seed=12, n_tokens=12, n_slots=16, h_in=24, out_dims=[24])
+    down_bias, up_bias = torch.randn(16, c["a"].shape[2], generator=gen), torch.randn(16, 24, generator=gen)
+    buf = reference.lora_shrink(c["y"], c["a"], c["per_token"], c["ranks"].tolist(), bias=down_bias, activation="gelu")
+    want = reference.lora_expand(c["y"], buf.nan_to_num(0.0), c["b"], c["per_token"], c["ranks"].tolist(),
+                                 c["scales"].tolist(), c["offsets"], bias=up_bias)
+    y = c["y"].clone()
+    lora.bottleneck_apply(y, y, c["a"], c["b"], seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], sizes=c["ranks"],
+                          scales=c["scales"], down_bias=down_bias, up_bias=up_bias, activation="gelu")
+    assert rel_err(y, want) < TOLERANCE[torch.float32]
+    untouched = torch.tensor([w < 0 for w in c["per_token"]])
+    assert torch.equal(y[untouched], c["y"][untouched])
+
+
 def test_shrink_writes_out_dtype_of_input():
     c = make_lora("zipf", 3, torch.bfloat16, seed=5, n_tokens=12, n_slots=6, h_in=32, out_dims=[16, 8, 8])
     check_shrink(c, out_dtype=torch.bfloat16)

@@ -79,24 +79,26 @@ def test_lora_apply(mix, dtype, one_rank, n_slots, columns, c_kernel, monkeypatc
 @pytest.mark.parametrize("mix", ["distinct", "uniform", "huge", "no_adapter"])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh"])
 @pytest.mark.parametrize("c_kernel", [True, False], ids=["c", "torch"])
-def test_bottleneck_apply(mix, activation, c_kernel, monkeypatch):
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in-place"])
+def test_bottleneck_apply(mix, activation, c_kernel, in_place, monkeypatch):
     """A bottleneck adapter's delta (shrink with its bias and non-linearity, expand with its bias) against the
     float64 oracle's shrink then expand, float32: in C when every segment is short enough (decode, 5-row
-    segments), else (an 80-row segment, or the C kernels off) through lora_shrink and lora_expand."""
+    segments), else (an 80-row segment, or the C kernels off) through lora_shrink and lora_expand. In place (x is
+    y, as the adapter layers call it): each row's delta is still that of its input before any delta."""
     if not c_kernel:
         monkeypatch.setattr(native, "_loaded", {"lib": None})
     n_tokens = 80 if mix == "huge" else 16
     c = make_lora(mix, 1, torch.float32, seed=8, n_tokens=n_tokens, n_slots=16, h_in=32, out_dims=[32])
-    x = torch.randn(n_tokens, 32, generator=torch.Generator().manual_seed(9))
+    x = c["y"].clone() if in_place else torch.randn(n_tokens, 32, generator=torch.Generator().manual_seed(9))
     down = c["a"]  # [1, S, N, 32]: the bottleneck reads the layer's output, 32 wide
     down_bias, up_bias = torch.randn(16, down.shape[2]), torch.randn(16, 32)
-    y = c["y"].clone()
-    torch_lora.bottleneck_apply(y, x, down, c["b"], seg_starts=c["seg_starts"], seg_slots=c["seg_slots"],
-                                sizes=c["ranks"], scales=c["scales"], down_bias=down_bias, up_bias=up_bias,
-                                activation=activation)
     buf = reference.lora_shrink(x, down, c["per_token"], c["ranks"].tolist(), bias=down_bias, activation=activation)
     want = reference.lora_expand(c["y"], buf.nan_to_num(0.0), c["b"], c["per_token"], c["ranks"].tolist(),
                                  c["scales"].tolist(), c["offsets"], bias=up_bias)
+    y = x if in_place else c["y"].clone()
+    torch_lora.bottleneck_apply(y, x, down, c["b"], seg_starts=c["seg_starts"], seg_slots=c["seg_slots"],
+                                sizes=c["ranks"], scales=c["scales"], down_bias=down_bias, up_bias=up_bias,
+                                activation=activation)
     assert rel_err(y, want) < 1e-5
     untouched = torch.tensor([w < 0 for w in c["per_token"]])
     assert torch.equal(y[untouched], c["y"][untouched])
