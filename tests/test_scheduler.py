@@ -136,3 +136,12 @@ def test_a_placement_that_raises_fails_that_request_alone():
     assert s.take_failed() == [] and not s.waiting
     s.finish(failed)  # the engine ends it as it ends any request: nothing left to free
     assert bm.num_used == 2
+
+
+def test_token_ids_is_a_slice_of_all_token_ids():
+    request = _req(0, 5)
+    request.output_token_ids = [50, 51, 52]
+    every = request.all_token_ids
+    for begin in range(9):
+        for end in range(begin, 9):
+            assert request.token_ids(begin, end) == every[begin:end], (begin, end)

@@ -153,6 +153,15 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids(self, begin: int, end: int) -> list[int]:
+        """all_token_ids[begin:end], without copying the rest (a decode step reads one token of each request)."""
+        n = len(self.prompt_token_ids)
+        if begin >= n:
+            return self.output_token_ids[begin - n : end - n]
+        if end <= n:
+            return self.prompt_token_ids[begin:end]
+        return self.prompt_token_ids[begin:] + self.output_token_ids[: end - n]
+
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED

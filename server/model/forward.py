@@ -105,14 +105,14 @@ class _Layer:
 
     def __call__(
         self, delta: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step,
-        native: bool,
+        native: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this block's output, the residual stream before it is added): the next norm adds them."""
+        """(this block's output, the residual stream before it is added): the next norm adds them. k_cache, v_cache:
+        this layer's of the step's cache."""
         t, d = delta.shape[0], self.head_dim
         adapters = step.adapters is not None
         x, residual = self.norm_in(delta, residual, native)
         qkv = self.qkv(x, adapters)  # [T, (H + 2 KVH) D]
-        k_cache, v_cache = step.kv_cache[self.index, 0], step.kv_cache[self.index, 1]
         if native:  # rope and the store in one pass (bit for bit the torch ops below)
             q = cpu_kernels.rope_store(qkv, cos, sin, step.slot_mapping, k_cache, v_cache, heads=self.heads,
                                        kv_heads=self.kv_heads, dim=d)
@@ -149,6 +149,13 @@ class CompactDecoder:
         self.norm = _Norm(decoder.norm)
         self.layers = [_Layer(block, model.config) for block in decoder.layers]
         self.context = context
+        self._caches: tuple[torch.Tensor | None, list] = (None, [])  # a cache and its layers' (K, V) views
+
+    def _layer_caches(self, kv_cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(K, V)] of every layer, views of `kv_cache` [L, 2, ...] made once for it (indexing costs ~1.5 us)."""
+        if self._caches[0] is not kv_cache:
+            self._caches = kv_cache, [(kv_cache[layer.index, 0], kv_cache[layer.index, 1]) for layer in self.layers]
+        return self._caches[1]
 
     def __call__(
         self, *, positions: torch.Tensor, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None
@@ -163,6 +170,6 @@ class CompactDecoder:
         # float32 on the CPU with the torch backend: the layers' elementwise steps in C (quiver.kernels.native)
         native = step.ops.name == "torch" and cpu_kernels.takes_layer(h)
         residual = None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos, sin, step, native)
+        for layer, (k_cache, v_cache) in zip(self.layers, self._layer_caches(step.kv_cache)):
+            h, residual = layer(h, residual, cos, sin, step, native, k_cache, v_cache)
         return self.norm(h, residual, native)[0]
