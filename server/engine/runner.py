@@ -180,7 +180,9 @@ class ModelRunner:
         if prompt_spans:
             logprobs.record_prompt(self.lm_head, hidden, prompt_spans)
         if sampled:
-            logits = self.lm_head(hidden[sample_rows]).float()  # [B_sampled, V]
+            # every row samples (a decode step): the rows as they are, no gather
+            rows = hidden if len(sample_rows) == num_rows else hidden[sample_rows]
+            logits = self.lm_head(rows).float()  # [B_sampled, V]
             if extras:
                 rows_finite = finite_rows(logits)  # the model's own logits, before penalties mask tokens to -inf
                 apply_penalties(logits, sampled, extras)
