@@ -28,7 +28,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c", "cpu_sample.c"]  # and cpu_simd.h, their shared helpers
+_SOURCES = ["cpu_decode.c", "cpu_layer.c", "cpu_lora.c", "cpu_sample.c"]
+_HEADERS = ["cpu_simd.h"]  # their shared helpers
 # -ffp-contract=off: no product and sum fused into one rounding unless the code asks for it (see cpu_layer.c).
 # -fopenmp: the library needs libgomp.so.1, which torch has loaded already (its own copy, under that soname), so
 # the kernels' parallel loops run on the calling thread's OpenMP team, the one torch's ops use: no second pool.
@@ -83,7 +84,7 @@ class _Library:
 def _build() -> _Library:
     compiler = os.environ.get("CC", "cc")
     sources = [_DIR / name for name in _SOURCES]
-    parts = [p.read_bytes() for p in [*sources, _DIR / "cpu_simd.h"]]
+    parts = [p.read_bytes() for p in [*sources, *(_DIR / name for name in _HEADERS)]]
     key = hashlib.sha256(b"\0".join([*parts, " ".join(_FLAGS).encode(), compiler.encode(),
                                      _cpu_identity().encode(), platform.machine().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"quiver_cpu-{key}.so"

@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from quiver.kernels import native
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ("server", "kernels", "trainer", "deploy")
 
@@ -38,8 +40,10 @@ def test_the_wheel_holds_one_top_level_package(tmp_path):
     top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"quiver"}
     for module in ("quiver/__init__.py", "quiver/engine/engine.py", "quiver/kernels/lora.py", "quiver/trainer/cli.py",
-                   "quiver/deploy/ray_serve.py", "quiver/v1/__init__.py", "quiver/kernels/cpu_decode.c"):
+                   "quiver/deploy/ray_serve.py", "quiver/v1/__init__.py"):
         assert module in names
+    for source in [*native._SOURCES, *native._HEADERS]:  # what the CPU kernels' build reads
+        assert f"quiver/kernels/{source}" in names
 
 
 def test_importing_server_trainer_and_deployment_loads_no_generic_package(tmp_path):
