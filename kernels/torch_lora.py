@@ -7,7 +7,7 @@ slots are dense, in bands of slots read at each band's own rank.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -64,6 +64,20 @@ class _Grid:
     # the cells hold rows 0 .. span·depth-1 in order, every cell filled (a decode step whose every sequence has an
     # adapter, the same number per slot, slots dense): a call over that many rows reads x and adds to y as they are
     in_order: bool = False
+    # by id of a layer's stack `a`: (a, b, scales, their views at this grid's slots and rank), see stack_views
+    views: dict = field(default_factory=dict, compare=False)
+
+    def stack_views(self, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(Aᵀ [span, in, r], Bᵀ [span, r, out], scales [span, 1, 1] in a's dtype) of this grid's slots, made once
+        per layer's stacks: a plan and its grids serve every layer with its ranks, step after step (indexing the
+        three cost ~8 us a call)."""
+        known = self.views.get(id(a))
+        if known is None or known[1] is not b or known[2] is not scales:
+            lo, hi, r = self.lo, self.lo + self.span, self.r
+            known = (a, b, scales, a[0, lo:hi, :r].transpose(1, 2), b[lo:hi, :, :r].transpose(1, 2),
+                     scales[lo:hi, None, None].to(a.dtype))
+            self.views[id(a)] = known
+        return known[3:]
 
 
 @dataclass(frozen=True)
@@ -268,13 +282,13 @@ def lora_apply(
     in_order = len(short.bands) == 1 and first.in_order and x.shape[0] == y.shape[0] == first.span * first.depth
     target = y if in_order else _accumulator(y)
     for g in short.bands:  # each band of slots read in place at its own largest rank
-        lo, span, r = g.lo, g.span, g.r
-        xg = (x if in_order else x.index_select(0, g.cell_rows)).view(span, g.depth, -1)  # [span, depth, H_in]
-        h = torch.bmm(xg, a[0, lo : lo + span, :r].transpose(1, 2))  # [span, depth, r]
+        a_t, b_t, scale = g.stack_views(a, b, scales)
+        xg = (x if in_order else x.index_select(0, g.cell_rows)).view(g.span, g.depth, -1)  # [span, depth, H_in]
+        h = torch.bmm(xg, a_t)  # [span, depth, r]
         if g.cell_off is not None:  # empty cells and columns beyond a rank add nothing (b there is finite)
             h.masked_fill_(g.cell_off, 0)
-        h.mul_(scales[lo : lo + span, None, None].to(h.dtype))
-        delta = torch.bmm(h, b[lo : lo + span, :, :r].transpose(1, 2)).view(span * g.depth, -1)  # [span * depth, H_out]
+        h.mul_(scale)
+        delta = torch.bmm(h, b_t).view(g.span * g.depth, -1)  # [span * depth, H_out]
         if in_order:
             y.add_(delta)
         else:

@@ -137,6 +137,34 @@ def test_lora_apply_over_rows_in_slot_order(depth, ranks, columns, c_kernel, mon
         assert torch.equal(fused[:, :8], before[:, :8]) and torch.equal(fused[:, 40:], before[:, 40:])
 
 
+def test_a_plan_kept_across_steps_reads_the_stacks_as_they_are_now(monkeypatch):
+    """A plan's grids keep views of the layers' stacks from one call to the next (the runner keeps a step's plans
+    for the next steps): a slot's weights and scale rewritten in place are what the next call reads, and another
+    layer's stacks get their own views."""
+    monkeypatch.setattr(native, "_loaded", {"lib": None})  # the torch path, whose grids hold the views
+    c = make_lora("distinct", 1, torch.float32, seed=21, n_tokens=16, n_slots=16, h_in=48, out_dims=[32])
+    kw = dict(seg_starts=c["seg_starts"], seg_slots=c["seg_slots"], ranks=c["ranks"])
+    plan = torch_lora.plan_lora(**{k: v.tolist() for k, v in kw.items()}, device=torch.device("cpu"))
+    assert plan.short is not None and plan.short.grid is not None, "the test would not exercise the grid's views"
+    per_token, ranks = c["per_token"], c["ranks"].tolist()
+
+    def check(a, b, scales):
+        y = c["y"].clone()
+        torch_lora.lora_apply(y, c["x"], a, b, out_offsets=c["offsets"], scales=scales, plan=plan, **kw)
+        buf = reference.lora_shrink(c["x"], a, per_token, ranks).nan_to_num(0.0)
+        want = reference.lora_expand(c["y"], buf, b, per_token, ranks, scales.tolist(), c["offsets"])
+        assert rel_err(y, want) < TOLERANCE[torch.float32]
+
+    a, b, scales = c["a"].clone(), c["b"].clone(), c["scales"].clone()
+    check(a, b, scales)
+    w = next(w for w in per_token if w >= 0)
+    a[0, w].normal_()
+    b[w].normal_()
+    scales[w] = 3.0
+    check(a, b, scales)  # rewritten in place: read as they are now
+    check(c["a"], c["b"], c["scales"])  # another layer's stacks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mix", ["distinct", "uniform"])
 def test_lora_apply_reads_slots_laid_out_by_rank_in_bands(mix, dtype):
