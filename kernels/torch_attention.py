@@ -72,11 +72,13 @@ def paged_attention(
     for chunk in plan.prefill:
         k = k_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)  # [KVH, n, D]
         v = v_rows.index_select(0, chunk.blocks).view(-1, kvh, dim)[: chunk.length].transpose(0, 1)
+        if heads != kvh:  # each query head's kv head beside it: SDPA's fused CPU kernel, not its GQA math path
+            k, v = k.repeat_interleave(heads // kvh, 0), v.repeat_interleave(heads // kvh, 0)
         q = query[chunk.start : chunk.end].transpose(0, 1)  # [H, T, D]
-        o = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=chunk.mask, scale=scale, enable_gqa=True
-        )
-        out[chunk.start : chunk.end] = o.transpose(0, 1)
+        # 4-d: with a mask, 3-d inputs take the math path too (at 200 new of 300 entries, 9 heads of 64: 2.9 -> 1.3 ms)
+        o = F.scaled_dot_product_attention(q[None], k[None].to(q.dtype), v[None].to(q.dtype), attn_mask=chunk.mask,
+                                           scale=scale)
+        out[chunk.start : chunk.end] = o[0].transpose(0, 1)
     return out
 
 
