@@ -115,10 +115,11 @@ class Eager:
 
 
 def gemm_floor(engine: Engine) -> float:
-    """The median time (ms) of the step's matrix products alone, as bare torch calls on the engine's own weights:
-    every layer's q/k/v, o, gate/up and down projections and the LM head over the 128 rows, and decode attention's
-    two batched products at the sequences' longest context now. Any forward built from torch's GEMMs pays these
-    (transformers' eager forward pays the same ones), so floor / eager bounds the ratio from below."""
+    """The median time (ms) of the step's matrix products alone, as the engine computes them (its projections' own
+    GEMMs: oneDNN's packed linears in float32 on the CPU, see quiver.kernels.packed_linear): every layer's q/k/v,
+    o, gate/up and down projections and the LM head over the 128 rows, and decode attention's two batched
+    products at the sequences' longest context now, as torch matmuls. floor / eager bounds the ratio from below
+    for this engine's GEMMs."""
     runner = engine.runner
     context = max(r.prefix_len + r.num_computed_tokens for r in engine.requests.values())
     layers = runner.forward.layers
@@ -132,12 +133,12 @@ def gemm_floor(engine: Engine) -> float:
 
     def products() -> None:
         for layer in layers:
-            torch.nn.functional.linear(x, layer.qkv.weight)
+            layer.qkv.gemm(x)
             torch.matmul(q, k.transpose(2, 3))
             torch.matmul(p, k)
-            torch.nn.functional.linear(x, layer.o.weight)
-            torch.nn.functional.linear(x, layer.gate_up.weight)
-            torch.nn.functional.linear(act, layer.down.weight)
+            layer.o.gemm(x)
+            layer.gate_up.gemm(x)
+            layer.down.gemm(act)
         runner.lm_head(x)
 
     with torch.inference_mode():

@@ -7,7 +7,7 @@ from quiver.config import EngineConfig, ModelConfig, default_cache_dir
 from quiver.engine.engine import Engine
 from quiver.engine.request import SamplingParams
 from quiver.model.loader import load_model
-from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
+from tests.support.adapter_zoo import ALL, float64_logits, greedy_reference, reference_model, save_zoo
 from tests.support.models import RecordingSampler, eager
 
 pytestmark = pytest.mark.real_model
@@ -45,4 +45,11 @@ def test_mixed_batch_on_the_default_model(tmp_path):
         ref = reference_model(loaded.path, name, dirs[name]) if name else eager(loaded.path)
         want_tokens, want_logits = greedy_reference(ref, prompts[i], NEW)
         assert tokens[str(i)] == want_tokens, name
-        torch.testing.assert_close(torch.stack(recorder.logits[str(i)]), want_logits, rtol=0, atol=1e-4, msg=str(name))
+        # the logits, judged by the reference run in float64: the engine's float32 (its GEMMs oneDNN's, the
+        # reference's MKL's, summed in other orders) may be off by what transformers' own float32 is, a few times
+        # over: measured here 3.7e-5 to 2.7e-4 (prefix tuning) against transformers' 3.4e-5 to 7.7e-5, on
+        # logits up to ~40; a wrong adapter, row or position is off by far more
+        truth = float64_logits(ref, prompts[i], want_tokens)
+        engine_err = (torch.stack(recorder.logits[str(i)]).double() - truth).abs().max().item()
+        reference_err = (want_logits.double() - truth).abs().max().item()
+        assert engine_err <= max(4 * reference_err, 1e-5 * truth.abs().max().item()), (name, engine_err, reference_err)

@@ -5,6 +5,8 @@ top-k / top-p cut, in float32; a prompt token's is log_softmax(raw logits). Each
 (1 + how many tokens are strictly more likely) and the N most likely tokens, most likely first.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from quiver.engine.request import Request, TokenLogprob
@@ -47,7 +49,7 @@ def record_sampled(logits: torch.Tensor, requests: list[Request], rows: list[int
         requests[i].token_logprobs.append(entry)
 
 
-def record_prompt(lm_head: torch.nn.Module, hidden: torch.Tensor, spans: list[tuple[Request, int, int, int]]) -> None:
+def record_prompt(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, spans: list[tuple[Request, int, int, int]]) -> None:
     """Extend each request's `prompt_logprobs` with the prompt tokens this step's rows predict.
 
     spans: (request, begin, end, first row): the request's tokens begin..end-1 are rows first row.. of

@@ -6,7 +6,7 @@ penalties, min_new_tokens or logprobs have their rows processed before the pick 
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,7 @@ from quiver.engine.request import Request
 from quiver.engine.sampler import Sampler, finite_rows, not_finite
 from quiver.engine.scheduler import ScheduledChunk
 from quiver.errors import FailedPrecondition, QuiverError
-from quiver.kernels import KernelOps
+from quiver.kernels import KernelOps, packed_linear
 from quiver.model.batch import AdapterBatch, StepContext, build_step
 from quiver.model.forward import CompactDecoder
 from quiver.model.graphs import DecodeGraphs
@@ -61,7 +61,9 @@ class ModelRunner:
         cuda_graphs: bool = False,  # decode steps replayed from CUDA graphs (graphs.py); needs CUDA, Triton ops
     ) -> None:
         self.model = model
-        self.lm_head = model.get_output_embeddings()
+        head = model.get_output_embeddings()
+        packed = packed_linear.pack(head.weight, head.bias)  # float32 on the CPU: oneDNN's layout (packed_linear.py)
+        self.lm_head: Callable[[torch.Tensor], torch.Tensor] = head if packed is None else packed
         self.ops = ops
         self.device = model.device
         self.block_size = block_size

@@ -14,7 +14,8 @@ output). The fused weights are new tensors and the original projections' weights
 model's memory does not grow and its transformers forward still works.
 Each norm adds the residual first (the block returns its output and the residual stream apart, as vLLM's layers
 do), so that on the CPU in float32 the add and the norm are one C pass; there rope with the store of the new
-keys and values, and SiLU(gate) · up, are one pass each too (quiver.kernels.native, cpu_layer.c).
+keys and values, and SiLU(gate) · up, are one pass each too (quiver.kernels.native, cpu_layer.c), and the GEMMs
+run on weights packed once in oneDNN's layout (quiver.kernels.packed_linear).
 """
 
 import torch
@@ -24,6 +25,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
 from quiver.kernels import native as cpu_kernels
+from quiver.kernels import packed_linear
 from quiver.model.batch import StepContext
 from quiver.model.layers import AdapterLinear
 
@@ -66,20 +68,25 @@ class _Projection:
                          if layer is not None]
         if len(bases) == 1:  # nothing to fuse: the projection's own weight
             self.weight, self.bias = bases[0].weight, bases[0].bias
-            return
-        with torch.no_grad():
-            self.weight = torch.cat([b.weight for b in bases])
-            self.bias = None
-            if any(b.bias is not None for b in bases):
-                self.bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
-        for base, (_, start, end) in zip(bases, self.columns):
-            base.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
-            if base.bias is not None:
-                base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+        else:
+            with torch.no_grad():
+                self.weight = torch.cat([b.weight for b in bases])
+                self.bias = None
+                if any(b.bias is not None for b in bases):
+                    self.bias = torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
+            for base, (_, start, end) in zip(bases, self.columns):
+                base.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
+                if base.bias is not None:
+                    base.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+        self.packed = packed_linear.pack(self.weight, self.bias)  # float32 on the CPU: oneDNN's layout, else None
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x · Wᵀ + b: the projections' outputs side by side, without adapters."""
+        return self.packed(x) if self.packed is not None else F.linear(x, self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor, adapters: bool) -> torch.Tensor:
         """`adapters`: whether the step has any (without, the wrapped projections have nothing to add)."""
-        y = F.linear(x, self.weight, self.bias)
+        y = self.gemm(x)
         for layer, columns in self.adapters if adapters else ():
             layer.add_delta(y if columns is None else y[:, columns], x)
         return y

@@ -95,7 +95,8 @@ def reference_model(model_path: Path, name: str, adapter_dir: Path) -> torch.nn.
     act = ACTIVATIONS[weights.non_linearity]
     for module_name, site in weights.sites.items():
         def hook(_module, _inputs, y, site=site):
-            return y + weights.scaling * (act(y @ site.down.T + site.down_bias) @ site.up.T + site.up_bias)
+            down, down_bias, up, up_bias = (t.to(y.dtype) for t in (site.down, site.down_bias, site.up, site.up_bias))
+            return y + weights.scaling * (act(y @ down.T + down_bias) @ up.T + up_bias)
 
         base.get_submodule(module_name).register_forward_hook(hook)
     return base
@@ -112,3 +113,12 @@ def greedy_reference(model: torch.nn.Module, prompt: list[int], n: int) -> tuple
         rows.append(logits)
         ids.append(int(logits.argmax()))
     return ids[len(prompt):], torch.stack(rows)
+
+
+@torch.no_grad()
+def float64_logits(model: torch.nn.Module, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """The logits [len(tokens), V] that chose each of `tokens` after `prompt`, from `model` run in float64 (one
+    forward): what float32 computations of the same model are judged by."""
+    x = torch.tensor([prompt + tokens[:-1]])
+    model = model.double()
+    return model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -len(tokens) :]  # (after any virtual tokens)
