@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from quiver.engine.request import SamplingParams
-from quiver.kernels import native
 from tests.support.adapter_zoo import ALL, greedy_reference, reference_model, save_zoo
-from tests.support.models import RecordingSampler, eager, engine_for, save_tiny
+from tests.support.models import RecordingSampler, eager, engine_for, save_tiny, without_cpu_fast_paths
 
 NEW_TOKENS = 6
 
@@ -28,9 +27,10 @@ def _engine(model_path, dirs, **config):
 
 @pytest.mark.parametrize("c_kernels", [True, False], ids=["c-kernels", "pure-torch"])
 def test_mixed_batch_of_all_kinds_matches_each_reference_alone(setup, c_kernels, monkeypatch):
-    """With the CPU's C kernels (quiver.kernels.native) and without them, as on a machine without a compiler."""
+    """With the CPU's fast paths (the C kernels of quiver.kernels.native, oneDNN's packed linears) and without
+    them, as on a machine without a compiler."""
     if not c_kernels:
-        monkeypatch.setattr(native, "_loaded", {"lib": None})
+        without_cpu_fast_paths(monkeypatch)
     model_path, dirs = setup
     engine = _engine(model_path, dirs)
     recorder = RecordingSampler()

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from quiver.engine.request import SamplingParams
-from quiver.kernels import native
 from quiver.model import batch as batch_module
-from tests.support.models import RecordingSampler, eager, engine_for, run_staggered, save_tiny
+from tests.support.models import RecordingSampler, eager, engine_for, run_staggered, save_tiny, without_cpu_fast_paths
 
 PROMPT_LENS = [1, 5, 17, 33, 64, 3, 90, 12]
 ARRIVE_AT = [0, 0, 1, 3, 4, 7, 9, 15]
@@ -49,8 +48,8 @@ def test_greedy_and_logits_match_eager_with_staggered_arrivals(tiny):
 
 def test_without_the_c_kernels_too(tiny, monkeypatch):
     """The pure-torch forward and attention, as on a machine without a C compiler (float32 on the CPU otherwise
-    runs the C kernels of quiver.kernels.native)."""
-    monkeypatch.setattr(native, "_loaded", {"lib": None})
+    runs the C kernels of quiver.kernels.native and oneDNN's packed linears)."""
+    without_cpu_fast_paths(monkeypatch)
     _check_against_eager(tiny, engine_for(tiny, num_kv_blocks=256, block_size=8, max_num_batched_tokens=48))
 
 

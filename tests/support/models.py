@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from quiver.config import EngineConfig
 from quiver.engine.engine import Engine
 from quiver.engine.sampler import Sampler
+from quiver.kernels import native, packed_linear
 from quiver.model.loader import LoadedModel
 
 _TINY = dict(
@@ -84,3 +85,10 @@ class RecordingSampler(Sampler):
         for row, request in zip(logits, requests):
             self.logits.setdefault(request.request_id, []).append(row.clone())
         return super().sample(logits, requests)
+
+
+def without_cpu_fast_paths(monkeypatch) -> None:
+    """The pure-torch path, as with QUIVER_NATIVE_KERNELS=0 or on a machine without a C compiler or oneDNN: no C
+    kernels (quiver.kernels.native) and no packed linears (quiver.kernels.packed_linear) for what is built after."""
+    monkeypatch.setattr(native, "_loaded", {"lib": None})
+    monkeypatch.setattr(packed_linear, "_checked", {"ok": False})
