@@ -4,10 +4,11 @@
 The work is counted from the model and the prompts, not from any engine: the linear layers' multiply-adds of
 every prompt token the engine must compute (prefix caching shares the prompts' common first blocks) and of every
 decode row, the LM head of every sampled row, and attention's products. It is divided by the fastest rate this
-machine's GEMM reaches on the model's own weights (`F.linear` alone, the best of the model's projection shapes at
-the prefill chunk's and the decode batch's rows). A decode step cannot be faster than reading the weights it uses
-either: the base model's, and with one distinct LoRA adapter per sequence, every adapter's (r=16 on all linear
-layers, as serving.py loads them), at the memory bandwidth measured here. So:
+machine's GEMMs reach on the model's own weight shapes (`F.linear`'s MKL or oneDNN's packed linears, alone, the
+best of the model's projection shapes at the prefill chunk's and the decode batch's rows). A decode step cannot
+be faster than reading the weights it uses either: the base model's, and with one distinct LoRA adapter per
+sequence, every adapter's (r=16 on all linear layers, as serving.py loads them), at the memory bandwidth measured
+here. So:
 
     base floor = prefill FLOPs / peak + sum over decode steps of max(step FLOPs / peak, step bytes / bandwidth)
     ratio ≤ transformers' seconds / base floor;   vs_peft ≤ PEFT's seconds / LoRA floor
@@ -16,6 +17,7 @@ layers, as serving.py loads them), at the memory bandwidth measured here. So:
 """
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 
 from benchmarks import data, machine
 from quiver.config import ModelConfig, default_cache_dir
+from quiver.kernels import packed_linear
 from quiver.model.loader import load_model
 
 BLOCK = 16  # the engine's default block size: prefix caching shares whole blocks
@@ -32,18 +35,21 @@ LORA_RANK = 16
 
 
 def best_rate(weights: list[torch.Tensor], rows: int) -> float:
-    """The best GEMM rate (FLOP/s) of F.linear over these weights at `rows` rows, each the median of 20 runs."""
+    """The best GEMM rate (FLOP/s) over these weights at `rows` rows, of F.linear (MKL) and of oneDNN's packed
+    linears (what the engine runs), each the median of 20 runs."""
     best = 0.0
     for w in weights:
         x = torch.randn(rows, w.shape[1])
-        for _ in range(3):
-            F.linear(x, w)
-        times = []
-        for _ in range(20):
-            start = time.perf_counter()
-            F.linear(x, w)
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * rows * w.shape[0] * w.shape[1] / sorted(times)[10])
+        packed = packed_linear.pack(w)
+        for product in [functools.partial(F.linear, weight=w)] + ([packed] if packed is not None else []):
+            for _ in range(3):
+                product(x)
+            times = []
+            for _ in range(20):
+                start = time.perf_counter()
+                product(x)
+                times.append(time.perf_counter() - start)
+            best = max(best, 2 * rows * w.shape[0] * w.shape[1] / sorted(times)[10])
     return best
 
 
@@ -68,7 +74,8 @@ def cached_tokens(prompts: list[list[int]]) -> list[int]:
     for i, prompt in enumerate(prompts):
         shared = 0
         for earlier in prompts[:i]:
-            common = next((k for k, (a, b) in enumerate(zip(prompt, earlier)) if a != b), min(len(prompt), len(earlier)))
+            pairs = enumerate(zip(prompt, earlier))
+            common = next((k for k, (a, b) in pairs if a != b), min(len(prompt), len(earlier)))
             shared = max(shared, common)
         cached.append(min(shared // BLOCK * BLOCK, len(prompt) - 1))
     return cached
@@ -125,13 +132,16 @@ def main() -> None:
     total = n * new
     hf_s, peft_s = total / run["hf_tok_s"], total / run["peft_tok_s"]
     engine_s, lora_s = total / run["engine_tok_s"], total / run["lora_tok_s"]
+    decode_flops = (new - 1) * n * (body_flops + 2 * head.numel())
     result = {
-        "serving_run": str(args.serving), "prompt_tokens": sum(map(len, prompts)), "prompt_tokens_computed": prefill_tokens,
+        "serving_run": str(args.serving), "prompt_tokens": sum(map(len, prompts)),
+        "prompt_tokens_computed": prefill_tokens,
         "gemm_gflop_s": {"prefill_rows": round(rate_prefill / 1e9, 1), "decode_rows": round(rate_decode / 1e9, 1)},
-        "bandwidth_gb_s": round(bw / 1e9, 1), "tflop": round((prefill_flops + (new - 1) * n * (body_flops + 2 * head.numel())) / 1e12, 2),
+        "bandwidth_gb_s": round(bw / 1e9, 1), "tflop": round((prefill_flops + decode_flops) / 1e12, 2),
         "adapter_mb": round(lora_bytes / 1e6, 1),
         "base_floor_s": round(base_floor, 2), "lora_floor_s": round(lora_floor, 2),
-        "engine_s": round(engine_s, 2), "engine_lora_s": round(lora_s, 2), "hf_s": round(hf_s, 2), "peft_s": round(peft_s, 2),
+        "engine_s": round(engine_s, 2), "engine_lora_s": round(lora_s, 2),
+        "hf_s": round(hf_s, 2), "peft_s": round(peft_s, 2),
         "ratio_measured": round(run["ratio"], 2), "ratio_at_floor": round(hf_s / base_floor, 2),
         "vs_peft_measured": round(run["vs_peft"], 2), "vs_peft_at_floor": round(peft_s / lora_floor, 2),
         "machine": machine.describe(),

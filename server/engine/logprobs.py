@@ -49,7 +49,9 @@ def record_sampled(logits: torch.Tensor, requests: list[Request], rows: list[int
         requests[i].token_logprobs.append(entry)
 
 
-def record_prompt(lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, spans: list[tuple[Request, int, int, int]]) -> None:
+def record_prompt(
+    lm_head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, spans: list[tuple[Request, int, int, int]]
+) -> None:
     """Extend each request's `prompt_logprobs` with the prompt tokens this step's rows predict.
 
     spans: (request, begin, end, first row): the request's tokens begin..end-1 are rows first row.. of

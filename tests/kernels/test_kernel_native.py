@@ -257,13 +257,13 @@ def test_lora_apply_short_segments_against_the_oracle(r_max, h_in, out):
 def test_adapter_apply_checks_every_call_its_stack_was_checked_for():
     """The stacks' checks are kept from one call to the next (by their `a`); a call with another tensor in the
     stack's place, a stack that no longer fits, rows of another layout or a stack gone is checked afresh."""
-    i32 = dict(dtype=torch.int32)
-    a, b = torch.randn(1, 4, 2, 16), torch.randn(4, 8, 2)
-    ranks, scales = torch.full((4,), 2, **i32), torch.ones(4)
-    seg = dict(seg_starts=torch.arange(5, **i32), seg_slots=torch.arange(4, **i32), max_rows=1)
+    i32 = {"dtype": torch.int32}
+    stack = {"a": torch.randn(1, 4, 2, 16), "b": torch.randn(4, 8, 2), "ranks": torch.full((4,), 2, **i32),
+             "scales": torch.ones(4)}
+    seg = {"seg_starts": torch.arange(5, **i32), "seg_slots": torch.arange(4, **i32), "max_rows": 1}
 
-    def call(y=None, x=None, **stack):
-        kw = dict(dict(a=a, b=b, ranks=ranks, scales=scales), **stack)
+    def call(y=None, x=None, **changed):
+        kw = {**stack, **changed}
         y = torch.zeros(4, 8) if y is None else y
         x = torch.randn(4, 16) if x is None else x
         return native.adapter_apply(y, x, kw.pop("a"), kw.pop("b"), **kw, **seg)
@@ -278,10 +278,10 @@ def test_adapter_apply_checks_every_call_its_stack_was_checked_for():
     assert not call(y=torch.zeros(4, 9)) and not call(y=torch.zeros(4, 8, dtype=torch.float64))
     assert not call(y=torch.zeros(2, 2, 8))
     assert call()  # the stack as it was: still taken
-    b.data = torch.randn(4, 8, 3)  # the same tensor object, moved to new storage of another shape
+    stack["b"].data = torch.randn(4, 8, 3)  # the same tensor object, moved to new storage of another shape
     assert not call()
-    key = id(a)
-    del a, b
+    key = id(stack["a"])
+    stack.clear()
     assert key not in native._checked_weights  # the entry left with its stack
 
 
