@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 enum { ACT_NONE, ACT_RELU, ACT_GELU, ACT_SILU, ACT_TANH }; /* native.py's ACTIVATION_CODES */
+enum { PREFETCH_MAX_BYTES = 16384 }; /* a segment's weights prefetched ahead at most (see quiver_adapter_apply) */
 
 static void activate(float *h, int64_t r, int act) {
     for (int64_t k = 0; k < r; k++) {
@@ -92,9 +93,12 @@ void quiver_adapter_apply(float *y, int64_t y_stride, const float *x, int64_t x_
     for (int64_t i = 0; i < segments; i++) {
         const int64_t w = seg_slots[i], start = seg_starts[i], end = seg_starts[i + 1];
         if (w < 0 || end - start > max_rows || ranks[w] <= 0) continue;
-        for (int64_t j = i + 1; j < segments && j <= i + 2; j++) { /* the next segments' weights on their way */
+        /* the next segments' weights on their way, when they are a few KB (the skeleton's: 0.93 -> 0.89 ms for 44
+           calls); larger ones stream better by the hardware's prefetcher alone (the default model's r=16 on every
+           projection, 4.7 MB a call: 45.5 -> 25.2 ms for 210 calls without these prefetches) */
+        for (int64_t j = i + 1; j < segments && j <= i + 2; j++) {
             const int64_t v = seg_slots[j];
-            if (v < 0 || v == w || ranks[v] <= 0) continue;
+            if (v < 0 || v == w || ranks[v] <= 0 || ranks[v] * (in + out) * 4 > PREFETCH_MAX_BYTES) continue;
             const char *pa = (const char *)(a + v * R * in), *pb = (const char *)(b + v * out * R);
             for (int64_t k = 0; k < ranks[v]; k++)
                 for (int64_t c = 0; c < in * 4; c += 64) __builtin_prefetch(pa + k * in * 4 + c);

@@ -111,7 +111,7 @@ class LoraPlan:
         self.long = long
         self._short, self._device = short, device
         small = sum(e - s <= _C_MAX_ROWS for s, e, _, _ in long)
-        self.c_segments = sum(e - s for s, e, _, _ in short) + small  # the segments the C kernel would take
+        self.c_segments = len(short) + small  # the segments the C kernel would take
         self.c_takes_all = small == len(long)  # and whether that is all of them
 
     @cached_property
@@ -259,7 +259,7 @@ def lora_apply(
     ops per call instead of about sixteen, which is most of a decode step's LoRA overhead on CPU.
     """
     plan = _planned(plan, seg_starts, seg_slots, ranks)
-    if _in_c(plan, a, b) and native.adapter_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
+    if plan.c_segments and native.adapter_apply(y, x, a, b, seg_starts=seg_starts, seg_slots=seg_slots, ranks=ranks,
                                                   scales=scales, max_rows=_C_MAX_ROWS):
         if plan.c_takes_all:
             return
@@ -299,18 +299,12 @@ def lora_apply(
 
 # Segments of at most _C_MAX_ROWS rows (decode's, and short prefill chunks) go to the C kernel (native.py: one
 # row at a time, float32, each row's weights read from cache after its segment's first row, segments shared by the
-# OpenMP team) when the weights the call reads are few (at most _C_MAX_BYTES, cache-sized): there the call's cost
-# is overhead, which C cuts. Larger weights stream from memory, which MKL's batched products (the torch path) do
-# faster than the C rows. Measured on this project's CPU: 128 rows of r=8 64->64 (0.2 MiB), 1 thread, 23 us in C
-# against 30 us here; every projection of 30 layers with 64 distinct r=16 adapters on the default model (1.25 GB,
-# from memory), 2 threads: 51.4 ms in C against 37.6 ms here (the products alone: 34.0 ms); 1 thread 91.4 / 65.4.
+# OpenMP team), whatever the size of the weights. Measured on this project's CPU: 128 rows of r=8 64->64 (0.2 MiB),
+# 1 thread, 23 us in C against 30 us here; every projection of 30 layers with 64 distinct r=16 adapters on the
+# default model (1.25 GB, from memory), 2 threads, C against here: 28.0 / 42.6 ms at 1 row a segment, 39.4 / 57.0 at
+# 2, 57.0 / 66.5 at 4, 104 / 369 at 8 (until the C kernel stopped prefetching large weights ahead, it streamed them
+# slower than MKL's batched products here: 51.4 against 37.6 ms, and took only cache-sized calls).
 _C_MAX_ROWS = 16
-_C_MAX_BYTES = 1 << 20
-
-
-def _in_c(plan: LoraPlan, a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the call's segments of at most _C_MAX_ROWS rows read at most _C_MAX_BYTES of weights."""
-    return plan.c_segments * a.shape[2] * (a.shape[3] + b.shape[1]) * a.element_size() <= _C_MAX_BYTES
 
 
 def bottleneck_apply(
@@ -322,7 +316,7 @@ def bottleneck_apply(
     buffer then lora_expand."""
     plan = _planned(plan, seg_starts, seg_slots, sizes)
     seg = dict(seg_starts=seg_starts, seg_slots=seg_slots)
-    if plan.c_takes_all and _in_c(plan, down, up) and native.adapter_apply(
+    if plan.c_takes_all and native.adapter_apply(
             y, x, down, up, ranks=sizes, scales=scales, max_rows=_C_MAX_ROWS, a_bias=down_bias, activation=activation,
             b_bias=up_bias, **seg):
         return
