@@ -27,7 +27,7 @@ from quiver.engine.runner import ModelRunner, QueuedWrites, kv_cache_shape
 from quiver.engine.samples import HeldSamples, sample_params
 from quiver.engine.scheduler import Scheduler
 from quiver.errors import AlreadyExists, InvalidArgument, NotFound, QuiverError, ResourceExhausted
-from quiver.kernels import native, select_ops
+from quiver.kernels import native, packed_linear, select_ops
 from quiver.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Engine:
         if ops.name == "torch" and loaded.device.type == "cpu" and loaded.dtype == torch.float32:
             # built (or loaded from the cache) now, not by the first request's step
             kernels += " with the CPU's C kernels" if native.available() else " (no C kernels: see the log above)"
+            kernels += ", oneDNN's packed linears" if packed_linear.available() else ", MKL's F.linear"
         log.info("KV pool: %d blocks of %d tokens, prefix caching %s; kernels: %s", num_blocks, config.block_size,
                  "on" if config.enable_prefix_caching else "off", kernels)
 
