@@ -286,7 +286,8 @@ def _weights(a, b, ranks, scales, a_bias, b_bias) -> _Weights | None:
     rank, inputs, outputs = a.shape[2], a.shape[3], b.shape[1]
     key = id(a)
     checked = _Weights(
-        a=weakref.ref(a, lambda _: _checked_weights.pop(key, None)), tensors=(b, ranks, scales, a_bias, b_bias), pointers=(a.data_ptr(), b.data_ptr()),
+        a=weakref.ref(a, lambda _: _checked_weights.pop(key, None)), tensors=(b, ranks, scales, a_bias, b_bias),
+        pointers=(a.data_ptr(), b.data_ptr()),
         args=(a.data_ptr(), b.data_ptr(), rank, inputs, outputs, ranks.data_ptr(), scales.data_ptr(),
               None if a_bias is None else a_bias.data_ptr()),
         b_bias=None if b_bias is None else b_bias.data_ptr(), inputs=inputs, outputs=outputs,
