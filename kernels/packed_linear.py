@@ -2,7 +2,7 @@
 
 torch's `F.linear` on the CPU calls MKL, whose kernels run this project's AMD CPU at ~190 GFLOP/s on 2 threads;
 oneDNN's (torch.ops.mkldnn, the ops inductor's CPU backend uses for frozen linears) run the same products at
-~420-490 GFLOP/s once the weight is reordered into its layout: `python -m benchmarks.linear` compares
+~330-490 GFLOP/s once the weight is reordered into its layout: `python -m benchmarks.linear` compares
 them. The packed copy is made when a layer is built and kept beside the original weight (which transformers'
 forward and the adapters' writes still use): a second copy of every packed weight in memory.
 
