@@ -193,7 +193,7 @@ def profile_table(engine: Engine, steps: int) -> str:
                 return fn(*args, **kwargs)
         return call
 
-    names = ("decode_attention", "add_rms_norm", "rope_store", "silu_mul", "adapter_apply")
+    names = ("decode_attention", "add_rms_norm", "rope_store", "silu_mul", "adapter_apply", "greedy_rows")
     originals = {name: getattr(native, name) for name in names}
     try:
         for name, fn in originals.items():

@@ -8,8 +8,10 @@ tests use it to prove the wiring. This package imports nothing from the rest of 
                         layout, the LoRA running example, FLOAT_DTYPES and the ACTIVATIONS table
     reference.py        the float64 oracles every backend is tested against: small and obviously right
     torch_attention.py  the torch backend's KV cache and attention ops (the CPU serving path)
-    native.py           the CPU kernels in C (cpu_decode.c: decode attention reading the paged KV in place),
-                        built on first use; the torch backend's float32 decode rows go through it
+    native.py           the CPU's C kernels (cpu_*.c), built on first use, for float32: decode attention
+                        reading the paged KV in place, the layer's elementwise steps, short segments' adapter
+                        deltas, greedy picks; the torch backend and the forward call them, with a torch fallback
+    packed_linear.py    the CPU's float32 linear layers on oneDNN's packed weights (the forward's GEMMs)
     torch_lora.py       the torch backend's LoRA ops: slot grids, bands by rank, tuned for CPU
     triton_ops.py       the Triton backend, from the launchers in kv_cache.py, attention.py and lora.py
 """

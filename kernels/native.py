@@ -152,10 +152,13 @@ def _takes(query, k_cache, v_cache, out, block_tables, seq_lens, query_starts) -
     f32, i32 = torch.float32, torch.int32
     return (
         query.device.type == "cpu" and query.dtype == k_cache.dtype == v_cache.dtype == out.dtype == f32
+        and query.dim() == 3 and k_cache.dim() == 4 and out.shape == query.shape and v_cache.shape == k_cache.shape
+        and query.shape[2] == k_cache.shape[3] and query.shape[1] % k_cache.shape[2] == 0
         and query.stride(2) == 1 and query.stride(1) == query.shape[2]
         and k_cache.is_contiguous() and v_cache.is_contiguous() and out.is_contiguous()
         and block_tables.dtype == seq_lens.dtype == query_starts.dtype == i32
         and block_tables.is_contiguous() and seq_lens.is_contiguous() and query_starts.is_contiguous()
+        and block_tables.dim() == 2 and block_tables.shape[0] == seq_lens.numel() == query_starts.numel() - 1
     )
 
 

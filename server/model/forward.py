@@ -44,7 +44,9 @@ class _Norm:
     def __init__(self, norm: nn.Module) -> None:
         self.weight, self.eps = norm.weight, norm.variance_epsilon
 
-    def __call__(self, delta: torch.Tensor, residual: torch.Tensor | None, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, delta: torch.Tensor, residual: torch.Tensor | None, native: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if native:
             return cpu_kernels.add_rms_norm(delta, residual, self.weight, self.eps)
         r = delta if residual is None else residual + delta

@@ -221,6 +221,21 @@ def test_a_layout_the_kernels_do_not_take_is_refused_not_read():
     with pytest.raises(ValueError, match="layout"):
         native.rope_store(torch.randn(3, 64), torch.randn(3, 16), torch.randn(3, 16), torch.tensor([0, 1, 2], dtype=torch.int32),
                           torch.zeros(2, 4, 1, 16), torch.zeros(2, 4, 1, 16), heads=2, kv_heads=1, dim=16)
+    # decode attention declines (the torch path then serves) a cache whose head size or shape is not the query's,
+    # and metadata of mismatched lengths
+    i32 = torch.int32
+    q, out = torch.randn(2, 4, 16), torch.empty(2, 4, 16)
+    cache = torch.zeros(3, 4, 2, 16)
+    meta = {"block_tables": torch.zeros(2, 1, dtype=i32), "seq_lens": torch.ones(2, dtype=i32),
+            "query_starts": torch.arange(3, dtype=i32)}
+    assert native.decode_attention(q, cache, cache, scale=1.0, out=out, entries=2, **meta)
+    assert not native.decode_attention(q, torch.zeros(3, 4, 2, 8), torch.zeros(3, 4, 2, 8), scale=1.0, out=out,
+                                       entries=2, **meta)
+    assert not native.decode_attention(q, cache, torch.zeros(3, 4, 2, 32), scale=1.0, out=out, entries=2, **meta)
+    assert not native.decode_attention(q, torch.zeros(3, 4, 3, 16), torch.zeros(3, 4, 3, 16), scale=1.0, out=out,
+                                       entries=2, **meta)  # 4 query heads over 3 kv heads
+    assert not native.decode_attention(q, cache, cache, scale=1.0, out=out, entries=2,
+                                       **{**meta, "query_starts": torch.arange(2, dtype=i32)})
 
 
 @needs_build
